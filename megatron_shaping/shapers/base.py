@@ -1,0 +1,280 @@
+"""The shaper contract: statistics in, a plan out, state carried explicitly.
+
+A shaper is an optax-style pair of pure functions over small per-group tensors:
+
+    state = shaper.init(layout)
+    plan, state = shaper.update(stats, state)
+
+``stats`` are per-group statistics of the *true* (loss-scale-free) gradient, already reduced
+over every shard that holds a piece of the group. ``plan`` says what to do to each group's
+gradient. Nothing here knows where the gradient lives (one GPU, ZeRO partitions, TP shards,
+pipeline stages): that is `megatron_shaping.stats`'s job. No torch.distributed, no deepspeed.
+
+A *group* is the unit a shaper keeps statistics for: one tensor (granularity ``tensor``), a
+block of tensors (``block``, e.g. one transformer layer) or the whole model (``global``).
+A *unit* is a row of a weight (AGC's unit-wise norm); vectors are one unit each.
+
+Why float64: statistics and state are one value per group (a few hundred numbers), and float64
+keeps a sum of squares and a second moment finite for gradient spikes up to ~1e150 and
+non-zero for gradients down to ~1e-150. In float32 a single 1e20 entry already makes
+``sum(g**2)`` infinite and poisons an EMA forever.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+STAT_DTYPE = torch.float64
+
+# Statistics a shaper may ask for (``Shaper.needs``).
+SUMSQ = "sumsq"                        # sum of g^2 per group
+SUMABS = "sumabs"                      # sum of |g| per group
+UNIT_SUMSQ = "unit_sumsq"              # sum of g^2 per unit (row)
+UNIT_PARAM_SUMSQ = "unit_param_sumsq"  # sum of w^2 per unit (row)
+ALL_STATS = (SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ)
+
+
+class GroupLayout(NamedTuple):
+    """What a shaper needs to know about the groups, independent of sharding."""
+    names: Tuple[str, ...]          # group names, the keys of the saved state
+    numel: torch.Tensor             # [L] float64, elements per group (whole model, all shards)
+    unit_group: torch.Tensor        # [U] int64, group of each unit (row); U >= L
+    unit_numel: torch.Tensor        # [U] float64, elements per unit
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.names)
+
+    @property
+    def device(self) -> torch.device:
+        return self.numel.device
+
+
+def make_layout(names: Sequence[str], numel: Sequence[float], units_per_group: Optional[Sequence[int]] = None,
+                unit_numel: Optional[Sequence[float]] = None, device: Any = "cpu") -> GroupLayout:
+    """Build a layout; without units, each group is one unit."""
+    L = len(names)
+    if units_per_group is None:
+        units_per_group = [1] * L
+        unit_numel = list(numel)
+    unit_group = torch.repeat_interleave(torch.arange(L), torch.tensor(list(units_per_group), dtype=torch.long))
+    return GroupLayout(tuple(names), torch.tensor(list(numel), dtype=STAT_DTYPE, device=device),
+                       unit_group.to(device), torch.tensor(list(unit_numel), dtype=STAT_DTYPE, device=device))
+
+
+class Stats(NamedTuple):
+    """Per-group statistics of the true gradient, reduced over all shards. Absent ones are None."""
+    sumsq: Optional[torch.Tensor] = None             # [L] sum of g^2
+    sumabs: Optional[torch.Tensor] = None            # [L] sum of |g|
+    unit_sumsq: Optional[torch.Tensor] = None        # [U] sum of g^2 per unit
+    unit_param_sumsq: Optional[torch.Tensor] = None  # [U] sum of w^2 per unit
+
+    def norm(self) -> torch.Tensor:
+        """[L] L2 norm of each group."""
+        return self.sumsq.sqrt()
+
+    def global_norm(self) -> torch.Tensor:
+        """Scalar L2 norm of the whole gradient."""
+        return self.sumsq.sum().sqrt()
+
+
+class Elementwise:
+    """An elementwise map g -> f(g) with per-group parameters, run on true gradient values in fp32.
+
+    ``params`` are [L] tensors; the driver passes each slice its group's values as floats.
+    Subclasses implement ``apply(g, **group_params)`` and must keep f(0) = 0 and sign(f(g)) = sign(g).
+    """
+    def __init__(self, **params: torch.Tensor):
+        self.params = params
+
+    def apply(self, g: torch.Tensor, **group_params: float) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def host_params(self) -> Dict[str, list]:
+        """The per-group parameters as Python lists (one device->host copy per step)."""
+        return {k: v.tolist() for k, v in self.params.items()}
+
+
+class Plan(NamedTuple):
+    """What to do to each group's gradient, in order:
+
+    1. multiply group l by ``scale[l]`` and, if present, unit u by ``unit_scale[u]``;
+    2. if ``elementwise`` is set, replace every entry g by elementwise.apply(g, group params);
+    3. if ``finish`` is set, compute the statistics of the result again (a second reduction) and
+       multiply group l by ``finish(stats_after)[l]``.
+    """
+    scale: torch.Tensor                              # [L] float64
+    unit_scale: Optional[torch.Tensor] = None        # [U] float64
+    elementwise: Optional[Elementwise] = None
+    finish: Optional[Callable[[Stats], torch.Tensor]] = None
+
+    @property
+    def is_pure_scale(self) -> bool:
+        return self.elementwise is None and self.finish is None
+
+
+class Shaper:
+    """Base class. Subclasses set ``name``, ``needs``, ``default_granularity`` and implement
+    ``init`` and ``update``. ``State`` is a NamedTuple of per-group float64 tensors."""
+    name: str = "shaper"
+    needs: frozenset = frozenset({SUMSQ})
+    default_granularity: str = "tensor"
+    #: Hyperparameters in config order (for repr and the config docs).
+    hparams: Tuple[str, ...] = ()
+
+    def init(self, layout: GroupLayout) -> NamedTuple:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, stats: Stats, state: NamedTuple) -> Tuple[Plan, NamedTuple]:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.hparams)
+        return f"{type(self).__name__}({args})"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared by the shapers
+
+
+def finite_positive(x: torch.Tensor) -> torch.Tensor:
+    """Mask of entries that are finite and > 0 (a group a shaper may learn from)."""
+    return torch.isfinite(x) & (x > 0)
+
+
+def keep_where(mask: torch.Tensor, new: NamedTuple, old: NamedTuple) -> NamedTuple:
+    """Per-group select between two states of the same type: ``new`` where mask, else ``old``.
+
+    Fields whose first dimension is not the number of groups (scalars, buffers) are taken whole
+    from ``new`` if any group is selected, else from ``old``.
+    """
+    out = []
+    for n, o in zip(new, old):
+        if n.dim() >= 1 and n.shape[0] == mask.shape[0]:
+            m = mask.view(-1, *([1] * (n.dim() - 1)))
+            out.append(torch.where(m, n, o))
+        else:
+            out.append(torch.where(mask.any(), n, o))
+    return type(new)(*out)
+
+
+def ones_like_groups(layout_or_stats: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(layout_or_stats, dtype=STAT_DTYPE)
+
+
+def segment_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """out[i] = sum of values[j] with index[j] == i."""
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+
+
+def derive_stats(stats: Stats, plan: Plan, layout: GroupLayout) -> Stats:
+    """Statistics of the gradient after a pure-scale plan, without touching the gradient.
+
+    Exact: scaling group l by s_l multiplies its sum of squares by s_l^2 and its sum of
+    absolute values by |s_l|. A unit scale changes the group sums by the weighted unit sums,
+    which needs the unit statistics (``unit_sumsq``); ``sumabs`` cannot be derived through a
+    unit scale, so it is dropped (the caller then recomputes).
+    """
+    assert plan.is_pure_scale
+    s = plan.scale
+    s_unit = s[layout.unit_group]
+    sumsq, sumabs, unit_sumsq = stats.sumsq, stats.sumabs, stats.unit_sumsq
+    if plan.unit_scale is not None:
+        if unit_sumsq is None:
+            raise ValueError("a unit-scale plan needs unit_sumsq to derive the next statistics")
+        s_unit = s_unit * plan.unit_scale
+        unit_sumsq = unit_sumsq * s_unit.square()
+        sumsq = segment_sum(unit_sumsq, layout.unit_group, layout.num_groups)
+        sumabs = None
+    else:
+        sumsq = None if sumsq is None else sumsq * s.square()
+        sumabs = None if sumabs is None else sumabs * s.abs()
+        unit_sumsq = None if unit_sumsq is None else unit_sumsq * s_unit.square()
+    return Stats(sumsq, sumabs, unit_sumsq, stats.unit_param_sumsq)
+
+
+class Chain(Shaper):
+    """Shapers applied one after another; each sees the gradient its predecessors produced.
+
+    The state is the tuple of member states. ``Chain`` itself is driven by
+    :func:`run_shapers`, which recomputes statistics only after an elementwise map (a pure
+    scale's effect on the statistics is derived exactly, see :func:`derive_stats`).
+    """
+    name = "chain"
+
+    def __init__(self, *shapers: Shaper):
+        flat = []
+        for s in shapers:
+            flat.extend(s.shapers if isinstance(s, Chain) else [s])
+        if not flat:
+            raise ValueError("chain() needs at least one shaper")
+        self.shapers = tuple(flat)
+        self.needs = frozenset().union(*(s.needs for s in self.shapers))
+        self.default_granularity = self.shapers[0].default_granularity
+
+    def init(self, layout: GroupLayout) -> tuple:
+        return tuple(s.init(layout) for s in self.shapers)
+
+    def __repr__(self) -> str:
+        return "chain(" + ", ".join(map(repr, self.shapers)) + ")"
+
+
+def chain(*shapers: Shaper) -> Chain:
+    """Compose shapers left to right."""
+    return Chain(*shapers)
+
+
+def as_chain(shaper: Shaper) -> Chain:
+    return shaper if isinstance(shaper, Chain) else Chain(shaper)
+
+
+ComputeStats = Callable[[frozenset], Stats]
+ApplyPlan = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[Elementwise]], None]
+
+
+class StepRecord(NamedTuple):
+    """What one shaping step did, for logs and tests."""
+    stats_before: Stats           # statistics of the incoming gradient
+    factor: torch.Tensor          # [L] overall factor ||g_after|| / ||g_before|| per group
+    stats_after: Stats            # statistics of the shaped gradient (sumsq at least)
+
+
+def run_shapers(shaper: Shaper, state: Any, layout: GroupLayout, compute_stats: ComputeStats,
+                apply_plan: ApplyPlan) -> Tuple[Any, StepRecord]:
+    """Drive one shaping step of ``shaper`` (or a chain) over a gradient the callbacks own.
+
+    ``compute_stats(needs)`` returns reduced statistics of the gradient as it is now (one
+    collective per call in the distributed drivers). ``apply_plan(scale, unit_scale,
+    elementwise)`` changes the gradient in place. Returns the new state (a tuple for a chain,
+    the bare state otherwise) and a :class:`StepRecord`.
+    """
+    ch = as_chain(shaper)
+    states = tuple(state) if isinstance(shaper, Chain) else (state,)
+    needs_all = frozenset(ch.needs) | {SUMSQ}
+    stats = compute_stats(needs_all)
+    first = stats
+    new_states = []
+    for i, (member, st) in enumerate(zip(ch.shapers, states)):
+        plan, st = member.update(stats, st)
+        new_states.append(st)
+        rest_needs = frozenset().union(*(s.needs for s in ch.shapers[i + 1:])) | {SUMSQ}
+        apply_plan(plan.scale, plan.unit_scale, plan.elementwise)
+        if plan.is_pure_scale:
+            derived = derive_stats(stats, plan, layout)
+            if any(getattr(derived, k) is None for k in rest_needs):
+                derived = compute_stats(rest_needs)
+            stats = derived
+            continue
+        stats = compute_stats(rest_needs)
+        if plan.finish is not None:
+            post = plan.finish(stats)
+            apply_plan(post, None, None)
+            stats = derive_stats(stats, Plan(post), layout)
+            if any(getattr(stats, k) is None for k in rest_needs):
+                stats = compute_stats(rest_needs)
+    before = first.sumsq.sqrt()
+    after = stats.sumsq.sqrt()
+    factor = torch.where(before > 0, after / before.clamp_min(torch.finfo(STAT_DTYPE).tiny), torch.ones_like(before))
+    out_state = tuple(new_states) if isinstance(shaper, Chain) else new_states[0]
+    return out_state, StepRecord(first, factor, stats)
