@@ -1,0 +1,366 @@
+"""Where each DeepSpeed optimizer path keeps the reduced gradient just before its step.
+
+An adapter answers four questions for the shaping hook, which runs at the start of
+``engine._take_model_step`` (the gradient-accumulation boundary, normal and pipeline engine):
+
+* ``slices()``: the local gradient slices, keyed by parameter, each counted once over the
+  reduction (see :mod:`megatron_shaping.stats.slices`);
+* ``backward_scale()``: the loss scale the gradients carry *now*;
+* how to make the optimizer unscale by that same value (``unscale_guard``): DeepSpeed 0.19.8
+  divides by the *post-update* loss scale on a scale-growth step (ZeRO 1/2/3), and its
+  ZeRO-0 fp16 path divides by a loss scale that backward never applied;
+* ``skip_step()``: drop the update (non-finite gradient that no loss scaler catches).
+
+Only this module and :mod:`.engine` know DeepSpeed's private attributes; each use names the
+0.19.8 attribute it reads.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from ...stats.slices import GradSlice
+
+# (param, grad 1-D view, flat offset in the local tensor, param values 1-D or None)
+Piece = Tuple[torch.nn.Parameter, torch.Tensor, int, Optional[torch.Tensor]]
+
+
+class UnsupportedPath(RuntimeError):
+    pass
+
+
+class Adapter:
+    #: True when the slices partition the data-parallel copies (ZeRO 1/2/3); False when every
+    #: data-parallel rank holds the whole reduced gradient (then only DP rank 0 counts).
+    sharded = False
+    name = "adapter"
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.opt = engine.optimizer
+
+    def pieces(self, with_param: bool) -> Iterator[Piece]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward_scale(self) -> float:
+        return 1.0
+
+    @contextlib.contextmanager
+    def unscale_guard(self, scale: float):
+        yield
+
+    def after_shaping(self, pieces: List[Piece]) -> None:
+        """Hook for caches DeepSpeed derived from the gradient before the step (offload norms)."""
+
+    def skip_step(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _swap_attr(obj, attr: str, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+@contextlib.contextmanager
+def _patched_method(obj, name: str, make: Callable[[Callable], Callable]):
+    """Replace a bound method on the instance for the duration of the block."""
+    orig = getattr(obj, name)
+    had_own = name in obj.__dict__
+    setattr(obj, name, make(orig))
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(obj, name, orig)
+        else:
+            delattr(obj, name)
+
+
+def _whole_grads(params) -> Iterator[Piece]:
+    for p in params:
+        if p.grad is not None:
+            yield p, p.grad.view(-1), 0, p.detach().view(-1)
+
+
+# ------------------------------------------------------------------------------ ZeRO-0 paths
+class PlainAdapter(Adapter):
+    """ZeRO-0, fp32: a torch optimizer; every DP rank holds the all-reduced p.grad."""
+    name = "plain"
+
+    def pieces(self, with_param):
+        return _whole_grads(self.engine.module.parameters())
+
+    def skip_step(self):
+        self.engine.zero_grad()
+
+
+class FP16Adapter(Adapter):
+    """ZeRO-0 fp16 (and bf16, which 0.19.8 also routes here): FP16_Optimizer (fused) and
+    FP16_UnfusedOptimizer keep 16-bit p.grad, all-reduced over data parallelism.
+
+    DeepSpeed 0.19.8's engine.backward scales the loss only for ZeROOptimizer subclasses, and
+    these are not: the gradients arrive unscaled while the optimizer still divides by
+    ``loss_scale_config.cur_scale``. We report scale 1 and make the optimizer unscale by 1.
+    """
+    name = "fp16_optimizer"
+
+    def pieces(self, with_param):
+        for group in self.opt.fp16_groups:
+            for p in group:
+                if p.grad is not None:
+                    yield p, p.grad.view(-1), 0, p.detach().view(-1)
+
+    def backward_scale(self):
+        return 1.0
+
+    @contextlib.contextmanager
+    def unscale_guard(self, scale):
+        cfg = self.opt.loss_scale_config
+
+        def make(orig):
+            def unscale(*args, **kwargs):
+                # The scale update already ran; unscale by what backward applied.
+                with _swap_attr(cfg, "cur_scale", scale):
+                    return orig(*args, **kwargs)
+            return unscale
+
+        with _patched_method(self.opt, "unscale_and_clip_grads", make):
+            yield
+
+    def skip_step(self):
+        self.opt.zero_grad(set_to_none=True)
+
+
+class BF16Adapter(Adapter):
+    """BF16_Optimizer: fp32 gradient accumulators (``fp32_groups_gradients[i][j]``) for each
+    bf16 param, all-reduced over data parallelism, so replicated on every DP rank."""
+    name = "bf16"
+
+    def pieces(self, with_param):
+        opt = self.opt
+        for i, group in enumerate(opt.bf16_groups):
+            for j, p in enumerate(group):
+                if not opt.fp32_groups_has_gradients[i][j]:
+                    continue
+                g = opt.fp32_groups_gradients[i][j]
+                yield p, g.view(-1), 0, p.detach().view(-1)
+
+    def skip_step(self):
+        self.opt.clear_hp_grads()
+        self.opt.clear_lp_grads()
+
+
+# ------------------------------------------------------------------------------ ZeRO 1/2
+class Zero12Adapter(Adapter):
+    """DeepSpeedZeroOptimizer (stage 1 and 2).
+
+    Without offload the rank's partition is the list ``averaged_gradients[i]`` (zero pads
+    marked ``_zero_padding``) aligned with ``params_in_partition[i]``; a parameter that
+    straddles a partition boundary contributes only the elements inside it. With CPU offload
+    the gradient is already in ``single_partition_of_fp32_groups[i].grad`` at ``dest_offset``,
+    and DeepSpeed caches per-parameter norms (``norm_for_param_grads``) in backward that its
+    overflow check and clipping read later: we refresh them after shaping. Positions come from
+    ``grad_start_offset`` / ``grad_partition_insertion_offset`` (both paths).
+    """
+    sharded = True
+    name = "zero12"
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        if getattr(self.opt, "use_muon", False):
+            raise UnsupportedPath("gradient_shaping does not support the Muon optimizer path of ZeRO")
+
+    def _position(self, i: int, partition_id: int, p) -> Tuple[int, int, int]:
+        """(source offset in p, destination offset in the partition, element count)."""
+        opt = self.opt
+        pid = opt.get_param_id(p)
+        src = int(opt.grad_start_offset[i][partition_id][pid])
+        dest = int(opt.grad_partition_insertion_offset[i][partition_id][pid])
+        n = int(min(p.numel() - src, int(opt.partition_size[i]) - dest))
+        return src, dest, n
+
+    def pieces(self, with_param):
+        import deepspeed.comm as dist
+        opt = self.opt
+        for i, params in enumerate(opt.params_in_partition):
+            fp32 = opt.single_partition_of_fp32_groups[i]
+            partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
+            if opt.cpu_offload:
+                flat = fp32.grad.view(-1)
+                for p in params:
+                    src, dest, n = self._position(i, partition_id, p)
+                    if n > 0:
+                        yield p, flat.narrow(0, dest, n), src, fp32.narrow(0, dest, n)
+                continue
+            grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
+                else opt.averaged_gradients[i]
+            if grads is None:
+                continue
+            entries = [t for t in grads if not getattr(t, "_zero_padding", False)]
+            if len(entries) != len(params):
+                raise UnsupportedPath(f"ZeRO partition of group {i} has {len(entries)} gradient pieces for "
+                                      f"{len(params)} parameters; this DeepSpeed layout is not supported")
+            for p, g in zip(params, entries):
+                src, dest, n = self._position(i, partition_id, p)
+                if g.numel() != n:
+                    raise UnsupportedPath(f"ZeRO gradient piece has {g.numel()} elements, expected {n}")
+                yield p, g.view(-1), src, fp32.narrow(0, dest, n) if with_param else None
+
+    def backward_scale(self):
+        return float(self.opt.loss_scale)
+
+    @contextlib.contextmanager
+    def unscale_guard(self, scale):
+        def make(orig):
+            def unscale(*args, **kwargs):
+                with _swap_attr(self.opt, "loss_scale", scale):
+                    return orig(*args, **kwargs)
+            return unscale
+
+        with _patched_method(self.opt, "unscale_and_clip_grads", make):
+            yield
+
+    def after_shaping(self, pieces):
+        if not self.opt.cpu_offload or not pieces:
+            return
+        norms = torch._foreach_norm([g for _, g, _, _ in pieces], 2)
+        for (p, _, _, _), n in zip(pieces, norms):
+            self.opt.norm_for_param_grads[self.opt.get_param_id(p)] = n.double()
+
+    def skip_step(self):
+        # Mirrors the overflow branch of DeepSpeedZeroOptimizer.step (0.19.8).
+        opt = self.opt
+        opt.zero_grad(set_to_none=True)
+        if opt.cpu_offload:
+            opt.reset_cpu_buffers()
+        else:
+            for k in list(opt.averaged_gradients.keys()):
+                opt.averaged_gradients[k] = None
+                opt.all_grad_tensors[k] = None
+
+
+# ------------------------------------------------------------------------------ ZeRO 3
+class Zero3Adapter(Adapter):
+    """DeepSpeedZeroOptimizer_Stage3.
+
+    Without offload, ``averaged_gradients[sub_group]`` holds one flat gradient partition per
+    parameter of ``fp16_groups[sub_group]`` (the ``ds_tensor`` layout: this rank's
+    ``partition_numel()`` elements starting at rank * partition_numel(), the last rank's tail
+    padded with zeros). With offload the partitions sit in
+    ``fp32_partitioned_groups_flat[i].grad``.
+    """
+    sharded = True
+    name = "zero3"
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        if getattr(self.opt, "use_muon", False):
+            raise UnsupportedPath("gradient_shaping does not support the Muon optimizer path of ZeRO-3")
+
+    def _rank(self, p):
+        import deepspeed.comm as dist
+        return dist.get_rank(group=p.ds_process_group)
+
+    def pieces(self, with_param):
+        opt = self.opt
+        for i, group in enumerate(opt.fp16_groups):
+            if opt.offload_optimizer:
+                flat_grad = opt.fp32_partitioned_groups_flat[i].grad
+                if flat_grad is None:
+                    continue
+                flat_grad = flat_grad.view(-1)
+                flat_param = opt.fp32_partitioned_groups_flat[i].view(-1)
+                off = 0
+                for p in group:
+                    n = p.partition_numel()
+                    yield from self._valid(p, flat_grad.narrow(0, off, n), flat_param.narrow(0, off, n))
+                    off += n
+                continue
+            grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
+                else opt.averaged_gradients[i]
+            if grads is None:
+                continue
+            flat_param = opt.fp32_partitioned_groups_flat[i].view(-1) if with_param else None
+            off = 0
+            for p, g in zip(group, grads):
+                n = p.partition_numel()
+                yield from self._valid(p, g.view(-1), None if flat_param is None else flat_param.narrow(0, off, n))
+                off += n
+
+    def _valid(self, p, g, w):
+        """Drop the zero tail padding of the last partition."""
+        start = self._rank(p) * p.partition_numel()
+        valid = max(0, min(p.partition_numel(), p.ds_numel - start))
+        if valid:
+            yield p, g[:valid], start, None if w is None else w[:valid]
+
+    def backward_scale(self):
+        return float(self.opt.loss_scale)
+
+    @contextlib.contextmanager
+    def unscale_guard(self, scale):
+        def make(orig):
+            def unscale(*args, **kwargs):
+                with _swap_attr(self.opt, "loss_scale", scale):
+                    return orig(*args, **kwargs)
+            return unscale
+
+        with _patched_method(self.opt, "unscale_and_clip_grads", make):
+            yield
+
+    def after_shaping(self, pieces):
+        if not self.opt.offload_optimizer or not pieces:
+            return
+        # Stage 3 caches the norm of each whole partition (padding is zero, so it adds nothing).
+        norms = torch._foreach_norm([g for _, g, _, _ in pieces], 2)
+        for (p, _, _, _), n in zip(pieces, norms):
+            self.opt.norm_for_param_grads[self.opt.get_param_id(p)] = n.double()
+
+    def skip_step(self):
+        opt = self.opt
+        opt.zero_grad(set_to_none=True)
+        for k in list(opt.averaged_gradients.keys()):
+            opt.averaged_gradients[k] = None
+        if opt.offload_optimizer:
+            for t in opt.fp32_partitioned_groups_flat:
+                if t.grad is not None:
+                    t.grad.zero_()
+            opt.norm_for_param_grads = {}
+
+
+def select_adapter(engine) -> Adapter:
+    """The adapter for the optimizer DeepSpeed built, or UnsupportedPath with the reason."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        raise UnsupportedPath("gradient_shaping does not support DeepSpeed's torch_autocast mode")
+    if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
+            raise UnsupportedPath("gradient_shaping does not support ZeRO-3 NVMe offload (optimizer or parameters); "
+                                  "use offload to 'cpu' or no offload")
+        return Zero3Adapter(engine)
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+        if getattr(opt, "has_moe_layers", False):
+            raise UnsupportedPath("gradient_shaping does not support MoE layers yet")
+        return Zero12Adapter(engine)
+    if isinstance(opt, BF16_Optimizer):
+        return BF16Adapter(engine)
+    if isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return FP16Adapter(engine)
+    if isinstance(opt, torch.optim.Optimizer) and not engine.zero_optimization():
+        if engine.fp16_enabled() or engine.bfloat16_enabled():
+            raise UnsupportedPath(f"gradient_shaping: unexpected optimizer {type(opt).__name__} with fp16/bf16")
+        return PlainAdapter(engine)
+    raise UnsupportedPath(f"gradient_shaping does not support the optimizer path {type(opt).__name__}")

@@ -1,0 +1,138 @@
+"""The ``"gradient_shaping"`` section of a DeepSpeed JSON config.
+
+    "gradient_shaping": {
+        "type": "gradient_stabilizer",          # or spamp, norm_clip, ..., or "chain"
+        "granularity": "tensor",                # tensor | block | global (default: the method's)
+        "params": {"beta1": 0.6, "beta2": 0.999}
+    }
+
+Follows DeepSpeed's section convention (``deepspeed/runtime/zero/config.py``): a pydantic
+``DeepSpeedConfigModel`` with unknown keys forbidden, built by ``get_gradient_shaping_config``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ...shapers import REGISTRY, build_shaper
+
+GRADIENT_SHAPING = "gradient_shaping"
+GRADIENT_SHAPING_TYPE = "type"
+GRADIENT_SHAPING_PARAMS = "params"
+CHAIN = "chain"
+
+
+class ShaperSpec(DeepSpeedConfigModel):
+    """One member of a ``chain``."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    type: str
+    """Shaper name: one of the registered methods."""
+
+    params: Dict[str, Any] = Field(default_factory=dict)
+    """Method hyperparameters, named as in the method's paper or reference code."""
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v):
+        if v not in REGISTRY:
+            raise ValueError(f"unknown gradient shaper type {v!r}; allowed: {sorted(REGISTRY)}")
+        return v
+
+    @model_validator(mode="after")
+    def _params_valid(self):
+        # Builds the shaper once so a bad key or value stops start-up with the method's message.
+        build_shaper(self.type, self.params)
+        return self
+
+
+class GradientShapingConfig(DeepSpeedConfigModel):
+    """Sets parameters for gradient shaping (megatron-shaping)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    enabled: bool = True
+    """Turn shaping off without deleting the section."""
+
+    type: str
+    """Shaper name (``gradient_stabilizer``, ``spamp``, ``norm_clip``, ``value_clip``, ``agc``,
+    ``zclip``, ``adagc``, ``entrywise_shrink``) or ``chain`` (then ``shapers`` lists members)."""
+
+    params: Dict[str, Any] = Field(default_factory=dict)
+    """Method hyperparameters (see docs/SHAPERS.md); unknown names are an error."""
+
+    shapers: List[ShaperSpec] = Field(default_factory=list)
+    """For ``type: chain``: the members, applied in order."""
+
+    granularity: Optional[Literal["tensor", "block", "global"]] = None
+    """What one statistic covers: one tensor, one block (``block_pattern``) or the whole model.
+    Default: the method's own (``global`` for norm_clip and zclip, ``tensor`` otherwise)."""
+
+    block_pattern: Optional[str] = None
+    """Regex whose first group names a block, for ``granularity: block``. Default
+    ``^(.*?layers\\.\\d+)\\.`` (one transformer layer); unmatched tensors form their own block."""
+
+    log_interval: int = Field(0, ge=0)
+    """Write per-layer statistics to DeepSpeed's monitors every N steps (0: off)."""
+
+    nonfinite: Literal["skip", "error"] = "skip"
+    """A step whose gradient is not finite and that no loss scaler skips (bf16, fp32):
+    ``skip`` drops the step (no parameter update, shaper state untouched, counted in logs);
+    ``error`` raises. fp16 steps with overflow are always skipped by DeepSpeed's loss scaler."""
+
+    allow_fresh_state: bool = False
+    """Loading a checkpoint without shaper state starts the shaper fresh (logged loudly)
+    instead of stopping with an error."""
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v):
+        if v != CHAIN and v not in REGISTRY:
+            raise ValueError(f"unknown gradient shaper type {v!r}; allowed: {sorted(REGISTRY) + [CHAIN]}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == CHAIN:
+            if not self.shapers:
+                raise ValueError("gradient_shaping.type 'chain' needs a non-empty 'shapers' list")
+            if self.params:
+                raise ValueError("gradient_shaping.params is not used with type 'chain': put params in each "
+                                 "member of 'shapers'")
+        else:
+            if self.shapers:
+                raise ValueError("gradient_shaping.shapers is only allowed with type 'chain'")
+            build_shaper(self.type, self.params)
+        if self.granularity == "block" and self.block_pattern is not None:
+            import re
+            try:
+                re.compile(self.block_pattern)
+            except re.error as e:
+                raise ValueError(f"gradient_shaping.block_pattern {self.block_pattern!r} is not a valid regex: {e}")
+        return self
+
+    def spec(self) -> Dict[str, Any]:
+        """The shaper spec for :func:`megatron_shaping.core.shaper_from_spec`."""
+        if self.type == CHAIN:
+            return {"type": CHAIN, "shapers": [{"type": s.type, "params": dict(s.params)} for s in self.shapers]}
+        return {"type": self.type, "params": dict(self.params)}
+
+
+def get_gradient_shaping_config(param_dict: Dict[str, Any]) -> Optional[GradientShapingConfig]:
+    """The parsed section, or None when the config has none (or it is disabled)."""
+    section = param_dict.get(GRADIENT_SHAPING)
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ValueError(f"DeepSpeed config key {GRADIENT_SHAPING!r} must be an object, got {type(section).__name__}")
+    try:
+        cfg = GradientShapingConfig(strict=True, **section)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            where = f"{GRADIENT_SHAPING}.{loc}" if loc else GRADIENT_SHAPING
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError("invalid DeepSpeed config section 'gradient_shaping':\n" + "\n".join(lines)) from None
+    return cfg if cfg.enabled else None

@@ -1,0 +1,253 @@
+"""Attach a shaper to a DeepSpeed engine: layout, reduction group, the pre-step hook.
+
+The hook wraps ``engine._take_model_step``, which DeepSpeed calls once per optimizer step at
+the gradient-accumulation boundary on both the normal and the pipeline engine, after the
+gradients are fully reduced into the optimizer's partitions and before the optimizer
+unscales, clips and steps.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ...core import ShapingSession, shaper_from_spec
+from ...stats.layout import ParamInfo
+from ...stats.slices import GradSlice, SliceSet
+from .adapters import Adapter, UnsupportedPath, select_adapter
+from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
+
+logger = logging.getLogger("megatron_shaping")
+
+ATTR = "gradient_shaping"      # engine.gradient_shaping -> DeepSpeedShaping
+
+
+def _tp_info(engine) -> Tuple[int, int]:
+    """(tensor-parallel rank, world size) from the mpu or the pipeline grid; (0, 1) without."""
+    mpu = getattr(engine, "mpu", None)
+    if mpu is not None:
+        for r, w in (("get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size"),
+                     ("get_model_parallel_rank", "get_model_parallel_world_size")):
+            if hasattr(mpu, r):
+                return int(getattr(mpu, r)()), int(getattr(mpu, w)())
+    grid = getattr(engine, "grid", None)
+    if grid is not None:
+        return int(grid.get_slice_parallel_rank()), int(grid.get_slice_parallel_world_size())
+    return 0, 1
+
+
+def _is_tp_sharded(p) -> bool:
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+    return is_model_parallel_parameter(p)
+
+
+def _full_shape(p, tp_world: int) -> Tuple[int, ...]:
+    shape = list(getattr(p, "ds_shape", None) or p.shape)
+    if tp_world > 1 and _is_tp_sharded(p):
+        dim = int(getattr(p, "partition_dim", 0))
+        shape[dim] *= tp_world
+    return tuple(shape)
+
+
+def _local_shape(p) -> Tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+class DeepSpeedShaping:
+    """The shaping state of one engine. Reachable as ``engine.gradient_shaping``."""
+
+    def __init__(self, engine, config: GradientShapingConfig):
+        import deepspeed.comm as dist
+        self.engine = engine
+        self.config = config
+        self.adapter: Adapter = select_adapter(engine)
+        self.dist = dist
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.tp_rank, self.tp_world = _tp_info(engine)
+        dp_group = getattr(engine, "data_parallel_group", None)
+        self.dp_rank = dist.get_rank(group=dp_group) if self.world > 1 else 0
+        self.names: Dict[int, str] = {id(p): n for n, p in engine.module.named_parameters() if p.requires_grad}
+        local = [(n, _full_shape(p, self.tp_world)) for n, p in engine.module.named_parameters() if p.requires_grad]
+        infos = self._global_param_list(local)
+        device = next((p.device for p in engine.module.parameters()), torch.device("cpu"))
+        self.session = ShapingSession(shaper_from_spec(config.spec()), infos, config.granularity,
+                                      config.block_pattern, device)
+        self.needs_param = any("unit_param_sumsq" in s.needs for s in getattr(self.session.shaper, "shapers",
+                                                                                 (self.session.shaper,)))
+        self.clip = float(engine.gradient_clipping() or 0.0)
+        self.last_loss_scale = 1.0
+        self.last_skipped = False
+        self.collectives = 0
+        self._orig_take_model_step = engine._take_model_step
+        engine._take_model_step = self._take_model_step
+        setattr(engine, ATTR, self)
+        if dist.get_rank() == 0 if self.world > 1 else True:
+            logger.info("gradient shaping: %r, granularity %s, %d groups, path %s, DeepSpeed gradient_clipping=%s "
+                        "(applied after shaping)", self.session.shaper, self.session.granularity,
+                        self.session.layout.num_groups, self.adapter.name, self.clip)
+
+    # ------------------------------------------------------------------ layout
+    def _global_param_list(self, local: List[Tuple[str, Tuple[int, ...]]]) -> List[ParamInfo]:
+        """Parameters of the whole model: pipeline stages hold different parameters, so the
+        names are gathered once; the order is stage-major, first appearance wins (tied weights)."""
+        if self.world == 1:
+            lists = [local]
+        else:
+            lists = [None] * self.world
+            self.dist.all_gather_object(lists, local)
+        seen: Dict[str, Tuple[int, ...]] = {}
+        order: List[str] = []
+        for lst in lists:
+            for name, shape in lst:
+                if name in seen:
+                    if tuple(seen[name]) != tuple(shape):
+                        raise ValueError(f"gradient_shaping: parameter {name!r} has shape {tuple(shape)} on one rank "
+                                         f"and {tuple(seen[name])} on another")
+                    continue
+                seen[name] = tuple(shape)
+                order.append(name)
+        return [ParamInfo(n, seen[n]) for n in order]
+
+    # ------------------------------------------------------------------ slices
+    def _counted(self, p) -> bool:
+        if getattr(p, "ds_pipe_replicated", False):
+            return False                       # tied weight: the owning stage counts it
+        if self.tp_rank > 0 and not _is_tp_sharded(p):
+            return False                       # TP-replicated (norm weights): TP rank 0 counts it
+        if not self.adapter.sharded and self.dp_rank > 0:
+            return False                       # replicated over data parallelism
+        return True
+
+    def _slice_set(self) -> Tuple[SliceSet, list]:
+        g = self.session.grouping
+        pieces = list(self.adapter.pieces(self.needs_param))
+        slices = []
+        for p, grad, offset, w in pieces:
+            name = self.names[id(p)]
+            shape = _local_shape(p)
+            rows = shape[0] if len(shape) >= 2 else 1
+            numel = 1
+            for d in shape:
+                numel *= d
+            row_len = numel // rows if len(shape) >= 2 else 0
+            unit_base = g.unit_base[name]
+            if row_len and self.tp_world > 1 and _is_tp_sharded(p) and int(getattr(p, "partition_dim", 0)) == 0:
+                unit_base += self.tp_rank * rows     # column-parallel: this rank holds a block of rows
+            slices.append(GradSlice(grad=grad, group=g.group(name), counted=self._counted(p), param=w,
+                                    offset=offset, row_len=row_len, unit_base=unit_base))
+        reduce = self._all_reduce if self.world > 1 else None
+        ss = SliceSet(slices, self.session.layout, reduce)
+        ss.loss_scale = self.adapter.backward_scale()
+        return ss, pieces
+
+    def _all_reduce(self, vec: torch.Tensor) -> None:
+        # One collective for all groups; every rank of the job takes part because statistics
+        # may span ZeRO partitions, TP shards and pipeline stages at once.
+        self.dist.all_reduce(vec)
+        self.collectives += 1
+
+    # ------------------------------------------------------------------ the hook
+    @torch.no_grad()
+    def shape(self) -> bool:
+        """Shape the reduced gradient in place; False when the step must be skipped."""
+        ss, pieces = self._slice_set()
+        self.last_loss_scale = ss.loss_scale
+        record = self.session.step(ss)
+        if record is None:
+            self.last_skipped = True
+            return False
+        self.last_skipped = False
+        self.adapter.after_shaping(pieces)
+        return True
+
+    def _take_model_step(self, lr_kwargs=None):
+        ok = self.shape()
+        if not ok and not self._loss_scaler_skips():
+            if self.config.nonfinite == "error":
+                raise FloatingPointError(f"gradient_shaping: non-finite gradient at step {self.engine.global_steps} "
+                                         "(gradient_shaping.nonfinite = 'error')")
+            return self._skip(lr_kwargs)
+        with self.adapter.unscale_guard(self.last_loss_scale):
+            return self._orig_take_model_step(lr_kwargs)
+
+    def _loss_scaler_skips(self) -> bool:
+        """fp16 with a loss scaler: DeepSpeed's own overflow check skips the step."""
+        return bool(self.engine.fp16_enabled())
+
+    def _skip(self, lr_kwargs):
+        """Run DeepSpeed's step bookkeeping with the optimizer update replaced by a skip."""
+        opt = self.engine.optimizer
+        adapter = self.adapter
+
+        orig_step = opt.step
+        had_overflow = hasattr(opt, "overflow")
+        old_overflow = getattr(opt, "overflow", None)
+        opt.step = lambda *a, **k: adapter.skip_step()
+        try:
+            opt.overflow = True                # _take_model_step counts it as skipped, no LR step
+            logger.warning("gradient_shaping: non-finite gradient, step %d skipped", self.engine.global_steps)
+            return self._orig_take_model_step(lr_kwargs)
+        finally:
+            opt.step = orig_step
+            if "step" in opt.__dict__ and opt.__dict__["step"] is orig_step:
+                del opt.__dict__["step"]
+            if had_overflow:
+                opt.overflow = old_overflow if old_overflow is not None else False
+            else:
+                del opt.overflow
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return self.session.state_dict()
+
+    def load_state_dict(self, sd: Dict[str, Any], source: str = "state_dict") -> None:
+        self.session.load_state_dict(sd, source)
+
+
+def attach(engine, config: Optional[Dict[str, Any]] = None) -> Optional[DeepSpeedShaping]:
+    """Attach shaping to ``engine`` from ``config`` (a ``gradient_shaping`` section or a whole
+    DeepSpeed config dict) or, by default, from the engine's own config. Returns None when the
+    config has no (enabled) section."""
+    if getattr(engine, ATTR, None) is not None:
+        raise RuntimeError("gradient shaping is already attached to this engine")
+    if config is None:
+        param_dict = getattr(engine._config, "_param_dict", None) or {}
+    elif GRADIENT_SHAPING in config:
+        param_dict = config
+    else:
+        param_dict = {GRADIENT_SHAPING: config}
+    cfg = get_gradient_shaping_config(param_dict)
+    if cfg is None:
+        return None
+    try:
+        return DeepSpeedShaping(engine, cfg)
+    except UnsupportedPath as e:
+        raise RuntimeError(str(e)) from None
+
+
+def initialize(*args, **kwargs):
+    """``deepspeed.initialize`` plus :func:`attach` when the config has a gradient_shaping
+    section. Same arguments and return values as ``deepspeed.initialize``."""
+    import deepspeed
+    config = kwargs.get("config", kwargs.get("config_params"))
+    if isinstance(config, str):
+        import json
+        with open(config) as f:
+            config = json.load(f)
+    if config is None and kwargs.get("args") is not None:
+        path = getattr(kwargs["args"], "deepspeed_config", None)
+        if path:
+            import json
+            with open(path) as f:
+                config = json.load(f)
+    section = None
+    if isinstance(config, dict) and GRADIENT_SHAPING in config:
+        # Validate before DeepSpeed spends time building the engine; DeepSpeed itself ignores
+        # the unknown top-level section.
+        section = get_gradient_shaping_config(config)
+    out = deepspeed.initialize(*args, **kwargs)
+    engine = out[0]
+    if section is not None:
+        attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
+    return out
