@@ -1,0 +1,64 @@
+"""ValueClip: clamp every gradient entry to [-clip_value, clip_value].
+
+    g_i <- min(max(g_i, -clip_value), clip_value)
+
+on the *true* gradient values (the driver divides out the loss scale before the map and puts it
+back after, so the threshold means the same thing under fp16 loss scaling), computed in fp32.
+It is ``torch.nn.utils.clip_grad_value_`` applied to the unscaled gradient. The granularity only
+decides how the (unused) step counter is kept; the clamp is the same everywhere.
+
+Defaults: ``clip_value = 1.0`` (the conventional choice; Keras ``clipvalue`` and most examples
+using ``clip_grad_value_`` use 1.0). ``clip_value = inf`` is the identity: the shaper then
+returns a pure-scale plan of ones and no extra statistics pass is run.
+
+References:
+    Mikolov, "Statistical language models based on neural networks", PhD thesis, Brno 2012
+    (element-wise gradient clipping for RNN LMs).
+    PyTorch ``torch.nn.utils.clip_grad_value_``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _checks
+from .base import STAT_DTYPE, SUMSQ, Elementwise, GroupLayout, Plan, Shaper, Stats, keep_where
+
+
+class ValueClipState(NamedTuple):
+    count: torch.Tensor   # [L] number of steps this group was shaped (finite statistics)
+
+
+class ClampMap(Elementwise):
+    """g -> clamp(g, -clip, clip); params: clip [L]."""
+
+    def apply(self, g: torch.Tensor, clip: float) -> torch.Tensor:
+        if math.isinf(clip):
+            return g
+        return g.clamp(-clip, clip)
+
+
+class ValueClip(Shaper):
+    name = "value_clip"
+    needs = frozenset({SUMSQ})
+    default_granularity = "tensor"
+    hparams = ("clip_value",)
+
+    def __init__(self, clip_value: float = 1.0):
+        self.clip_value = _checks.positive(self.name, "clip_value", clip_value)
+
+    def init(self, layout: GroupLayout) -> ValueClipState:
+        return ValueClipState(torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device))
+
+    def update(self, stats: Stats, state: ValueClipState):
+        ok = torch.isfinite(stats.sumsq)
+        new = keep_where(ok, ValueClipState(state.count + 1), state)
+        ones = torch.ones_like(stats.sumsq)
+        if math.isinf(self.clip_value):
+            return Plan(ones), new
+        # Nothing above the threshold (max |g_i| <= ||g||_2 <= clip): skip the map and its pass.
+        if bool((stats.sumsq <= self.clip_value ** 2).all()):
+            return Plan(ones), new
+        return Plan(ones, elementwise=ClampMap(clip=torch.full_like(ones, self.clip_value))), new
