@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .shapers import Chain, Shaper, StepRecord, as_chain, build_shaper, chain, run_shapers
+from .shapers.regroup import Regrouped
 from .stats.layout import ParamGrouping, ParamInfo, build_grouping
 from .stats.slices import SliceSet
 
@@ -20,10 +21,21 @@ STATE_FORMAT_VERSION = 1
 
 
 def shaper_from_spec(spec: Dict[str, Any]) -> Shaper:
-    """``{"type": ..., "params": {...}}`` or ``{"type": "chain", "shapers": [spec, ...]}``."""
+    """``{"type": ..., "params": {...}}`` or ``{"type": "chain", "shapers": [spec, ...]}``.
+    Chain members may carry their own ``granularity`` (see :class:`ShapingSession`)."""
     if spec.get("type") == "chain":
-        return chain(*(shaper_from_spec(s) for s in spec["shapers"]))
+        members = []
+        for s in spec["shapers"]:
+            m = shaper_from_spec(s)
+            if s.get("granularity"):
+                m.granularity = s["granularity"]
+            members.append(m)
+        return chain(*members)
     return build_shaper(spec["type"], spec.get("params") or {})
+
+
+def _member_granularity(member: Shaper, chain_granularity: Optional[str]) -> str:
+    return getattr(member, "granularity", None) or chain_granularity or member.default_granularity
 
 
 class ShapingSession:
@@ -31,14 +43,37 @@ class ShapingSession:
 
     def __init__(self, shaper: Shaper, params: Sequence[ParamInfo], granularity: Optional[str] = None,
                  block_pattern: Optional[str] = None, device=None):
+        self.block_pattern = block_pattern
+        if isinstance(shaper, Chain):
+            grans = [_member_granularity(m, granularity) for m in shaper.shapers]
+            if len(set(grans)) > 1:
+                # Mixed granularities: the chain runs on the finest groups (tensors) and each
+                # coarser member sums the statistics into its own groups.
+                shaper = self._regroup(shaper, grans, params, block_pattern, device)
+                granularity = "tensor"
+            else:
+                granularity = grans[0]
         self.shaper = shaper
         self.granularity = granularity or as_chain(shaper).default_granularity
-        self.block_pattern = block_pattern
         self.grouping: ParamGrouping = build_grouping(params, self.granularity, block_pattern, device)
         self.state = shaper.init(self.grouping.layout)
         self.steps = 0           # shaping steps applied
         self.skipped = 0         # steps skipped because the gradient was not finite
         self.last: Optional[StepRecord] = None
+
+    @staticmethod
+    def _regroup(ch: Chain, grans, params, block_pattern, device) -> Chain:
+        fine = build_grouping(params, "tensor", block_pattern, device)
+        members = []
+        for m, g in zip(ch.shapers, grans):
+            if g == "tensor":
+                members.append(m)
+                continue
+            coarse = build_grouping(params, g, block_pattern, device)
+            index = torch.tensor([coarse.group_of[p.name] for p in params], dtype=torch.long, device=device)
+            # fine group ids follow parameter order at tensor granularity
+            members.append(Regrouped(m, index, coarse.layout))
+        return Chain(*members)
 
     @property
     def layout(self):
@@ -47,19 +82,16 @@ class ShapingSession:
     def step(self, slices: SliceSet) -> Optional[StepRecord]:
         """Shape the gradient held by ``slices`` in place. A non-finite gradient (overflow) is
         left untouched with the state, and None is returned: the caller skips the update."""
-        probe = slices.compute(frozenset({"sumsq"}))
-        if not bool(torch.isfinite(probe.sumsq).all()):
+        needs = frozenset(as_chain(self.shaper).needs) | {"sumsq"}
+        first = [slices.compute(needs)]
+        if not bool(torch.isfinite(first[0].sumsq).all()):
             self.skipped += 1
             self.last = None
             return None
-        first = [probe]
 
-        def compute(needs):
-            # The probe already holds the first pass's sum of squares: reuse it when enough.
-            if first and needs <= {"sumsq"}:
-                return first.pop()
-            first.clear()
-            return slices.compute(needs)
+        def compute(n):
+            # The finiteness check already ran the first statistics pass: hand it over.
+            return first.pop() if first and n <= needs else slices.compute(n)
 
         self.state, record = run_shapers(self.shaper, self.state, self.layout, compute, slices.apply)
         self.steps += 1

@@ -132,13 +132,19 @@ def run_scenario(sc, world, rank):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=cfg)
     shaping = engine.gradient_shaping
+    if sc.get("disable_unscale_fix"):
+        # Negative control: DeepSpeed's own unscale, to show the test sees the trap.
+        import contextlib
+        shaping.adapter.unscale_guard = lambda scale: contextlib.nullcontext()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9)
     spec = dict(sc["shaping"])
-    ref_shaper = GradientShaper(ref.named_parameters(), {"type": spec["type"], "params": spec.get("params", {}),
-                                                         "shapers": spec.get("shapers", [])}
-                                if spec["type"] == "chain" else spec["type"],
-                                params=None if spec["type"] == "chain" else spec.get("params", {}),
-                                granularity=spec.get("granularity"), block_pattern=spec.get("block_pattern"))
+    members = spec["shapers"] if spec["type"] == "chain" else [{"type": spec["type"], "params": spec.get("params", {})}]
+    if sc.get("clip", 0.0) > 0:
+        # DeepSpeed's gradient_clipping runs after shaping, on the shaped gradient.
+        members = members + [{"type": "norm_clip", "params": {"max_norm": sc["clip"]}, "granularity": "global"}]
+    ref_spec = {"type": "chain", "shapers": members} if len(members) > 1 else members[0]
+    ref_shaper = GradientShaper(ref.named_parameters(), ref_spec, granularity=spec.get("granularity"),
+                                block_pattern=spec.get("block_pattern"))
     ddtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     res = {"name": sc["name"], "path": shaping.adapter.name, "stats": 0.0, "factor": 0.0, "params": 0.0,
            "skipped": [], "ref_skipped": [], "loss_scales": [], "collectives_per_step": []}
@@ -170,6 +176,7 @@ def run_scenario(sc, world, rank):
         if shaping.last_skipped or last is None:
             res["skipped"].append(step)
             continue
+        res["active"] = max(res.get("active", 0.0), float((last.factor - 1).abs().max()))
         if rec is not None:
             res["stats"] = max(res["stats"], rel(last.stats_before.sumsq, rec.stats_before.sumsq))
             res["factor"] = max(res["factor"], rel(last.factor, rec.factor))

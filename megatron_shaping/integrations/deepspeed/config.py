@@ -34,6 +34,9 @@ class ShaperSpec(DeepSpeedConfigModel):
     params: Dict[str, Any] = Field(default_factory=dict)
     """Method hyperparameters, named as in the method's paper or reference code."""
 
+    granularity: Optional[Literal["tensor", "block", "global"]] = None
+    """This member's granularity; default the chain's, else the method's own."""
+
     @field_validator("type")
     @classmethod
     def _known_type(cls, v):
@@ -115,7 +118,8 @@ class GradientShapingConfig(DeepSpeedConfigModel):
     def spec(self) -> Dict[str, Any]:
         """The shaper spec for :func:`megatron_shaping.core.shaper_from_spec`."""
         if self.type == CHAIN:
-            return {"type": CHAIN, "shapers": [{"type": s.type, "params": dict(s.params)} for s in self.shapers]}
+            return {"type": CHAIN, "shapers": [{"type": s.type, "params": dict(s.params), "granularity": s.granularity}
+                                               for s in self.shapers]}
         return {"type": self.type, "params": dict(self.params)}
 
 

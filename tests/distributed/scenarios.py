@@ -1,0 +1,77 @@
+"""The equivalence matrix: which DeepSpeed runs are compared with the unsharded reference.
+
+Hyperparameters are chosen so that every method actually changes the gradient within a few
+steps of the small test model (short warmups, small thresholds): a shaper that silently did
+nothing would fail the ``active`` check.
+"""
+SHAPERS = {
+    "gradient_stabilizer": {"type": "gradient_stabilizer", "params": {}},
+    "spamp": {"type": "spamp", "params": {"alpha_min": 0.7}},
+    "spamp_raw": {"type": "spamp", "params": {"mode": "raw", "threshold_from": "current"}},
+    "norm_clip": {"type": "norm_clip", "params": {"max_norm": 0.05}},
+    "value_clip": {"type": "value_clip", "params": {"clip_value": 0.002}},
+    "agc": {"type": "agc", "params": {"clipping": 0.01}},
+    "zclip": {"type": "zclip", "params": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5}},
+    "adagc": {"type": "adagc", "params": {"warmup_steps": 2, "warmup_max_norm": 0.05}},
+    "entrywise_shrink": {"type": "entrywise_shrink", "params": {}},
+    "chain_agc_clip": {"type": "chain", "shapers": [{"type": "agc", "params": {"clipping": 0.01}},
+                                                    {"type": "norm_clip", "params": {"max_norm": 0.05}}]},
+    "block_gs": {"type": "gradient_stabilizer", "granularity": "block", "params": {}},
+}
+MATRIX_SHAPERS = ["gradient_stabilizer", "spamp", "spamp_raw", "norm_clip", "value_clip", "agc", "zclip", "adagc",
+                  "entrywise_shrink", "chain_agc_clip", "block_gs"]
+STAGES = (0, 1, 2, 3)
+DTYPES = ("fp32", "bf16", "fp16")
+STEPS = 4
+
+
+def matrix(world):
+    out = []
+    for sh in MATRIX_SHAPERS:
+        for st in STAGES:
+            for dt in DTYPES:
+                out.append({"name": f"{sh}/z{st}/{dt}", "shaper": sh, "stage": st, "dtype": dt, "steps": STEPS,
+                            "shaping": SHAPERS[sh]})
+    if world == 2:
+        out += extras()
+    return out
+
+
+def extras():
+    gs = SHAPERS["gradient_stabilizer"]
+    out = []
+    for sh in ("gradient_stabilizer", "spamp", "agc", "zclip"):
+        for st in (1, 2, 3):
+            out.append({"name": f"{sh}/z{st}/fp32/offload", "shaper": sh, "stage": st, "dtype": "fp32",
+                        "offload": True, "steps": STEPS, "shaping": SHAPERS[sh]})
+    for st in STAGES:
+        out.append({"name": f"gradient_stabilizer/z{st}/fp32/gas2", "shaper": "gradient_stabilizer", "stage": st,
+                    "dtype": "fp32", "gas": 2, "steps": STEPS, "shaping": gs})
+        out.append({"name": f"spamp/z{st}/bf16/gas2", "shaper": "spamp", "stage": st, "dtype": "bf16", "gas": 2,
+                    "steps": STEPS, "shaping": SHAPERS["spamp"]})
+    for st in (1, 2):
+        out.append({"name": f"gradient_stabilizer/z{st}/fp32/round_robin", "shaper": "gradient_stabilizer",
+                    "stage": st, "dtype": "fp32", "round_robin": True, "gas": 2, "steps": STEPS, "shaping": gs})
+    # DeepSpeed's own gradient_clipping applies after shaping: reference is chain(shaper, global clip).
+    for st in STAGES:
+        out.append({"name": f"gradient_stabilizer/z{st}/fp32/ds_clip", "shaper": "gradient_stabilizer", "stage": st,
+                    "dtype": "fp32", "clip": 0.3, "steps": STEPS, "shaping": gs})
+    out.append({"name": "gradient_stabilizer/z2/fp32/offload/ds_clip", "shaper": "gradient_stabilizer", "stage": 2,
+                "dtype": "fp32", "clip": 0.3, "offload": True, "steps": STEPS, "shaping": gs})
+    out.append({"name": "gradient_stabilizer/z3/fp32/offload/ds_clip", "shaper": "gradient_stabilizer", "stage": 3,
+                "dtype": "fp32", "clip": 0.3, "offload": True, "steps": STEPS, "shaping": gs})
+    # fp16 loss scale grows every step (scale_window 1): ZeRO 1/2/3 would unscale with the new scale.
+    for st in STAGES:
+        out.append({"name": f"gradient_stabilizer/z{st}/fp16/growth", "shaper": "gradient_stabilizer", "stage": st,
+                    "dtype": "fp16", "scale_window": 1, "steps": 5, "shaping": gs, "trap": "growth"})
+    for st in (0, 2, 3):
+        out.append({"name": f"gradient_stabilizer/z{st}/fp16/growth/no_fix", "shaper": "gradient_stabilizer",
+                    "stage": st, "dtype": "fp16", "scale_window": 1, "steps": 5, "shaping": gs,
+                    "disable_unscale_fix": True, "trap": "control"})
+    # A step with non-finite gradients (a 1e39 target overflows fp32 too): skipped everywhere.
+    for sh in ("gradient_stabilizer", "spamp", "zclip"):
+        for st in STAGES:
+            for dt in DTYPES:
+                out.append({"name": f"{sh}/z{st}/{dt}/overflow", "shaper": sh, "stage": st, "dtype": dt, "steps": 5,
+                            "spike": {"2": 1e39}, "shaping": SHAPERS[sh], "trap": "overflow"})
+    return out
