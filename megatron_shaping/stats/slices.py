@@ -179,9 +179,10 @@ class SliceSet:
             if not s.grad.numel():
                 continue
             kw = {k: v[grp] for k, v in params.items()}
-            # The map is defined on true gradient values and computed in fp32 whatever the
-            # storage dtype: |g|^alpha of a bf16 value is not a bf16 operation.
-            g = s.grad.float()
+            # The map is defined on true gradient values and computed in at least fp32 whatever
+            # the storage dtype: |g|^alpha of a bf16 value is not a bf16 operation (and an fp64
+            # gradient is not rounded to fp32).
+            g = s.grad.to(torch.promote_types(s.grad.dtype, torch.float32))
             if ls != 1.0:
                 g = g / ls
             out = fn.apply(g, **kw)
