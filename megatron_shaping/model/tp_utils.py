@@ -1,0 +1,91 @@
+"""Tensor-parallel helpers shared by the model and by whoever lays out its gradients.
+
+Megatron-core marks a TP-partitioned parameter with ``tensor_model_parallel=True``,
+``partition_dim`` and ``partition_stride``; everything here reads those attributes only, so it
+works for any megatron-core layer, not just ours.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Optional, Tuple
+
+import torch
+
+
+def _tp_size(group=None) -> int:
+    from megatron.core import parallel_state
+    if group is not None:
+        return torch.distributed.get_world_size(group)
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _tp_rank(group=None) -> int:
+    from megatron.core import parallel_state
+    if group is not None:
+        return torch.distributed.get_rank(group)
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def full_shape(param: torch.Tensor, tp_world_size: Optional[int] = None) -> Tuple[int, ...]:
+    """Whole-model shape of a possibly TP-sharded parameter: the local shape with
+    ``partition_dim`` multiplied by the TP world size (default: megatron parallel_state's)."""
+    shape = list(param.shape)
+    if is_tp_sharded(param):
+        tp = _tp_size() if tp_world_size is None else tp_world_size
+        shape[param.partition_dim] *= tp
+    return tuple(shape)
+
+
+def is_tp_duplicate(param: torch.Tensor, tp_rank: Optional[int] = None) -> bool:
+    """True for a TP-replicated parameter on TP rank > 0 (its gradient equals rank 0's, so
+    statistics must count it once); the complement of megatron's
+    ``param_is_not_tensor_parallel_duplicate``."""
+    if is_tp_sharded(param):
+        return False
+    rank = _tp_rank() if tp_rank is None else tp_rank
+    return rank > 0
+
+
+def mark_tp_replicated(param: torch.Tensor) -> torch.Tensor:
+    """Give a replicated parameter megatron's default attributes explicitly
+    (``tensor_model_parallel=False``), so readers never have to guess from absence."""
+    from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_parallel_attributes
+    set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+    return param
+
+
+def param_seed(base_seed: int, key: str) -> int:
+    """A 63-bit seed from the run seed and a parameter's logical name. hashlib, not hash():
+    Python's str hash is salted per process and would differ between ranks."""
+    digest = hashlib.sha256(f"{base_seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_normal_init(key: str, base_seed: int, std: float) -> Callable[[torch.Tensor], None]:
+    """An init_method for megatron's ``_initialize_affine_weight_cpu``: it is called on the
+    *full* (master) weight, which is then split, so every TP size sees the same full weight."""
+    def init(tensor: torch.Tensor) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(param_seed(base_seed, key))
+        with torch.no_grad():
+            tensor.copy_(torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+    return init
+
+
+def gather_full_tensor(t: torch.Tensor, param: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather the TP shards of ``t`` (a tensor laid out like ``param``: the param itself or
+    its gradient) into the whole-model tensor; replicated tensors are returned as they are."""
+    if not is_tp_sharded(param) or _tp_size(group) == 1:
+        return t
+    from megatron.core import parallel_state
+    group = group or parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=param.partition_dim)

@@ -1,0 +1,39 @@
+import torch
+
+from megatron_shaping.model.tp_utils import full_shape, is_tp_duplicate, param_seed, seeded_normal_init
+
+
+def _sharded(shape, dim):
+    p = torch.nn.Parameter(torch.zeros(shape))
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+    return p
+
+
+def test_full_shape_multiplies_partition_dim():
+    assert full_shape(_sharded((32, 64), 0), tp_world_size=4) == (128, 64)
+    assert full_shape(_sharded((32, 64), 1), tp_world_size=2) == (32, 128)
+    replicated = torch.nn.Parameter(torch.zeros(64))
+    replicated.tensor_model_parallel = False
+    assert full_shape(replicated, tp_world_size=4) == (64,)
+    assert full_shape(torch.nn.Parameter(torch.zeros(3, 5)), tp_world_size=8) == (3, 5)
+
+
+def test_is_tp_duplicate():
+    sharded = _sharded((4, 4), 0)
+    replicated = torch.nn.Parameter(torch.zeros(4))
+    assert not is_tp_duplicate(sharded, tp_rank=1)
+    assert not is_tp_duplicate(replicated, tp_rank=0)
+    assert is_tp_duplicate(replicated, tp_rank=1)
+
+
+def test_seeded_init_depends_on_name_and_seed_only():
+    a, b, c, d = (torch.empty(8, 4) for _ in range(4))
+    seeded_normal_init("layers.0.attn.q_proj.weight", 1, 0.02)(a)
+    torch.manual_seed(999)   # the global RNG must not matter
+    seeded_normal_init("layers.0.attn.q_proj.weight", 1, 0.02)(b)
+    seeded_normal_init("layers.0.attn.k_proj.weight", 1, 0.02)(c)
+    seeded_normal_init("layers.0.attn.q_proj.weight", 2, 0.02)(d)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+    assert abs(a.std().item() - 0.02) < 0.01
+    assert param_seed(1, "x") == param_seed(1, "x") != param_seed(1, "y")
