@@ -123,6 +123,8 @@ def run_scenario(sc, world, rank):
     dtype = sc.get("dtype", "fp32")
     if dtype == "bf16":
         cfg["bf16"] = {"enabled": True}
+        if sc.get("grad_accum_fp32"):
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}   # ZeRO-1 + this: BF16_Optimizer
     elif dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": sc.get("scale_power", 8),
                        "loss_scale_window": sc.get("scale_window", 1000), "hysteresis": 1, "min_loss_scale": 1}

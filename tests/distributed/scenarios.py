@@ -52,6 +52,15 @@ def extras():
     for st in (1, 2):
         out.append({"name": f"gradient_stabilizer/z{st}/fp32/round_robin", "shaper": "gradient_stabilizer",
                     "stage": st, "dtype": "fp32", "round_robin": True, "gas": 2, "steps": STEPS, "shaping": gs})
+    # bf16 + ZeRO-1 + fp32 gradient accumulation builds BF16_Optimizer (replicated fp32 grads).
+    for sh in ("gradient_stabilizer", "spamp", "agc", "zclip", "value_clip"):
+        for gas in (1, 2):
+            out.append({"name": f"{sh}/z1/bf16/bf16_optimizer/gas{gas}", "shaper": sh, "stage": 1, "dtype": "bf16",
+                        "grad_accum_fp32": True, "gas": gas, "steps": STEPS, "shaping": SHAPERS[sh],
+                        "path": "bf16"})
+    out.append({"name": "gradient_stabilizer/z1/bf16/bf16_optimizer/overflow", "shaper": "gradient_stabilizer",
+                "stage": 1, "dtype": "bf16", "grad_accum_fp32": True, "steps": 5, "spike": {"2": 1e39},
+                "shaping": SHAPERS["gradient_stabilizer"], "trap": "overflow", "path": "bf16"})
     # DeepSpeed's own gradient_clipping applies after shaping: reference is chain(shaper, global clip).
     for st in STAGES:
         out.append({"name": f"gradient_stabilizer/z{st}/fp32/ds_clip", "shaper": "gradient_stabilizer", "stage": st,

@@ -1,0 +1,72 @@
+"""The "gradient_shaping" section of the DeepSpeed config: parsing and error messages."""
+import pytest
+
+from megatron_shaping.integrations.deepspeed.config import GradientShapingConfig, get_gradient_shaping_config
+
+
+def cfg(**section):
+    return get_gradient_shaping_config({"train_batch_size": 8, "gradient_shaping": section})
+
+
+def test_absent_or_disabled_section_is_none():
+    assert get_gradient_shaping_config({"train_batch_size": 8}) is None
+    assert cfg(type="gradient_stabilizer", enabled=False) is None
+
+
+def test_issue_example_parses():
+    c = cfg(type="gradient_stabilizer", granularity="tensor", params={"beta1": 0.6, "beta2": 0.999})
+    assert isinstance(c, GradientShapingConfig)
+    assert c.spec() == {"type": "gradient_stabilizer", "params": {"beta1": 0.6, "beta2": 0.999}}
+    assert c.granularity == "tensor" and c.log_interval == 0 and c.nonfinite == "skip"
+
+
+def test_defaults():
+    c = cfg(type="spamp")
+    assert c.granularity is None and c.params == {} and c.allow_fresh_state is False
+
+
+@pytest.mark.parametrize("section,needles", [
+    ({"type": "gradient_stabiliser"}, ["gradient_shaping.type", "gradient_stabiliser", "gradient_stabilizer"]),
+    ({"type": "spamp", "alpha": 0.5}, ["gradient_shaping.alpha", "xtra"]),
+    ({"type": "gradient_stabilizer", "params": {"beta1": 1.5}}, ["beta1", "1.5"]),
+    ({"type": "gradient_stabilizer", "params": {"beta3": 0.5}}, ["beta3", "beta1", "beta2", "eps"]),
+    ({"type": "norm_clip", "params": {"max_norm": -1.0}}, ["max_norm", "-1"]),
+    ({"type": "spamp", "params": {"mode": "cubic"}}, ["mode", "cubic"]),
+    ({"type": "spamp", "granularity": "layer"}, ["gradient_shaping.granularity", "layer", "tensor"]),
+    ({"type": "spamp", "log_interval": -1}, ["gradient_shaping.log_interval", "-1"]),
+    ({"type": "spamp", "nonfinite": "ignore"}, ["gradient_shaping.nonfinite", "ignore", "skip"]),
+    ({"type": "chain"}, ["shapers"]),
+    ({"type": "chain", "shapers": [{"type": "agc", "params": {"clip": 1}}]}, ["clip", "agc"]),
+    ({"type": "chain", "shapers": [{"type": "nope"}]}, ["nope"]),
+    ({"type": "gradient_stabilizer", "shapers": [{"type": "agc"}]}, ["shapers", "chain"]),
+    ({"type": "gradient_stabilizer", "granularity": "block", "block_pattern": "(["}, ["block_pattern", "(["]),
+])
+def test_bad_sections_name_key_value_and_allowed(section, needles):
+    with pytest.raises(ValueError) as e:
+        cfg(**section)
+    msg = str(e.value)
+    for n in needles:
+        assert n in msg, f"{n!r} not in error message:\n{msg}"
+
+
+def test_section_must_be_an_object():
+    with pytest.raises(ValueError, match="gradient_shaping.*object"):
+        get_gradient_shaping_config({"gradient_shaping": "gradient_stabilizer"})
+
+
+def test_chain_members_keep_their_granularity():
+    c = cfg(type="chain", shapers=[{"type": "agc"}, {"type": "norm_clip", "params": {"max_norm": 1.0},
+                                                     "granularity": "global"}])
+    assert c.spec()["shapers"][1]["granularity"] == "global"
+
+
+def test_initialize_rejects_bad_section_before_building_the_engine(monkeypatch):
+    import deepspeed
+    import megatron_shaping
+
+    def boom(*a, **k):
+        raise AssertionError("deepspeed.initialize must not run with an invalid gradient_shaping section")
+
+    monkeypatch.setattr(deepspeed, "initialize", boom)
+    with pytest.raises(ValueError, match="gradient_shaping.type"):
+        megatron_shaping.initialize(model=None, config={"train_batch_size": 1, "gradient_shaping": {"type": "x"}})
