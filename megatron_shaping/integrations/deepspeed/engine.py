@@ -79,6 +79,9 @@ class DeepSpeedShaping:
         self.last_loss_scale = 1.0
         self.last_skipped = False
         self.collectives = 0
+        #: Called as ``cb(shaping, record)`` after every optimizer-step boundary, ``record`` being
+        #: the StepRecord or None for a skipped step (monitors, spike log).
+        self.callbacks: List[Any] = []
         self._orig_take_model_step = engine._take_model_step
         engine._take_model_step = self._take_model_step
         setattr(engine, ATTR, self)
@@ -154,12 +157,12 @@ class DeepSpeedShaping:
         ss, pieces = self._slice_set()
         self.last_loss_scale = ss.loss_scale
         record = self.session.step(ss)
-        if record is None:
-            self.last_skipped = True
-            return False
-        self.last_skipped = False
-        self.adapter.after_shaping(pieces)
-        return True
+        self.last_skipped = record is None
+        if record is not None:
+            self.adapter.after_shaping(pieces)
+        for cb in self.callbacks:
+            cb(self, record)
+        return record is not None
 
     def _take_model_step(self, lr_kwargs=None):
         ok = self.shape()
