@@ -3,6 +3,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_shaping.shapers import REGISTRY, Chain, Stats, chain
 from megatron_shaping.shapers.adagc import AdaGC
@@ -192,3 +194,24 @@ def test_grads_keep_their_dtype(name, dtype, loss_scale):
         assert gs.apply_(loss_scale) is not None
         for p in model.parameters():
             assert p.grad.dtype == dtype and bool(torch.isfinite(p.grad).all())
+
+
+NORM_BASED = ["gradient_stabilizer", "norm_clip", "agc_per_tensor", "zclip", "zclip_defaults", "adagc"]
+
+
+@pytest.mark.parametrize("name", NORM_BASED)
+@settings(max_examples=15, deadline=None)
+@given(scales=st.lists(st.sampled_from([0.0, 1e-3, 0.1, 1.0, 30.0, 1e6]), min_size=1, max_size=8))
+def test_norm_based_shapers_keep_each_groups_direction(name, scales):
+    model, gs = make(name, dtype=torch.float64)
+    for step, k in enumerate(scales):
+        set_grads(model, step, scale=k)
+        before = [p.grad.clone() for p in model.parameters()]
+        gs.apply_()
+        for g0, p in zip(before, model.parameters()):
+            n0 = float(g0.norm())
+            if n0 == 0:
+                assert not bool(p.grad.any())
+                continue
+            cos = float(torch.dot(g0.flatten(), p.grad.flatten())) / (n0 * float(p.grad.norm()))
+            assert cos == pytest.approx(1.0, abs=1e-12)
