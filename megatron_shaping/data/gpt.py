@@ -1,0 +1,103 @@
+"""GPT samples from megatron-core indexed datasets, and a deterministic batch schedule.
+
+Samples come from megatron-core's ``GPTDataset`` built by ``BlendedMegatronDatasetBuilder``
+(document/sample/shuffle indices, train/valid/test split by Megatron's split string, blends
+of several datasets), so data behaves as in Megatron-LM. Each sample is
+``{"tokens", "labels", "loss_mask", "position_ids"}`` of ``seq_length`` tokens.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .indexed import check_indexed_prefix
+
+
+def parse_data_path(items: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron's ``--data-path``: ``PREFIX [PREFIX ...]`` or ``W1 PREFIX1 W2 PREFIX2 ...``."""
+    items = list(items)
+    if not items:
+        raise ValueError("--data-path is empty")
+
+    def is_number(s):
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    if len(items) > 1 and is_number(items[0]):
+        if len(items) % 2:
+            raise ValueError(f"--data-path {' '.join(items)}: expected pairs 'WEIGHT PREFIX'")
+        weights = []
+        for w in items[0::2]:
+            if not is_number(w):
+                raise ValueError(f"--data-path: expected a weight, got {w!r} (format: W1 PREFIX1 W2 PREFIX2 ...)")
+            weights.append(float(w))
+        return [check_indexed_prefix(p) for p in items[1::2]], weights
+    return [check_indexed_prefix(p) for p in items], None
+
+
+def build_gpt_datasets(data_path: Sequence[str], tokenizer, seq_length: int, seed: int,
+                       train_samples: int, valid_samples: int, split: str = "98,2,0",
+                       cache_dir: Optional[str] = None):
+    """(train, valid) GPTDatasets with at least the requested numbers of samples (megatron
+    repeats epochs as needed). Must be called on every rank: megatron builds its index cache
+    on rank 0 first, behind a barrier, when torch.distributed is initialised."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    prefixes, weights = parse_data_path(data_path)
+    logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        path_to_cache=cache_dir, tokenizer=tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, None], lambda: True, config).build()
+    if train is None or valid is None:
+        raise ValueError(f"split {split!r} leaves no {'training' if train is None else 'validation'} "
+                         f"data; give both a positive weight (e.g. '98,2,0')")
+    return train, valid
+
+
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+
+
+@dataclass
+class BatchSchedule:
+    """Which samples each rank reads: iteration ``i`` consumes dataset samples
+    ``[i * global_batch, (i + 1) * global_batch)``; data-parallel rank ``r`` takes the ``r``-th
+    contiguous ``global_batch / dp`` of them, in micro-batches. Depends only on the iteration,
+    so a resumed run reads exactly what the uninterrupted run would have read, and all TP/PP
+    ranks of one data-parallel rank read the same samples."""
+    global_batch: int
+    micro_batch: int
+    dp_rank: int
+    dp_size: int
+
+    def __post_init__(self):
+        per_rank = self.micro_batch * self.dp_size
+        if self.global_batch % per_rank:
+            raise ValueError(f"--global-batch-size {self.global_batch} is not divisible by "
+                             f"--micro-batch-size {self.micro_batch} x data-parallel size {self.dp_size}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp_size)
+
+    def micro_batches(self, dataset, iteration: int) -> List[Dict[str, torch.Tensor]]:
+        per_rank = self.global_batch // self.dp_size
+        start = iteration * self.global_batch + self.dp_rank * per_rank
+        n = len(dataset)
+        out = []
+        for k in range(self.accumulation_steps):
+            idx = [(start + k * self.micro_batch + j) % n for j in range(self.micro_batch)]
+            out.append(collate([dataset[i] for i in idx]))
+        return out

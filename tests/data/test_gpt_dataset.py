@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from megatron_shaping.data import BatchSchedule, SentencePieceTokenizer, build_gpt_datasets, parse_data_path
+
+
+@pytest.fixture(scope="module")
+def datasets(tiny_corpus, tmp_path_factory):
+    tok = SentencePieceTokenizer(tiny_corpus["model"])
+    return build_gpt_datasets([str(tiny_corpus["prefix"])], tok, seq_length=64, seed=5,
+                              train_samples=200, valid_samples=10, split="70,30,0",
+                              cache_dir=str(tmp_path_factory.mktemp("idxcache")))
+
+
+def test_samples_and_split(datasets):
+    train, valid = datasets
+    assert len(train) >= 200 and len(valid) >= 10
+    s = train[0]
+    assert set(s) >= {"tokens", "labels", "loss_mask", "position_ids"}
+    assert s["tokens"].shape == s["labels"].shape == s["loss_mask"].shape == (64,)
+    assert torch.equal(s["tokens"][1:], s["labels"][:-1])      # labels are the next tokens
+    # the split is by document: train and validation samples come from different documents
+    tr_docs = set(train.document_index.tolist())
+    va_docs = set(valid.document_index.tolist())
+    assert tr_docs and va_docs and not (tr_docs & va_docs)
+
+
+def test_deterministic(tiny_corpus, datasets, tmp_path):
+    tok = SentencePieceTokenizer(tiny_corpus["model"])
+    again, _ = build_gpt_datasets([str(tiny_corpus["prefix"])], tok, 64, 5, 200, 10, "70,30,0", str(tmp_path))
+    assert all(torch.equal(again[i]["tokens"], datasets[0][i]["tokens"]) for i in range(20))
+
+
+def test_blend_weights_parse(tiny_corpus):
+    p = str(tiny_corpus["prefix"])
+    assert parse_data_path(["0.3", p, "0.7", p]) == ([p, p], [0.3, 0.7])
+    assert parse_data_path([p]) == ([p], None)
+
+
+def test_batch_schedule(datasets):
+    train, _ = datasets
+    scheds = [BatchSchedule(global_batch=8, micro_batch=2, dp_rank=r, dp_size=2) for r in range(2)]
+    assert scheds[0].accumulation_steps == 2
+    seen = []
+    for s in scheds:
+        mbs = s.micro_batches(train, iteration=3)
+        assert len(mbs) == 2 and mbs[0]["tokens"].shape == (2, 64)
+        seen += [t for mb in mbs for t in mb["tokens"]]
+    expected = [train[i]["tokens"] for i in range(24, 32)]      # iteration 3 of global batch 8
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+    with pytest.raises(ValueError, match="not divisible"):
+        BatchSchedule(global_batch=6, micro_batch=4, dp_rank=0, dp_size=1)
