@@ -27,7 +27,9 @@ Choices and deviations, documented because the paper leaves them open:
 Defaults: lambda_rel 1.04, beta 0.99, warmup_steps 100, warmup_max_norm 1.0, eps 1e-6.
 lambda_rel = 1.04 / beta = 0.99 are this project's choice; the third-party implementation in
 pytorch-optimizer (``AdaGC``) uses lambda_rel = 1.05, beta = 0.98, warmup 100, lambda_abs 1.0.
-warmup_steps = 100 and warmup_max_norm (the paper's lambda_abs) = 1.0 follow the paper.
+warmup_steps = 100 (the paper's T_start) and warmup_max_norm = 1.0 (its lambda_abs, the usual
+global clipping threshold) are pytorch-optimizer's defaults; we could not check them against
+the paper's hyperparameter table.
 
 References:
     Wang, Li, Chen, Zeng, Yang, Yu, Ma, Shen, "AdaGC: Enhancing LLM Pretraining Stability via
