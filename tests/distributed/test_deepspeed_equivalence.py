@@ -97,7 +97,9 @@ def test_sharded_equals_unsharded(world, sc, tmp_root):
     # amplified by mean/std there, hence 3x the bound for state in 16-bit.
     state_tol = tol if sc["dtype"] == "fp32" else 3 * tol
     assert r["state_equal"] <= state_tol, f"shaper state differs: {r['state_equal']}"
-    if sc["dtype"] == "fp32":
+    if sc["dtype"] == "fp32" and not sc.get("clip"):
+        # (with DeepSpeed's clip, our record covers shaping only and DeepSpeed clips after it;
+        # the reference's chain factor includes the clip, so only parameters are comparable)
         assert r["factor"] <= tol, f"shaping factors differ: {r['factor']}"
     assert r["params"] <= tol, f"parameters after {sc['steps']} steps differ: {r['params']}"
     assert r["active"] > 1e-3, "the shaper never changed the gradient: the comparison would prove nothing"
