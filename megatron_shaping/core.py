@@ -75,6 +75,10 @@ class ShapingSession:
             members.append(Regrouped(m, index, coarse.layout))
         return Chain(*members)
 
+    def _member_groups(self, member: Shaper):
+        """Names of the groups a chain member keeps state for."""
+        return member.coarse.names if isinstance(member, Regrouped) else self.layout.names
+
     @property
     def layout(self):
         return self.grouping.layout
@@ -106,6 +110,7 @@ class ShapingSession:
         members: List[Dict[str, Any]] = []
         for member, st in zip(ch.shapers, states):
             members.append({"type": member.name, "hparams": {k: getattr(member, k) for k in member.hparams},
+                            "groups": list(self._member_groups(member)),
                             "fields": {f: t.detach().cpu().clone() for f, t in st._asdict().items()}})
         return {"format_version": STATE_FORMAT_VERSION, "granularity": self.granularity,
                 "groups": list(self.layout.names), "num_units": int(self.layout.unit_group.numel()),
@@ -131,17 +136,27 @@ class ShapingSession:
             extra = sorted(set(saved) - set(mine))[:5]
             raise ValueError(f"{source}: saved shaper state covers other layers: missing {missing}, "
                              f"unexpected {extra} ({len(saved)} saved vs {len(mine)} configured groups)")
-        order = torch.tensor([saved.index(n) for n in mine], dtype=torch.long)
-        L = len(mine)
         states = self.state if isinstance(self.shaper, Chain) else (self.state,)
         new_states = []
-        for m, st in zip(sd["members"], states):
+        for member, m, st in zip(ch.shapers, sd["members"], states):
+            m_saved = list(m.get("groups", saved))
+            m_mine = list(self._member_groups(member))
+            if set(m_saved) != set(m_mine):
+                raise ValueError(f"{source}: saved groups of chain member {m['type']} differ from the configured ones")
+            # Rows are remapped by name only when the order differs (a model whose parameters
+            # were registered in another order); then every field with one row per group is.
+            order = None
+            if m_saved != m_mine:
+                order = torch.tensor([m_saved.index(n) for n in m_mine], dtype=torch.long)
+            L = len(m_mine)
             fields = {}
             for f, cur in st._asdict().items():
                 if f not in m["fields"]:
                     raise ValueError(f"{source}: shaper state of {m['type']} lacks field {f!r}")
                 t = m["fields"][f]
-                if t.dim() >= 1 and t.shape[0] == L and cur.dim() >= 1 and cur.shape[0] == L:
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"{source}: field {m['type']}.{f} is not a tensor")
+                if order is not None and t.dim() >= 1 and t.shape[0] == L and cur.dim() >= 1 and cur.shape[0] == L:
                     t = t.index_select(0, order)
                 if t.shape != cur.shape:
                     raise ValueError(f"{source}: field {m['type']}.{f} has shape {tuple(t.shape)}, "
