@@ -15,7 +15,7 @@ import torch
 from ...core import ShapingSession, shaper_from_spec
 from ...stats.layout import ParamInfo
 from ...stats.slices import GradSlice, SliceSet
-from .adapters import Adapter, UnsupportedPath, select_adapter
+from .adapters import Adapter, UnsupportedPath, _patched_method, select_adapter
 from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
 
 logger = logging.getLogger("megatron_shaping")
@@ -85,10 +85,14 @@ class DeepSpeedShaping:
         self._orig_take_model_step = engine._take_model_step
         engine._take_model_step = self._take_model_step
         setattr(engine, ATTR, self)
+        from .checkpointing import install_checkpoint_hooks
+        install_checkpoint_hooks(self)      # shaper state in save_checkpoint / load_checkpoint
         if dist.get_rank() == 0 if self.world > 1 else True:
             logger.info("gradient shaping: %r, granularity %s, %d groups, path %s, DeepSpeed gradient_clipping=%s "
                         "(applied after shaping)", self.session.shaper, self.session.granularity,
                         self.session.layout.num_groups, self.adapter.name, self.clip)
+        from .monitor import install_monitor
+        self.monitor = install_monitor(self)    # monitor events, spike log; None when off or rank != 0
 
     # ------------------------------------------------------------------ layout
     def _global_param_list(self, local: List[Tuple[str, Tuple[int, ...]]]) -> List[ParamInfo]:
@@ -179,26 +183,22 @@ class DeepSpeedShaping:
         return bool(self.engine.fp16_enabled())
 
     def _skip(self, lr_kwargs):
-        """Run DeepSpeed's step bookkeeping with the optimizer update replaced by a skip."""
+        """Run DeepSpeed's step bookkeeping with the optimizer update replaced by a skip:
+        ``optimizer.overflow = True`` makes ``_take_model_step`` count the step as skipped and
+        leave the LR schedule alone, as it does for an fp16 overflow."""
         opt = self.engine.optimizer
-        adapter = self.adapter
-
-        orig_step = opt.step
-        had_overflow = hasattr(opt, "overflow")
-        old_overflow = getattr(opt, "overflow", None)
-        opt.step = lambda *a, **k: adapter.skip_step()
-        try:
-            opt.overflow = True                # _take_model_step counts it as skipped, no LR step
-            logger.warning("gradient_shaping: non-finite gradient, step %d skipped", self.engine.global_steps)
-            return self._orig_take_model_step(lr_kwargs)
-        finally:
-            opt.step = orig_step
-            if "step" in opt.__dict__ and opt.__dict__["step"] is orig_step:
-                del opt.__dict__["step"]
-            if had_overflow:
-                opt.overflow = old_overflow if old_overflow is not None else False
-            else:
-                del opt.overflow
+        logger.warning("gradient_shaping: non-finite gradient, step %d skipped", self.engine.global_steps)
+        had_flag = "overflow" in opt.__dict__
+        old_flag = opt.__dict__.get("overflow")
+        with _patched_method(opt, "step", lambda orig: (lambda *a, **k: self.adapter.skip_step())):
+            opt.overflow = True
+            try:
+                return self._orig_take_model_step(lr_kwargs)
+            finally:
+                if had_flag:
+                    opt.overflow = old_flag
+                else:
+                    del opt.overflow
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
