@@ -1,0 +1,332 @@
+#!/usr/bin/env python
+"""Tables (markdown) and plots from a grid's results.jsonl (tools/experiments/run_grid.py).
+
+    python tools/experiments/analyze.py --runs runs/grid --plots docs/results > runs/grid/tables.md
+
+Definitions (also in docs/RESULTS.md):
+- smoothed train loss: running mean over the last 10 steps (same batches in every run, so the
+  batch noise is common to all runs);
+- loss spike: a step t >= 10 whose train loss exceeds 1.5x the median of the previous 20 steps
+  (computed by the runner; ``loss_spikes_1p2`` with 1.2x);
+- diverged: a non-finite loss, or the final (last-10-step mean) train loss above the first step's
+  loss, or the final validation loss above ln(vocab) (the uniform predictor), or stopped early;
+- tokens to target: first step at which the smoothed train loss <= target, times tokens per step;
+  target = the final smoothed train loss of the same optimizer without shaping at the base LR
+  (mean over seeds); '-' when not reached;
+- stable LR: every seed not diverged and no 1.5x loss spike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+SHAPERS = ["none", "norm_clip", "value_clip", "agc", "zclip", "adagc", "entrywise_shrink", "spamp",
+           "gradient_stabilizer"]
+
+
+def num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def load(path):
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if "error" in r:
+            rows.append(r)
+            continue
+        r["train_loss"] = [num(x) for x in r["train_loss"]]
+        rows.append(r)
+    return rows
+
+
+def smooth(xs, w=10):
+    out = []
+    for i in range(len(xs)):
+        win = [x for x in xs[max(0, i - w + 1):i + 1] if math.isfinite(x)]
+        out.append(sum(win) / len(win) if win else float("nan"))
+    return out
+
+
+def ms(vals, fmt="{:.3f}"):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    fin = [v for v in vals if math.isfinite(v)]
+    if len(fin) < len(vals):
+        return "nan/inf" if not fin else fmt.format(statistics.mean(fin)) + f" ({len(vals) - len(fin)} nan)"
+    if len(fin) == 1:
+        return fmt.format(fin[0])
+    return fmt.format(statistics.mean(fin)) + " ± " + fmt.format(statistics.stdev(fin))
+
+
+def tokens_to(r, target):
+    s = smooth(r["train_loss"])
+    for i, x in enumerate(s):
+        if math.isfinite(x) and x <= target:
+            return (i + 1) * r["tokens_per_step"]
+    return None
+
+
+def group(rows, **kw):
+    return [r for r in rows if "error" not in r and all(r.get(k) == v for k, v in kw.items())]
+
+
+def table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in ln) + " |" for ln in lines]
+    return "\n".join(out)
+
+
+def cell_stats(rs):
+    return dict(val=ms([r["final_val_loss"] for r in rs]),
+                ppl=ms([r["final_val_ppl"] for r in rs], "{:.1f}"),
+                spikes=ms([r["loss_spikes"] for r in rs], "{:.1f}"),
+                spikes12=ms([r["loss_spikes_1p2"] for r in rs], "{:.1f}"),
+                div=f"{sum(r['diverged'] for r in rs)}/{len(rs)}",
+                skipped=ms([r["skipped_steps"] + r.get("shaping_skipped", 0) for r in rs], "{:.1f}"),
+                wall=ms([r["wall_time_s"] for r in rs], "{:.1f}"))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--runs", default="runs/grid")
+    p.add_argument("--plots", default="docs/results")
+    args = p.parse_args()
+    rows = load(Path(args.runs) / "results.jsonl")
+    meta = json.loads((Path(args.runs) / "meta.json").read_text())
+    base_lr = meta["base_lr"]
+    out = []
+    errors = [r for r in rows if "error" in r]
+    ok = [r for r in rows if "error" not in r]
+    out.append(f"Runs finished: {len(ok)} (+{len(errors)} errors) of {meta['runs_planned']} planned; "
+               f"total train wall time {sum(r['wall_time_s'] for r in ok) / 60:.1f} min.\n")
+    for r in errors:
+        out.append(f"- ERROR {r['id']}: {r['error']}")
+
+    # ---- targets per optimizer: final smoothed loss of no shaping at base LR
+    targets = {}
+    for opt in ("AdamW", "Adam"):
+        rs = group(rows, condition="base", optimizer=opt, shaper="none")
+        if rs:
+            targets[opt] = statistics.mean(smooth(r["train_loss"])[-1] for r in rs)
+
+    # ---- base LR
+    for opt in ("AdamW", "Adam"):
+        lines = []
+        base_tok = None
+        for s in SHAPERS:
+            rs = group(rows, condition="base", optimizer=opt, shaper=s)
+            if not rs:
+                continue
+            c = cell_stats(rs)
+            toks = [tokens_to(r, targets[opt]) for r in rs] if opt in targets else []
+            tok = (statistics.mean(toks) if toks and all(t is not None for t in toks) else None)
+            if s == "none":
+                base_tok = tok
+            save = f"{100 * (1 - tok / base_tok):+.1f} %" if tok and base_tok else "-"
+            lines.append([s, c["val"], c["ppl"], c["spikes"], c["spikes12"], c["div"],
+                          f"{tok / 1e3:.1f}k" if tok else f"not reached ({sum(t is None for t in toks)}/{len(toks)})",
+                          save, c["wall"]])
+        if lines:
+            out.append(f"\n### Base LR {base_lr:g}, {opt} (fp32)\n")
+            out.append(f"Target train loss (no shaping, {opt}, final smoothed): {targets.get(opt, float('nan')):.4f}\n")
+            out.append(table(["shaper", "final val loss", "val ppl", "loss spikes 1.5x", "spikes 1.2x", "diverged",
+                              "tokens to target", "token saving vs none", "train wall s"], lines))
+
+    # ---- spikes
+    for kind in ("x5@2%", "x100rare"):
+        lines = []
+        for s in SHAPERS:
+            rs = group(rows, condition="spikes", shaper=s, spikes=kind)
+            b = group(rows, condition="base", optimizer="AdamW", shaper=s)
+            if not rs:
+                continue
+            c = cell_stats(rs)
+            bv = {r["seed"]: r["final_val_loss"] for r in b}
+            deltas = [r["final_val_loss"] - bv[r["seed"]] for r in rs if r["seed"] in bv]
+            lines.append([s, c["val"], ms(deltas, "{:+.3f}"), c["spikes"], c["spikes12"], c["div"], c["skipped"]])
+        if lines:
+            out.append(f"\n### Injected gradient spikes {kind} (AdamW, base LR, fp32)\n")
+            out.append(table(["shaper", "final val loss", "Δ val vs no injection (same seed)", "loss spikes 1.5x",
+                              "spikes 1.2x", "diverged", "skipped steps"], lines))
+
+    # ---- LR sweep
+    lrs = sorted({r["lr"] for r in ok if r["condition"] in ("lr_sweep",) or
+                  (r["condition"] == "base" and r["optimizer"] == "AdamW")})
+    lines, stable_lines = [], []
+    for s in SHAPERS:
+        cells, stable = [], []
+        best = (float("inf"), None)
+        for lr in lrs:
+            cond = "base" if lr == base_lr else "lr_sweep"
+            rs = group(rows, condition=cond, optimizer="AdamW", shaper=s, lr=lr, precision="fp32", spikes="none")
+            if not rs:
+                cells.append("-")
+                continue
+            v = [r["final_val_loss"] for r in rs]
+            d = sum(r["diverged"] for r in rs)
+            sp = sum(r["loss_spikes"] for r in rs)
+            cells.append(ms(v) + (f" **D{d}**" if d else "") + (f" s{sp}" if sp else ""))
+            if d == 0 and sp == 0:
+                stable.append(lr)
+            mv = statistics.mean(x if math.isfinite(x) else 1e9 for x in v)
+            if mv < best[0]:
+                best = (mv, lr)
+        lines.append([s] + cells)
+        stable_lines.append([s, ", ".join(f"{x:g}" for x in stable) or "none",
+                             f"{min(stable):g} – {max(stable):g}" if stable else "-",
+                             f"{best[1]:g} ({best[0]:.3f})" if best[1] else "-"])
+    if any(c != "-" for ln in lines for c in ln[1:]):
+        out.append("\n### LR sweep (AdamW, fp32): final val loss, mean ± sd over seeds; **Dk** = k seeds diverged, "
+                   "sN = N loss spikes (1.5x) summed over seeds\n")
+        out.append(table(["shaper"] + [f"lr {x:g}" for x in lrs], lines))
+        out.append("\n### Stable learning rates (every seed: not diverged, no 1.5x loss spike)\n")
+        out.append(table(["shaper", "stable LRs", "range", "best LR (val loss)"], stable_lines))
+
+    # ---- precision
+    lines = []
+    for s in SHAPERS:
+        cols = [s]
+        for prec in ("fp32", "fp8", "fp16"):
+            cond = "base" if prec == "fp32" else prec
+            rs = group(rows, condition=cond, optimizer="AdamW", shaper=s, precision=prec)
+            c = cell_stats(rs) if rs else None
+            cols += [c["val"], c["spikes"], c["div"], c["skipped"]] if c else ["-"] * 4
+        lines.append(cols)
+    out.append("\n### Precision (AdamW, base LR): fp32 vs simulated FP8 vs fp16 with dynamic loss scaling\n")
+    out.append(table(["shaper"] + [f"{p} {k}" for p in ("fp32", "fp8", "fp16")
+                                   for k in ("val loss", "spikes", "diverged", "skipped")], lines))
+    # low-precision gain of each shaper over 'none' vs its fp32 gain
+    lines = []
+    for s in SHAPERS[1:]:
+        cols = [s]
+        for prec in ("fp32", "fp8", "fp16"):
+            cond = "base" if prec == "fp32" else prec
+            a = {r["seed"]: r["final_val_loss"] for r in group(rows, condition=cond, optimizer="AdamW", shaper=s,
+                                                               precision=prec)}
+            b = {r["seed"]: r["final_val_loss"] for r in group(rows, condition=cond, optimizer="AdamW",
+                                                               shaper="none", precision=prec)}
+            cols.append(ms([a[k] - b[k] for k in a if k in b], "{:+.3f}"))
+        lines.append(cols)
+    out.append("\nFinal val loss of each shaper minus no shaping, same seed and precision (negative = better):\n")
+    out.append(table(["shaper", "fp32", "fp8", "fp16"], lines))
+    print("\n".join(out))
+    plots(rows, Path(args.plots), base_lr, lrs)
+
+
+def plots(rows, outdir, base_lr, lrs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    outdir.mkdir(parents=True, exist_ok=True)
+    colors = {s: plt.cm.tab10(i) for i, s in enumerate(SHAPERS)}
+    style = {s: ("--" if s == "none" else "-") for s in SHAPERS}
+
+    def curves(ax, rs_by_shaper, title, ylim=None):
+        for s, rs in rs_by_shaper.items():
+            if not rs:
+                continue
+            n = min(len(r["train_loss"]) for r in rs)
+            sm = [smooth(r["train_loss"]) for r in rs]
+            mean = [statistics.mean(c[i] for c in sm) for i in range(n)]
+            ax.plot(range(1, n + 1), mean, style[s], color=colors[s], label=s, lw=1.4)
+            if len(rs) > 1:
+                lo = [min(c[i] for c in sm) for i in range(n)]
+                hi = [max(c[i] for c in sm) for i in range(n)]
+                ax.fill_between(range(1, n + 1), lo, hi, color=colors[s], alpha=0.12)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss (10-step mean)")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+
+    def by_shaper(**kw):
+        return {s: group(rows, shaper=s, **kw) for s in SHAPERS}
+
+    # base
+    fig, axs = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, opt in zip(axs, ("AdamW", "Adam")):
+        curves(ax, by_shaper(condition="base", optimizer=opt), f"base LR {base_lr:g}, {opt}, fp32 "
+               "(mean over seeds, band = min-max)", ylim=(5.0, 8.5))
+    axs[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "base_lr.png", dpi=110)
+    plt.close(fig)
+
+    # spikes: raw (unsmoothed) curves, seed 1, to see the reaction to the spike
+    fig, axs = plt.subplots(1, 3, figsize=(18, 4.8))
+    for ax, kind in zip(axs, ("none", "x5@2%", "x100rare")):
+        cond = "base" if kind == "none" else "spikes"
+        for s in SHAPERS:
+            rs = group(rows, condition=cond, optimizer="AdamW", shaper=s, spikes=kind, precision="fp32")
+            rs = [r for r in rs if r["seed"] == min(x["seed"] for x in rs)] if rs else []
+            if rs:
+                ax.plot(range(1, len(rs[0]["train_loss"]) + 1), rs[0]["train_loss"], style[s], color=colors[s],
+                        label=s, lw=1.2)
+                for st in rs[0]["spike_steps"]:
+                    ax.axvline(st + 1, color="grey", ls=":", lw=0.8)
+        ax.set_title(f"AdamW base LR, injected spikes: {kind} (seed 1, raw loss; dotted = spike step)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.set_ylim(5.0, 9.0)
+        ax.grid(alpha=0.3)
+    axs[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "spikes.png", dpi=110)
+    plt.close(fig)
+
+    # LR sweep
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, s in enumerate(SHAPERS):
+        xs, ys, div = [], [], []
+        for lr in lrs:
+            cond = "base" if lr == base_lr else "lr_sweep"
+            rs = group(rows, condition=cond, optimizer="AdamW", shaper=s, lr=lr, precision="fp32", spikes="none")
+            if not rs:
+                continue
+            v = [min(r["final_val_loss"], 9.0) if math.isfinite(r["final_val_loss"]) else 9.0 for r in rs]
+            xs.append(lr * (1 + 0.03 * (i - 4)))
+            ys.append(statistics.mean(v))
+            div.append(any(r["diverged"] for r in rs))
+        if xs:
+            ax.plot(xs, ys, style[s], marker="o", color=colors[s], label=s, lw=1.2, ms=4)
+            ax.scatter([x for x, d in zip(xs, div) if d], [y for y, d in zip(ys, div) if d], marker="x", s=80,
+                       color=colors[s], zorder=5)
+    ax.axhline(math.log(4096), color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate (AdamW)")
+    ax.set_ylabel("final val loss (mean over seeds; capped at 9)")
+    ax.set_title("LR sweep (x = some seed diverged; dotted = ln V, uniform predictor)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+
+    # precision
+    fig, axs = plt.subplots(1, 3, figsize=(18, 4.8))
+    for ax, prec in zip(axs, ("fp32", "fp8", "fp16")):
+        cond = "base" if prec == "fp32" else prec
+        curves(ax, by_shaper(condition=cond, optimizer="AdamW", precision=prec),
+               f"AdamW base LR, {prec}" + (" (simulated)" if prec == "fp8" else
+                                           " (dynamic loss scale)" if prec == "fp16" else ""), ylim=(5.0, 8.5))
+    axs[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outdir / "precision.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
