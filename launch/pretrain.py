@@ -351,7 +351,10 @@ def main(argv=None):
               "final_train_loss": history["train"][-1][1] if history["train"] else None,
               "iterations": args.train_iters, "start_iteration": start_iter, "world_size": dist.get_world_size(),
               "tp": tp, "pp": pp, "dp": ctx.dp, **shaping_log.summary()}
-    log0("RESULT " + json.dumps(result))
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        # One line per node (not only global rank 0): multi-node runs can check that every
+        # node saw the same (all-reduced) losses.
+        print("RESULT " + json.dumps({"rank": dist.get_rank(), **result}), flush=True)
     return result
 
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Several nodes listed in a DeepSpeed hostfile ("HOST slots=N" per line, see hostfile.example).
+#
+# pdsh (default): run once, on the first host; the deepspeed launcher starts every node over
+# passwordless ssh/pdsh:
+#   HOSTFILE=launch/hostfile bash launch/run_multinode.sh --deepspeed_config ... --train-iters 1000
+#
+# No ssh: run once per node, each with its NODE_RANK (0 = first hostfile line) and the same
+# MASTER_ADDR (the first node's address) and MASTER_PORT:
+#   NO_SSH=1 NODE_RANK=0 MASTER_ADDR=10.0.0.1 HOSTFILE=launch/hostfile bash launch/run_multinode.sh ...
+#   NO_SSH=1 NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=launch/hostfile bash launch/run_multinode.sh ...
+#
+# Every argument goes to launch/pretrain.py. The data cache ($MEGATRON_SHAPING_CACHE, default
+# ./cache) should be on a shared filesystem, or prepared on every node before the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HOSTFILE=${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile}
+MASTER_PORT=${MASTER_PORT:-29500}
+if [ -z "${DS_ACCELERATOR:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    export DS_ACCELERATOR=cpu
+fi
+if [ "${NO_SSH:-0}" = "1" ]; then
+    exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:?set NODE_RANK}" \
+        --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "$MASTER_PORT" \
+        launch/pretrain.py "$@"
+fi
+exec deepspeed --hostfile "$HOSTFILE" --launcher pdsh ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
+    --master_port "$MASTER_PORT" launch/pretrain.py "$@"

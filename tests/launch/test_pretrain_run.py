@@ -1,0 +1,89 @@
+"""launch/pretrain.py through the deepspeed launcher on CPU (gloo): a short training run on the
+default corpus that must lower the validation loss, an exact resume, and a two-"node" run on one
+machine (--no_ssh, one launcher per node) whose nodes must agree on the losses."""
+import subprocess
+import time
+
+import pytest
+
+from launch_helpers import ROOT, deepspeed_cmd, free_port, launch_env, results
+
+CONFIG = str(ROOT / "configs/deepspeed/zero1_bf16_gradient_stabilizer.json")
+COMMON = ["--model-preset", "llama-tiny", "--micro-batch-size", "4", "--global-batch-size", "16",
+          "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "5", "--eval-iters", "2", "--log-interval", "5"]
+
+
+def run(cmd, timeout=300, env=None):
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    save = tmp_path_factory.mktemp("ckpt")
+    out = run(deepspeed_cmd() + ["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+                                 "--deepspeed_config", CONFIG, *COMMON, "--train-iters", "20",
+                                 "--eval-interval", "10", "--save", str(save), "--save-interval", "10"])
+    return out, save
+
+
+def test_short_run_lowers_validation_loss(first_run):
+    out, _ = first_run
+    (r,) = results(out)
+    assert r["world_size"] == 2 and r["dp"] == 2 and r["shaper"] == "gradient_stabilizer"
+    assert r["final_val_loss"] < r["initial_val_loss"] - 1.0, r
+    assert r["shaping_steps"] == 20 and r["shaping_skipped"] == 0
+    for text in ("[train] iteration    20/20 | loss", "tokens/s", "shaping[gradient_stabilizer]: grad norm",
+                 "[eval] iteration 20: val loss"):
+        assert text in out
+
+
+def test_resume_reproduces_the_uninterrupted_run(first_run):
+    out, save = first_run
+    (full,) = results(out)
+    # Point "latest" at the iteration-10 checkpoint and train 10..20 again.
+    (save / "latest").write_text("iter_0000010")
+    resumed = run(deepspeed_cmd() + ["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+                                     "--deepspeed_config", CONFIG, *COMMON, "--train-iters", "20",
+                                     "--eval-interval", "10", "--load", str(save)])
+    (r,) = results(resumed)
+    assert r["start_iteration"] == 10
+    assert r["final_val_loss"] == pytest.approx(full["final_val_loss"], abs=1e-4)
+    assert r["final_train_loss"] == pytest.approx(full["final_train_loss"], abs=1e-4)
+
+
+def test_two_nodes_on_one_machine_agree(tmp_path):
+    """Hostfile of two 'nodes' (localhost, 127.0.0.1) with one slot each, one launcher per node
+    with --no_ssh --node_rank; pipeline-parallel across the nodes, so stage 0 and stage 1 live
+    on different nodes."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(free_port())
+    cmds = [deepspeed_cmd() + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
+                               "--master_addr", "127.0.0.1", "--master_port", port, "launch/pretrain.py",
+                               "--deepspeed_config", str(ROOT / "configs/deepspeed/zero1_bf16_spamp.json"),
+                               *COMMON, "--train-iters", "8", "--eval-interval", "8",
+                               "--pipeline-model-parallel-size", "2"]
+            for n in (0, 1)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c in cmds]
+    deadline = time.time() + 300
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1, deadline - time.time()))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-6000:]
+    r0, r1 = results(outs[0]), results(outs[1])
+    assert len(r0) == 1 and len(r1) == 1, (r0, r1)
+    assert (r0[0]["rank"], r1[0]["rank"]) == (0, 1)
+    assert r0[0]["pp"] == 2 and r0[0]["world_size"] == 2
+    for key in ("initial_val_loss", "final_val_loss", "final_train_loss"):
+        assert r0[0][key] == r1[0][key], key
+    assert r0[0]["final_val_loss"] < r0[0]["initial_val_loss"]

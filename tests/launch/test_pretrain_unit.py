@@ -1,0 +1,85 @@
+"""pretrain.py's pieces in-process: schedule, DeepSpeed config overrides and errors, arguments."""
+import json
+import math
+
+import pytest
+
+from launch_helpers import ROOT, load_script
+
+pretrain = load_script("launch/pretrain.py")
+make_configs = load_script("tools/make_configs.py")
+
+
+def args_for(*extra):
+    return pretrain.parse_args(["--deepspeed_config", str(ROOT / "configs/deepspeed/zero1_bf16_spamp.json"), *extra])
+
+
+def test_megatron_argument_names():
+    a = args_for("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
+                 "--micro-batch-size", "2", "--global-batch-size", "8", "--seq-length", "64",
+                 "--train-iters", "5", "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2",
+                 "--seed", "3", "--data-path", "0.5", "a", "0.5", "b", "--tokenizer-model", "t.model",
+                 "--save", "s", "--load", "l", "--save-interval", "2", "--eval-interval", "2",
+                 "--eval-iters", "1", "--log-interval", "1", "--model-preset", "llama-tiny", "--local_rank", "0")
+    assert (a.tensor_model_parallel_size, a.global_batch_size, a.data_path) == (2, 8, ["0.5", "a", "0.5", "b"])
+
+
+def test_data_path_needs_tokenizer():
+    with pytest.raises(SystemExit):
+        args_for("--data-path", "x")
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    a = args_for("--lr", "1.0", "--min-lr", "0.1", "--lr-warmup-iters", "10", "--train-iters", "110")
+    lrs = [pretrain.lr_at(i, a) for i in range(130)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)          # linear warmup
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))  # half-way
+    assert lrs[110] == pytest.approx(0.1) and lrs[129] == pytest.approx(0.1)      # floor at min-lr
+    assert all(x >= y - 1e-12 for x, y in zip(lrs[10:], lrs[11:]))                 # monotone decay
+
+
+def test_ds_config_overrides():
+    a = args_for("--micro-batch-size", "2", "--global-batch-size", "12", "--lr", "5e-4")
+    cfg = pretrain.load_ds_config(a, accumulation_steps=3, on_cpu=True)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (12, 2, 3)
+    assert cfg["optimizer"]["params"]["lr"] == 5e-4 and cfg["optimizer"]["params"]["torch_adam"] is True
+    assert cfg["gradient_shaping"]["type"] == "spamp"
+
+
+def test_ds_config_errors(tmp_path):
+    fp16 = args_for()
+    fp16.deepspeed_config = str(ROOT / "configs/deepspeed/zero1_fp16_spamp.json")
+    with pytest.raises(ValueError, match="fp16.*GPU"):
+        pretrain.load_ds_config(fp16, 1, on_cpu=True)
+    assert pretrain.load_ds_config(fp16, 1, on_cpu=False)["fp16"]["enabled"]
+    pp = args_for("--pipeline-model-parallel-size", "2")
+    pp.deepspeed_config = str(ROOT / "configs/deepspeed/zero2_bf16_spamp.json")
+    with pytest.raises(ValueError, match="ZeRO stage 2 cannot be combined with pipeline"):
+        pretrain.load_ds_config(pp, 1, on_cpu=True)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    a = args_for()
+    a.deepspeed_config = str(bad)
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        pretrain.load_ds_config(a, 1, on_cpu=True)
+
+
+def test_generated_configs_up_to_date_and_valid():
+    assert make_configs.main(["--check"]) == 0
+    files = sorted((ROOT / "configs/deepspeed").glob("*.json"))
+    assert len(files) == 3 * 2 * 9
+    try:
+        from megatron_shaping.integrations.deepspeed.config import get_gradient_shaping_config
+    except ImportError:      # the DeepSpeed integration is optional for this check
+        get_gradient_shaping_config = None
+    kinds = set()
+    for f in files:
+        cfg = json.loads(f.read_text())
+        section = cfg.get("gradient_shaping")
+        kinds.add(section["type"] if section else "none")
+        assert cfg["gradient_clipping"] == (1.0 if section is None else 0.0)
+        if section and get_gradient_shaping_config:
+            assert get_gradient_shaping_config(cfg).type == section["type"]
+    assert kinds == {"gradient_stabilizer", "spamp", "norm_clip", "value_clip", "agc", "zclip", "adagc",
+                     "entrywise_shrink", "none"}
