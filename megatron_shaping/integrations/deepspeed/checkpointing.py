@@ -1,0 +1,251 @@
+"""Shaper state in DeepSpeed checkpoints: ``engine.save_checkpoint`` writes it, ``engine.load_checkpoint``
+restores it, and ``latest`` only ever names a complete checkpoint.
+
+Where the state lives. A separate file, ``<save_dir>/<tag>/gradient_shaping_state.pt``
+(:data:`~megatron_shaping.checkpoint.STATE_FILE`), written by rank 0 atomically, rather than
+DeepSpeed's ``client_state`` (which lands inside ``mp_rank_XX_model_states.pt``), because:
+
+* it is read and validated *before* DeepSpeed touches the engine, so a missing, damaged or
+  mismatched shaper state stops the load with the engine unchanged, without first reading
+  model-state files that hold the whole model for ZeRO-0/1/2;
+* it is written after every rank has finished its own files, so its presence also marks a
+  complete save, even for a tag loaded explicitly (``latest`` is handled as well, below);
+* one copy for the job (the state is identical on every rank: fully reduced statistics), not
+  one per model-parallel rank, and it is inspectable with ``torch.load`` alone.
+
+The price: DeepSpeed's ``ds_to_universal`` copies only its own files. :func:`convert_to_universal`
+runs it and copies the shaper state along; a universal checkpoint converted without it fails to
+load with a message saying how to copy the file.
+
+``latest``. DeepSpeed 0.19.8 lets rank 0 write ``latest`` as soon as *its own* files are
+written, with no barrier before (``DeepSpeedEngine.save_checkpoint``), and by truncating and
+rewriting the file. A rank killed while still writing its ZeRO shard leaves ``latest`` naming
+a partial checkpoint. The wrapper therefore saves with ``save_latest=False``, lets DeepSpeed's
+closing barrier pass (every rank has written everything), writes the shaper state, then
+rank 0 replaces ``latest`` atomically. (Decoupled checkpoint engines, which commit
+asynchronously, keep DeepSpeed's own ``latest`` handling.)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Dict, Optional
+
+from ...checkpoint import (STATE_FILE, ShaperStateCorrupt, ShaperStateError, ShaperStateMismatch, ShaperStateMissing,
+                           commit_session, hparam_changes, read_state_file, reset_session, restored_session,
+                           state_digest, write_bytes_atomic, write_state_file)
+
+logger = logging.getLogger("megatron_shaping")
+
+_ERRORS = {c.__name__: c for c in (ShaperStateError, ShaperStateMissing, ShaperStateMismatch, ShaperStateCorrupt)}
+
+
+class ShapingCheckpointing:
+    """Wraps ``engine.save_checkpoint`` / ``engine.load_checkpoint`` of one engine.
+    Reachable as ``engine.gradient_shaping.checkpointing``."""
+
+    def __init__(self, shaping):
+        self.shaping = shaping
+        self.engine = engine = shaping.engine
+        self._orig_save = engine.save_checkpoint
+        self._orig_load = engine.load_checkpoint
+        engine.save_checkpoint = self.save_checkpoint
+        engine.load_checkpoint = self.load_checkpoint
+        #: What the last load did: {"path", "tag", "fresh", "meta"}; None before any load.
+        self.last_load: Optional[Dict[str, Any]] = None
+        shaping.checkpointing = self
+
+    # ------------------------------------------------------------------ ranks
+    @property
+    def session(self):
+        return self.shaping.session
+
+    def _writer(self) -> bool:
+        """Who writes the shaper state and ``latest``: global rank 0, and with node-local
+        storage the first rank of each node (as DeepSpeed does for its files)."""
+        e = self.engine
+        if e.global_rank == 0:
+            return True
+        return bool(e.use_node_local_storage()) and e.local_rank == 0
+
+    def _gather(self, obj):
+        if self.shaping.world == 1:
+            return [obj]
+        out = [None] * self.shaping.world
+        self.shaping.dist.all_gather_object(out, obj)
+        return out
+
+    def _barrier(self):
+        if self.shaping.world > 1:
+            self.shaping.dist.barrier()
+
+    def _warn(self, msg: str, *args) -> None:
+        # Loud on purpose: once per node.
+        if self.engine.local_rank == 0:
+            logger.warning(msg, *args)
+
+    def _meta(self, tag: str) -> Dict[str, Any]:
+        e, s = self.engine, self.shaping
+        import megatron_shaping
+        return {"tag": tag, "global_steps": int(e.global_steps), "skipped_steps": int(e.skipped_steps),
+                "world_size": s.world, "dp_world_size": int(getattr(e, "dp_world_size", 1)),
+                "tp_world_size": s.tp_world, "zero_stage": int(e.zero_optimization_stage()),
+                "shaper": repr(self.session.shaper), "granularity": self.session.granularity,
+                "megatron_shaping_version": megatron_shaping.__version__}
+
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False,
+                        **kwargs):
+        """``DeepSpeedEngine.save_checkpoint`` plus the shaper state; ``latest`` is written only
+        after every rank finished writing. Same arguments and return value."""
+        e = self.engine
+        tag = str(f"global_step{e.global_steps}" if tag is None else tag)
+        sd = self.session.state_dict()
+        digests = self._gather(state_digest(sd))
+        if len(set(digests)) > 1:
+            bad = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise RuntimeError(f"gradient_shaping: shaper state differs between ranks (ranks {bad} vs rank 0) at "
+                               f"step {e.global_steps}; refusing to save {tag} (this is a bug: please report it)")
+        decoupled = bool(getattr(e.checkpoint_engine, "is_decoupled", lambda: False)())
+        ok = self._orig_save(save_dir, tag=tag, client_state=client_state,
+                             save_latest=save_latest if decoupled else False,
+                             exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        # DeepSpeed's save ends with a barrier: every rank's files are written.
+        if self._writer():
+            tag_dir = os.path.join(save_dir, tag)
+            os.makedirs(tag_dir, exist_ok=True)
+            write_state_file(os.path.join(tag_dir, STATE_FILE), sd, self._meta(tag))
+            if save_latest and not decoupled:
+                write_bytes_atomic(os.path.join(save_dir, "latest"), tag.encode())
+        self._barrier()
+        return ok
+
+    # ------------------------------------------------------------------ load
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None,
+                        allow_fresh_state: Optional[bool] = None, **kwargs):
+        """``DeepSpeedEngine.load_checkpoint`` plus the shaper state, validated before DeepSpeed
+        loads anything. ``allow_fresh_state`` (default: the config's ``allow_fresh_state``)
+        lets a checkpoint without usable shaper state load with a fresh shaper (logged loudly).
+        With ``load_module_only`` or ``load_optimizer_states=False`` the shaper, like the
+        optimizer, starts fresh. Same return value as DeepSpeed's."""
+        e = self.engine
+        call = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                    load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                    custom_load_fn=custom_load_fn, **kwargs)
+        universal = bool(e.load_universal_checkpoint())
+        if tag is None:
+            latest = os.path.join(load_dir, "latest_universal" if universal else "latest")
+            if not os.path.isfile(latest):
+                return self._orig_load(load_dir, None, **call)     # DeepSpeed's own message / None
+            with open(latest) as f:
+                tag = f.read().strip()
+        tag = str(tag)
+        want = load_optimizer_states and not load_module_only
+        if allow_fresh_state is None:
+            allow_fresh_state = bool(self.shaping.config.allow_fresh_state)
+        path = os.path.join(load_dir, tag, STATE_FILE)
+
+        restored, obj, outcome = None, None, ("skip", "", "")
+        if want:
+            try:
+                obj = read_state_file(path)
+                restored = restored_session(self.session, obj["state"], path)
+                outcome = ("ok", obj["digest"], "")
+            except ShaperStateError as err:
+                msg = str(err)
+                if universal and isinstance(err, ShaperStateMissing):
+                    msg += (f" Universal checkpoint: DeepSpeed's ds_to_universal does not copy {STATE_FILE}; "
+                            "convert with megatron_shaping.integrations.deepspeed.checkpointing."
+                            f"convert_to_universal, or copy {STATE_FILE} from the source tag directory into "
+                            f"{os.path.join(load_dir, tag)}.")
+                outcome = ("missing" if isinstance(err, ShaperStateMissing) else "error", msg, type(err).__name__)
+        # Every rank decides from the same gathered outcomes, so all raise together (no hang).
+        outcomes = self._gather((tag,) + outcome)
+        tags = {o[0] for o in outcomes}
+        if len(tags) > 1:
+            raise ShaperStateError(f"ranks resolved different checkpoint tags in {load_dir}: {sorted(tags)}")
+        for r, o in enumerate(outcomes):
+            if o[1] == "error":
+                where = f" (read on rank {r})" if r != e.global_rank else ""
+                raise _ERRORS.get(o[3], ShaperStateError)(o[2] + where)
+        kinds = {o[1] for o in outcomes}
+        if kinds == {"ok"} and len({o[2] for o in outcomes}) > 1:
+            raise ShaperStateError(f"{path}: ranks read different shaper state (digests differ); "
+                                   "is the checkpoint directory the same on every node?")
+        fresh = False
+        if "missing" in kinds:
+            if kinds != {"missing"}:
+                raise ShaperStateError(f"{path}: the shaper state file is readable on some ranks only: "
+                                       f"{[o[1] for o in outcomes]}")
+            msg = next(o[2] for o in outcomes if o[1] == "missing")
+            if not allow_fresh_state:
+                raise ShaperStateMissing(msg)
+            self._warn("gradient_shaping: STARTING THE SHAPER FRESH while resuming from %s: %s "
+                       "(allow_fresh_state is set). Its statistics restart from zero as at step 0.", path, msg)
+            restored, fresh = None, True
+        if restored is not None:
+            for change in hparam_changes(self.session, obj["state"]):
+                self._warn("gradient_shaping: hyperparameter changed since %s: %s", path, change)
+
+        result = self._orig_load(load_dir, tag, **call)
+        if result is None or result[0] is None:
+            return result
+        if restored is not None:
+            saved_steps = obj.get("meta", {}).get("global_steps")
+            if saved_steps is not None and int(saved_steps) != int(e.global_steps):
+                raise ShaperStateMismatch(f"{path}: shaper state was saved at global step {saved_steps} but the "
+                                          f"checkpoint's model is at step {e.global_steps}: files from different saves")
+            commit_session(self.session, restored)
+        else:
+            reset_session(self.session)
+        if not want:
+            self._warn("gradient_shaping: %s loaded without optimizer states: the shaper starts fresh too", tag)
+        self.last_load = {"path": path, "tag": tag, "fresh": fresh or not want,
+                          "meta": dict(obj.get("meta", {})) if obj is not None else {}}
+        return result
+
+
+def install_checkpoint_hooks(shaping) -> ShapingCheckpointing:
+    """Called by :class:`~.engine.DeepSpeedShaping` on attach."""
+    return ShapingCheckpointing(shaping)
+
+
+def load_checkpoint(engine, load_dir, tag=None, allow_fresh_state: Optional[bool] = None, **kwargs):
+    """``engine.load_checkpoint`` with the fresh-state choice as an argument (for launchers'
+    ``--shaping-fresh-state``). Plain DeepSpeed load when no shaping is attached."""
+    ck = getattr(getattr(engine, "gradient_shaping", None), "checkpointing", None)
+    if ck is None:
+        return engine.load_checkpoint(load_dir, tag, **kwargs)
+    return ck.load_checkpoint(load_dir, tag, allow_fresh_state=allow_fresh_state, **kwargs)
+
+
+def convert_to_universal(checkpoint_dir: str, tag: Optional[str] = None, output_dir: Optional[str] = None,
+                         num_workers: int = 1, inject_missing_state: bool = False, strict: bool = True) -> str:
+    """DeepSpeed's ``ds_to_universal`` for ``<checkpoint_dir>/<tag>`` (default: ``latest``) into
+    ``output_dir`` (default ``<checkpoint_dir>/<tag>_universal``), with the shaper state copied
+    along. ``ds_to_universal`` points ``latest_universal`` (beside ``output_dir``) at the result;
+    the shaper state is copied first so that it never names a directory without it.
+    ``inject_missing_state``: DeepSpeed's flag, needed for models that do not record
+    ``universal_checkpoint_info`` themselves (Megatron-DeepSpeed models do). Returns output_dir."""
+    from deepspeed.checkpoint import ds_to_universal
+    if tag is None:
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            tag = f.read().strip()
+    src = os.path.join(checkpoint_dir, tag)
+    out = output_dir or os.path.join(checkpoint_dir, f"{tag}_universal")
+    state = os.path.join(src, STATE_FILE)
+    os.makedirs(out, exist_ok=True)
+    if os.path.isfile(state):
+        read_state_file(state)            # refuse to propagate a damaged file
+        with open(state, "rb") as f:
+            write_bytes_atomic(os.path.join(out, STATE_FILE), f.read())
+    else:
+        logger.warning("gradient_shaping: %s has no %s: the universal checkpoint will carry no shaper state",
+                       src, STATE_FILE)
+    args = argparse.Namespace(input_folder=src, output_folder=out, num_extract_workers=num_workers,
+                              num_merge_workers=num_workers, keep_temp_folder=False, strict=strict,
+                              inject_missing_state=inject_missing_state)
+    ds_to_universal.main(args)
+    return out
