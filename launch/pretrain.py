@@ -123,6 +123,7 @@ def load_ds_config(args, accumulation_steps: int, on_cpu: bool) -> dict:
     if on_cpu and cfg.get("fp16", {}).get("enabled", False):
         raise ValueError(f"{path} enables fp16, which DeepSpeed supports on GPUs only; "
                          f"on CPU use a bf16 config (configs/deepspeed/*_bf16_*.json)")
+    apply_model_block_pattern(cfg)
     cfg.pop("scheduler", None)                      # the schedule is --lr/--min-lr/--lr-warmup-iters
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if args.pipeline_model_parallel_size > 1 and stage > 1:
@@ -194,6 +195,34 @@ class ShapingLog:
                 "shaping_skipped": self.total_skipped, "steps_with_scaled_groups": self.total_scaled_steps}
 
 
+def check_inputs(args) -> None:
+    """Fail fast, before distributed start-up, with one line naming the bad input: every rank
+    would otherwise print the same traceback."""
+    from megatron_shaping.data import DataFormatError, SentencePieceTokenizer, parse_data_path
+    from megatron_shaping.model import load_preset
+    try:
+        if args.data_path:
+            parse_data_path(args.data_path)
+            SentencePieceTokenizer(args.tokenizer_model)
+        load_preset(args.model_preset)
+        with open(args.deepspeed_config) as f:
+            json.load(f)
+    except (FileNotFoundError, DataFormatError, ValueError) as e:   # JSONDecodeError is a ValueError
+        raise SystemExit(f"pretrain.py: error: {e}") from None
+
+
+def apply_model_block_pattern(cfg: dict) -> None:
+    """granularity "block" needs a pattern that matches this model's parameter names
+    ("3.attn.q_proj.weight": a layer is its leading index); fill it in unless the config has one."""
+    from megatron_shaping.model import BLOCK_PATTERN
+    section = cfg.get("gradient_shaping")
+    if not section or section.get("block_pattern"):
+        return
+    granularities = [section.get("granularity")] + [m.get("granularity") for m in section.get("shapers", [])]
+    if "block" in granularities:
+        section["block_pattern"] = BLOCK_PATTERN
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -207,6 +236,7 @@ def main(argv=None):
     from megatron_shaping.model.parallel import init_parallel
 
     on_cpu = get_accelerator().device_name() == "cpu"
+    check_inputs(args)
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else get_accelerator().communication_backend_name())
     if not on_cpu:
         get_accelerator().set_device(args.local_rank)

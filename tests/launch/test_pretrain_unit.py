@@ -83,3 +83,31 @@ def test_generated_configs_up_to_date_and_valid():
             assert get_gradient_shaping_config(cfg).type == section["type"]
     assert kinds == {"gradient_stabilizer", "spamp", "norm_clip", "value_clip", "agc", "zclip", "adagc",
                      "entrywise_shrink", "none"}
+
+
+def test_bad_inputs_fail_fast_with_one_line(tmp_path):
+    cases = [
+        (["--data-path", str(tmp_path / "nope"), "--tokenizer-model", "t.model"], "nope.bin"),
+        (["--data-path", str(ROOT / "configs/models/llama-tiny.json"), "--tokenizer-model", "t.model"],
+         "llama-tiny.json is raw text.*preprocess_data.py"),
+        (["--model-preset", "llama-99b"], "llama-99b"),
+    ]
+    for extra, match in cases:
+        with pytest.raises(SystemExit, match=match) as e:
+            pretrain.main(["--deepspeed_config", str(ROOT / "configs/deepspeed/zero1_bf16_spamp.json"), *extra])
+        assert str(e.value).startswith("pretrain.py: error:")
+
+
+def test_block_granularity_gets_the_model_pattern():
+    import re
+    from megatron_shaping.model import BLOCK_PATTERN
+    cfg = {"gradient_shaping": {"type": "gradient_stabilizer", "granularity": "block"}}
+    pretrain.apply_model_block_pattern(cfg)
+    assert cfg["gradient_shaping"]["block_pattern"] == BLOCK_PATTERN
+    names = {"1.attn.q_proj.weight": "1", "12.mlp_norm.weight": "12", "5.weight": "5",
+             "tied_modules.embed.word_embeddings.weight": "tied_modules.embed"}
+    for n, block in names.items():
+        assert re.match(BLOCK_PATTERN, n).group(1) == block
+    mine = {"gradient_shaping": {"type": "agc", "granularity": "block", "block_pattern": "x"}}
+    pretrain.apply_model_block_pattern(mine)
+    assert mine["gradient_shaping"]["block_pattern"] == "x"
