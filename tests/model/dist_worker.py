@@ -38,7 +38,7 @@ def batch(cfg, b=4, seed=0):
     return text[:, :-1].contiguous(), text[:, 1:].contiguous(), mask
 
 
-def loss_and_full_grads(cfg, tp):
+def loss_and_full_grads(cfg):
     """Loss and name -> whole-model gradient (TP shards gathered)."""
     model = LlamaModel(cfg, seed=SEED)
     tokens, labels, mask = batch(cfg)
@@ -58,9 +58,9 @@ def check_close(what, a, b, atol=ATOL, rtol=1e-4):
 def scenario_tp(cfg, label):
     """TP=2 vs TP=1: same full weights, loss and gathered gradients."""
     init_parallel(tp=1)
-    ref_loss, ref_grads, ref_w, _ = loss_and_full_grads(cfg, 1)
+    ref_loss, ref_grads, ref_w, _ = loss_and_full_grads(cfg)
     init_parallel(tp=2)
-    loss, grads, w, model = loss_and_full_grads(cfg, 2)
+    loss, grads, w, model = loss_and_full_grads(cfg)
     assert set(grads) == set(ref_grads), "parameter names differ between TP=1 and TP=2"
     for n in ref_w:
         assert ref_w[n].shape == w[n].shape, (n, ref_w[n].shape, w[n].shape)
@@ -84,10 +84,10 @@ def scenario_fp8():
     """Simulated FP8: TP-invariant (amax all-reduced), close to but not equal to full precision."""
     cfg = tiny(fp8=True, fp8_backend="sim")
     init_parallel(tp=1)
-    ref, ref_grads, _, _ = loss_and_full_grads(cfg, 1)
-    plain, plain_grads, _, _ = loss_and_full_grads(tiny(), 1)
+    ref, ref_grads, _, _ = loss_and_full_grads(cfg)
+    plain, plain_grads, _, _ = loss_and_full_grads(tiny())
     init_parallel(tp=2)
-    loss, grads, _, _ = loss_and_full_grads(cfg, 2)
+    loss, grads, _, _ = loss_and_full_grads(cfg)
     check_close("fp8 loss TP2 vs TP1", loss, ref, atol=1e-4)
     for n in ref_grads:
         check_close(f"fp8 grad {n} TP2 vs TP1", grads[n], ref_grads[n], atol=1e-4, rtol=1e-2)
