@@ -141,6 +141,7 @@ BAD = {
     "hparam_changed": ("exact/gradient_stabilizer_z2", {"shaping": {"type": "gradient_stabilizer",
                                                                    "params": {"beta1": 0.5}}}, "loaded"),
     "module_only": ("exact/gradient_stabilizer_z2", {"load_kwargs": {"load_module_only": True}}, "fresh"),
+    "no_such_tag": ("exact/gradient_stabilizer_z2", {"tag": "global_step99"}, "FileNotFoundError"),
     "good": ("exact/gradient_stabilizer_z2", {}, "loaded"),
 }
 

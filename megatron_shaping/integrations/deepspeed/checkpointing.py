@@ -38,7 +38,8 @@ from ...checkpoint import (STATE_FILE, ShaperStateCorrupt, ShaperStateError, Sha
 
 logger = logging.getLogger("megatron_shaping")
 
-_ERRORS = {c.__name__: c for c in (ShaperStateError, ShaperStateMissing, ShaperStateMismatch, ShaperStateCorrupt)}
+_ERRORS = {c.__name__: c for c in (ShaperStateError, ShaperStateMissing, ShaperStateMismatch, ShaperStateCorrupt,
+                                    FileNotFoundError)}
 
 
 class ShapingCheckpointing:
@@ -148,7 +149,11 @@ class ShapingCheckpointing:
         path = os.path.join(load_dir, tag, STATE_FILE)
 
         restored, obj, outcome = None, None, ("skip", "", "")
-        if want:
+        tag_dir = os.path.join(load_dir, tag)
+        if not os.path.isdir(tag_dir):
+            # DeepSpeed itself would stop on a bare AssertionError here.
+            outcome = ("error", f"checkpoint directory {tag_dir} does not exist", "FileNotFoundError")
+        elif want:
             try:
                 obj = read_state_file(path)
                 restored = restored_session(self.session, obj["state"], path)
