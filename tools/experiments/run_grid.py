@@ -295,6 +295,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override the plan's steps")
     p.add_argument("--preset", default=None, help="override the plan's model preset (name or JSON path)")
     p.add_argument("--only", default=None, help="run only ids containing this substring")
+    p.add_argument("--max-runs", type=int, default=0,
+                   help="exit after this many runs (0: no limit); run_grid.sh relaunches until OUT/DONE exists. "
+                        "Each run leaks ~10 MB per rank inside DeepSpeed/torch, so long grids are cut into launches")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = p.parse_args(argv)
 
@@ -352,6 +355,9 @@ def main(argv=None):
     if args.only:
         plan = [r for r in plan if args.only in r["id"]]
     todo = [r for r in plan if r["id"] not in done]
+    remaining = len(todo)
+    if args.max_runs:
+        todo = todo[:args.max_runs]
     dist.barrier()
     head = subprocess_head()
     if dist.get_rank() == 0:
@@ -381,7 +387,9 @@ def main(argv=None):
                 f"diverged {res['diverged']} skipped {res['skipped_steps']}")
              + f" | {time.time() - t:.1f}s (grid {time.time() - t_grid:.0f}s)")
         dist.barrier()
-    log0("[grid] done")
+    if len(todo) == remaining and dist.get_rank() == 0:
+        (out_dir / "DONE").write_text(f"{len(plan)} runs\n")
+    log0("[grid] done" if len(todo) == remaining else f"[grid] stopping after {len(todo)} runs (--max-runs)")
 
 
 def subprocess_head() -> str:
