@@ -13,7 +13,10 @@ Definitions (also in docs/RESULTS.md):
 - tokens to target: first step at which the smoothed train loss <= target, times tokens per step;
   target = the final smoothed train loss of the same optimizer without shaping at the base LR
   (mean over seeds); '-' when not reached;
-- stable LR: every seed not diverged and no 1.5x loss spike.
+- stable LR: every seed not diverged and no 1.5x loss spike;
+- peak excess train loss (spike conditions): max over steps of (train loss with injection - train
+  loss of the same shaper and seed without injection); the batches are identical, so this is the
+  damage the injected spike did, step by step.
 """
 from __future__ import annotations
 
@@ -154,11 +157,16 @@ def main():
                 continue
             c = cell_stats(rs)
             bv = {r["seed"]: r["final_val_loss"] for r in b}
+            bc = {r["seed"]: r["train_loss"] for r in b}
             deltas = [r["final_val_loss"] - bv[r["seed"]] for r in rs if r["seed"] in bv]
-            lines.append([s, c["val"], ms(deltas, "{:+.3f}"), c["spikes"], c["spikes12"], c["div"], c["skipped"]])
+            peaks = [max((x - y for x, y in zip(r["train_loss"], bc[r["seed"]])), default=float("nan"))
+                     for r in rs if r["seed"] in bc]
+            lines.append([s, c["val"], ms(deltas, "{:+.3f}"), ms(peaks, "{:+.3f}"), c["spikes"], c["spikes12"],
+                          c["div"], c["skipped"]])
         if lines:
             out.append(f"\n### Injected gradient spikes {kind} (AdamW, base LR, fp32)\n")
-            out.append(table(["shaper", "final val loss", "Δ val vs no injection (same seed)", "loss spikes 1.5x",
+            out.append(table(["shaper", "final val loss", "Δ val vs no injection (same seed)",
+                              "peak excess train loss vs no injection", "loss spikes 1.5x",
                               "spikes 1.2x", "diverged", "skipped steps"], lines))
 
     # ---- LR sweep
@@ -265,24 +273,29 @@ def plots(rows, outdir, base_lr, lrs):
     fig.savefig(outdir / "base_lr.png", dpi=110)
     plt.close(fig)
 
-    # spikes: raw (unsmoothed) curves, seed 1, to see the reaction to the spike
-    fig, axs = plt.subplots(1, 3, figsize=(18, 4.8))
-    for ax, kind in zip(axs, ("none", "x5@2%", "x100rare")):
-        cond = "base" if kind == "none" else "spikes"
+    # spikes: excess train loss over the same shaper/seed without injection (same batches)
+    fig, axs = plt.subplots(1, 2, figsize=(14, 4.8))
+    for ax, kind in zip(axs, ("x5@2%", "x100rare")):
         for s in SHAPERS:
-            rs = group(rows, condition=cond, optimizer="AdamW", shaper=s, spikes=kind, precision="fp32")
-            rs = [r for r in rs if r["seed"] == min(x["seed"] for x in rs)] if rs else []
-            if rs:
-                ax.plot(range(1, len(rs[0]["train_loss"]) + 1), rs[0]["train_loss"], style[s], color=colors[s],
-                        label=s, lw=1.2)
-                for st in rs[0]["spike_steps"]:
-                    ax.axvline(st + 1, color="grey", ls=":", lw=0.8)
-        ax.set_title(f"AdamW base LR, injected spikes: {kind} (seed 1, raw loss; dotted = spike step)", fontsize=9)
+            rs = group(rows, condition="spikes", optimizer="AdamW", shaper=s, spikes=kind, precision="fp32")
+            base = {r["seed"]: r["train_loss"] for r in group(rows, condition="base", optimizer="AdamW", shaper=s)}
+            ex = [[x - y for x, y in zip(r["train_loss"], base[r["seed"]])] for r in rs if r["seed"] in base]
+            if not ex:
+                continue
+            n = min(len(e) for e in ex)
+            ax.plot(range(1, n + 1), [statistics.mean(e[i] for e in ex) for i in range(n)], style[s],
+                    color=colors[s], label=s, lw=1.3)
+            if s == "none":
+                for r in rs:
+                    for st in r["spike_steps"]:
+                        ax.axvline(st + 1, color="grey", ls=":", lw=0.8)
+        ax.set_title(f"injected gradient spikes {kind}", fontsize=10)
         ax.set_xlabel("step")
-        ax.set_ylabel("train loss")
-        ax.set_ylim(5.0, 9.0)
+        ax.set_ylabel("excess train loss")
         ax.grid(alpha=0.3)
-    axs[0].legend(fontsize=8)
+    axs[1].legend(fontsize=8)
+    fig.suptitle("train loss minus the same shaper and seed without injection (AdamW, base LR, fp32; "
+                 "mean over seeds; dotted = spike steps)", fontsize=10)
     fig.tight_layout()
     fig.savefig(outdir / "spikes.png", dpi=110)
     plt.close(fig)

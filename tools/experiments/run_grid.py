@@ -359,7 +359,7 @@ def main(argv=None):
     if args.max_runs:
         todo = todo[:args.max_runs]
     dist.barrier()
-    head = subprocess_head()
+    head, tree_diff = subprocess_head(), tree_diff_sha1()
     if dist.get_rank() == 0:
         (out_dir / "meta.json").write_text(json.dumps(dict(
             commit=head, plan=args.plan, size=size, seeds=args.seeds, base_lr=args.base_lr, sweep=args.sweep,
@@ -378,6 +378,7 @@ def main(argv=None):
             res = dict(run, error=f"{type(e).__name__}: {e}")
             gc.collect()
         res["commit"] = head
+        res["tree_diff_sha1"] = tree_diff
         if dist.get_rank() == 0:
             with open(results, "a") as f:
                 f.write(json.dumps(res) + "\n")
@@ -390,6 +391,19 @@ def main(argv=None):
     if len(todo) == remaining and dist.get_rank() == 0:
         (out_dir / "DONE").write_text(f"{len(plan)} runs\n")
     log0("[grid] done" if len(todo) == remaining else f"[grid] stopping after {len(todo)} runs (--max-runs)")
+
+
+def tree_diff_sha1() -> str:
+    """sha1 of the uncommitted changes to the code the runs import (other engineers share the
+    tree): '' when megatron_shaping/ and launch/pretrain.py are clean at launch time."""
+    import hashlib
+    import subprocess
+    try:
+        d = subprocess.run(["git", "diff", "HEAD", "--", "megatron_shaping", "launch/pretrain.py"], cwd=ROOT,
+                           capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    return hashlib.sha1(d.encode()).hexdigest() if d else ""
 
 
 def subprocess_head() -> str:
