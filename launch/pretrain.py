@@ -123,7 +123,6 @@ def load_ds_config(args, accumulation_steps: int, on_cpu: bool) -> dict:
     if on_cpu and cfg.get("fp16", {}).get("enabled", False):
         raise ValueError(f"{path} enables fp16, which DeepSpeed supports on GPUs only; "
                          f"on CPU use a bf16 config (configs/deepspeed/*_bf16_*.json)")
-    apply_model_block_pattern(cfg)
     cfg.pop("scheduler", None)                      # the schedule is --lr/--min-lr/--lr-warmup-iters
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if args.pipeline_model_parallel_size > 1 and stage > 1:
@@ -133,15 +132,9 @@ def load_ds_config(args, accumulation_steps: int, on_cpu: bool) -> dict:
 
 
 def deepspeed_initialize(**kwargs):
-    """``megatron_shaping.initialize`` (deepspeed.initialize + the gradient_shaping section);
-    plain deepspeed.initialize on a tree without the DeepSpeed integration."""
-    try:
-        from megatron_shaping.integrations.deepspeed import initialize
-    except ImportError:
-        import deepspeed
-        log0("[warn] megatron_shaping.integrations.deepspeed not found: training without gradient shaping")
-        initialize = deepspeed.initialize
-    return initialize(**kwargs)
+    """``megatron_shaping.initialize``: deepspeed.initialize + the gradient_shaping section."""
+    import megatron_shaping
+    return megatron_shaping.initialize(**kwargs)
 
 
 class ShapingLog:
@@ -209,18 +202,6 @@ def check_inputs(args) -> None:
             json.load(f)
     except (FileNotFoundError, DataFormatError, ValueError) as e:   # JSONDecodeError is a ValueError
         raise SystemExit(f"pretrain.py: error: {e}") from None
-
-
-def apply_model_block_pattern(cfg: dict) -> None:
-    """granularity "block" needs a pattern that matches this model's parameter names
-    ("3.attn.q_proj.weight": a layer is its leading index); fill it in unless the config has one."""
-    from megatron_shaping.model import BLOCK_PATTERN
-    section = cfg.get("gradient_shaping")
-    if not section or section.get("block_pattern"):
-        return
-    granularities = [section.get("granularity")] + [m.get("granularity") for m in section.get("shapers", [])]
-    if "block" in granularities:
-        section["block_pattern"] = BLOCK_PATTERN
 
 
 # ---------------------------------------------------------------------------- main

@@ -15,8 +15,10 @@ import torch
 from ..shapers.base import STAT_DTYPE, GroupLayout
 
 GRANULARITIES = ("tensor", "block", "global")
-#: Default block pattern: everything under one transformer layer index ("...layers.3.").
-DEFAULT_BLOCK_PATTERN = r"^(.*?layers\.\d+)\."
+#: Default block pattern: everything under one transformer layer, named either Megatron/HF
+#: style ("decoder.layers.3.", "model.layers.3.") or by its index in a DeepSpeed
+#: PipelineModule or our LLaMA ("3."), and a tied module ("tied_modules.embed.").
+DEFAULT_BLOCK_PATTERN = r"^(.*?layers\.\d+|\d+|tied_modules\.\w+)\."
 
 
 @dataclass(frozen=True)

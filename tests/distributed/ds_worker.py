@@ -37,12 +37,13 @@ class Block(nn.Module):
 
 class Net(nn.Module):
     """280 parameters in 8 tensors of awkward sizes: with 2 or 4 ranks, tensors straddle ZeRO
-    partition boundaries."""
+    partition boundaries. ``hidden=(11, 5)`` gives 253 parameters, which no world size divides
+    (DeepSpeed then pads the last partition)."""
 
-    def __init__(self):
+    def __init__(self, hidden=(11, 7)):
         super().__init__()
-        self.layers = nn.ModuleList([Block(IN, 11), Block(11, 7)])
-        self.head = nn.Linear(7, OUT)
+        self.layers = nn.ModuleList([Block(IN, hidden[0]), Block(hidden[0], hidden[1])])
+        self.head = nn.Linear(hidden[1], OUT)
 
     def forward(self, x):
         for b in self.layers:
@@ -50,9 +51,9 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def make_model(seed=0):
+def make_model(seed=0, hidden=(11, 7)):
     torch.manual_seed(seed)
-    m = Net()
+    m = Net(tuple(hidden))
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -114,7 +115,7 @@ def run_scenario(sc, world, rank):
     if sc["stage"] == 3:
         z["stage3_param_persistence_threshold"] = 0
         z["sub_group_size"] = sc.get("sub_group_size", 100)
-    if sc["stage"] in (1, 2):
+    if sc["stage"] in (1, 2) and not sc.get("default_buckets"):
         z["reduce_bucket_size"] = 64
         z["allgather_bucket_size"] = 64
         z["round_robin_gradients"] = bool(sc.get("round_robin", False))
@@ -129,7 +130,7 @@ def run_scenario(sc, world, rank):
         cfg["fp16"] = {"enabled": True, "initial_scale_power": sc.get("scale_power", 8),
                        "loss_scale_window": sc.get("scale_window", 1000), "hysteresis": 1, "min_loss_scale": 1}
 
-    ref = make_model()
+    ref = make_model(hidden=sc.get("hidden", (11, 7)))
     model = copy.deepcopy(ref)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=cfg)

@@ -27,6 +27,14 @@ STEPS = 4
 
 def matrix(world):
     out = []
+    # 253 parameters: the last ZeRO partition is padded (DeepSpeed's unmarked tail pad).
+    for st in (1, 2, 3):
+        for dt in ("fp32", "bf16"):
+            for buckets in ("small", "default"):
+                out.append({"name": f"gradient_stabilizer/z{st}/{dt}/odd_size/{buckets}_buckets",
+                            "shaper": "gradient_stabilizer", "stage": st, "dtype": dt, "steps": STEPS,
+                            "hidden": [11, 5], "default_buckets": buckets == "default",
+                            "shaping": SHAPERS["gradient_stabilizer"]})
     for sh in MATRIX_SHAPERS:
         for st in STAGES:
             for dt in DTYPES:

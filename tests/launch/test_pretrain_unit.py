@@ -98,16 +98,14 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path):
         assert str(e.value).startswith("pretrain.py: error:")
 
 
-def test_block_granularity_gets_the_model_pattern():
+def test_default_block_pattern_groups_llama_layers():
+    """granularity "block" without a pattern: the library default names one block per layer
+    index of this model (and the tied embedding), as the model's own BLOCK_PATTERN does."""
     import re
     from megatron_shaping.model import BLOCK_PATTERN
-    cfg = {"gradient_shaping": {"type": "gradient_stabilizer", "granularity": "block"}}
-    pretrain.apply_model_block_pattern(cfg)
-    assert cfg["gradient_shaping"]["block_pattern"] == BLOCK_PATTERN
+    from megatron_shaping.stats.layout import DEFAULT_BLOCK_PATTERN
     names = {"1.attn.q_proj.weight": "1", "12.mlp_norm.weight": "12", "5.weight": "5",
              "tied_modules.embed.word_embeddings.weight": "tied_modules.embed"}
     for n, block in names.items():
+        assert re.match(DEFAULT_BLOCK_PATTERN, n).group(1) == block
         assert re.match(BLOCK_PATTERN, n).group(1) == block
-    mine = {"gradient_shaping": {"type": "agc", "granularity": "block", "block_pattern": "x"}}
-    pretrain.apply_model_block_pattern(mine)
-    assert mine["gradient_shaping"]["block_pattern"] == "x"

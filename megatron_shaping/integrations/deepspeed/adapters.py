@@ -203,14 +203,22 @@ class Zero12Adapter(Adapter):
                 else opt.averaged_gradients[i]
             if grads is None:
                 continue
-            entries = [t for t in grads if not getattr(t, "_zero_padding", False)]
-            if len(entries) != len(params):
-                raise UnsupportedPath(f"ZeRO partition of group {i} has {len(entries)} gradient pieces for "
-                                      f"{len(params)} parameters; this DeepSpeed layout is not supported")
-            for p, g in zip(params, entries):
+            # The list covers the partition contiguously: parameter pieces at their insertion
+            # offsets, zero pads between and after them (DeepSpeed marks some pads with
+            # `_zero_padding`, not the tail pad of its unpadded path), so match by offset.
+            by_offset, pos = {}, 0
+            for t in grads:
+                by_offset.setdefault(pos, []).append(t)
+                pos += t.numel()
+            for p in params:
                 src, dest, n = self._position(i, partition_id, p)
-                if g.numel() != n:
-                    raise UnsupportedPath(f"ZeRO gradient piece has {g.numel()} elements, expected {n}")
+                if n <= 0:
+                    continue
+                g = next((t for t in by_offset.get(dest, ()) if t.numel() == n
+                          and not getattr(t, "_zero_padding", False)), None)
+                if g is None:
+                    raise UnsupportedPath(f"ZeRO partition of group {i}: no gradient piece of {n} elements at "
+                                          f"offset {dest}; this DeepSpeed layout is not supported")
                 yield p, g.view(-1), src, fp32.narrow(0, dest, n) if with_param else None
 
     def backward_scale(self):

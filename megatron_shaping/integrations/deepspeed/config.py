@@ -74,7 +74,8 @@ class GradientShapingConfig(DeepSpeedConfigModel):
 
     block_pattern: Optional[str] = None
     """Regex whose first group names a block, for ``granularity: block``. Default
-    ``^(.*?layers\\.\\d+)\\.`` (one transformer layer); unmatched tensors form their own block."""
+    ``^(.*?layers\\.\\d+|\\d+|tied_modules\\.\\w+)\\.``: one transformer layer, whether named
+    ``...layers.3.`` or by its pipeline index ``3.``; unmatched tensors form their own block."""
 
     log_interval: int = Field(0, ge=0)
     """Write per-layer statistics to DeepSpeed's monitors every N steps (0: off)."""
