@@ -35,6 +35,12 @@ if "OMP_NUM_THREADS" not in os.environ:
     _local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, _local)))
 
+import warnings  # noqa: E402
+
+# megatron-core warns once per module that the GPU fast paths are absent; on CPU that is expected
+# and the repeated lines would bury the training log.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
 import torch  # noqa: E402
 
 
@@ -321,6 +327,11 @@ def main(argv=None):
     monitor([("Train/Samples/val_loss", val, engine.global_samples)])
     tokens_per_iter = args.global_batch_size * seq
     window_loss, window_n, window_t = 0.0, 0, time.time()
+    # A tqdm bar on rank 0 when it writes to a terminal; the [train]/[eval] lines otherwise.
+    from megatron_shaping.progress import Progress
+    shaping = getattr(engine, "gradient_shaping", None)
+    bar = Progress(args.train_iters, enabled=dist.get_rank() == 0 and sys.stdout.isatty(), initial=start_iter,
+                   stream=sys.stdout, use_bar=True)
     for it in range(start_iter, args.train_iters):
         batches = schedule.micro_batches(train_ds, it)
         if ctx.is_pipeline:
@@ -340,6 +351,12 @@ def main(argv=None):
         window_loss += float(loss)
         window_n += 1
         done = it + 1
+        if shaping is not None:
+            from megatron_shaping.integrations.deepspeed.monitor import shaped_fraction
+            bar.update(done, loss=float(loss), lr=engine.get_lr()[0], tokens=tokens_per_iter,
+                       loss_scale=shaping.last_loss_scale, shaped_fraction=shaped_fraction(shaping.session.last))
+        else:
+            bar.update(done, loss=float(loss), lr=engine.get_lr()[0], tokens=tokens_per_iter)
         if done % args.log_interval == 0 or done == args.train_iters:
             elapsed = time.time() - window_t
             history["train"].append((done, window_loss / window_n))
@@ -358,6 +375,7 @@ def main(argv=None):
             save(done)
             window_t = time.time()
 
+    bar.close()
     result = {"initial_val_loss": history["val"][0][1], "final_val_loss": history["val"][-1][1],
               "final_train_loss": history["train"][-1][1] if history["train"] else None,
               "iterations": args.train_iters, "start_iteration": start_iter, "world_size": dist.get_world_size(),
