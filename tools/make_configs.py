@@ -74,6 +74,10 @@ def make_config(stage: int, precision: str, kind: str) -> dict:
     }
     section = shaping_section(kind)
     if section is not None:
+        # Global shaping tags every 10 steps next to DeepSpeed's own (per-layer tags would write
+        # six CSV files per tensor: turn log_per_layer on for a closer look), and the spike log.
+        section.update({"log_interval": 10, "log_per_layer": False,
+                        "spike_log": f"runs/monitor/{name}/spikes.jsonl"})
         cfg["gradient_shaping"] = section
     return cfg
 
