@@ -77,6 +77,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--shaping-fresh-state", action="store_true",
+                   help="resume from a checkpoint that has no shaper state (made without shaping or by an "
+                        "older format) with a fresh shaper instead of stopping; logged loudly")
     g.add_argument("--save-interval", type=int, default=0, help="0: only at the end (when --save)")
     g.add_argument("--eval-interval", type=int, default=50)
     g.add_argument("--eval-iters", type=int, default=4)
@@ -275,25 +278,22 @@ def main(argv=None):
     else:
         log0("[shaping] off (no gradient_shaping section in the DeepSpeed config)")
 
-    # The DeepSpeed integration stores shaper state with engine.save_checkpoint itself when it
-    # has its checkpointing wrapper; only without it does this script carry the state.
-    own_shaper_state = shaping_log.shaping is not None and not hasattr(shaping_log.shaping, "checkpointing")
+    # Shaper state travels with engine.save_checkpoint / load_checkpoint (the integration's
+    # checkpoint hooks, docs/CHECKPOINTS.md).
     start_iter = 0
     if args.load:
-        path, client = engine.load_checkpoint(args.load)
+        from megatron_shaping.integrations.deepspeed.checkpointing import load_checkpoint
+        path, client = load_checkpoint(engine, args.load,
+                                       allow_fresh_state=True if args.shaping_fresh_state else None)
         if path is None:
             log0(f"[checkpoint] no checkpoint in {args.load}: starting from scratch")
         else:
             start_iter = int(client.get("iteration", 0))
-            if own_shaper_state and "gradient_shaping" in client:
-                shaping_log.shaping.load_state_dict(client["gradient_shaping"], source=str(path))
             log0(f"[checkpoint] resumed from {path} at iteration {start_iter}")
 
     def save(iteration):
         client = {"iteration": iteration, "consumed_samples": iteration * args.global_batch_size,
                   "args": vars(args), "model_config": model_cfg.to_dict()}
-        if own_shaper_state:
-            client["gradient_shaping"] = shaping_log.shaping.state_dict()
         engine.save_checkpoint(args.save, tag=f"iter_{iteration:07d}", client_state=client)
         log0(f"[checkpoint] saved iteration {iteration} to {args.save}")
 
