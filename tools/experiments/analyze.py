@@ -85,6 +85,12 @@ def group(rows, **kw):
     return [r for r in rows if "error" not in r and all(r.get(k) == v for k, v in kw.items())]
 
 
+def sweep_runs(rows, shaper, lr):
+    """AdamW fp32 runs without injection at this LR: the sweep plus the base-LR condition."""
+    return [r for r in rows if "error" not in r and r["condition"] in ("base", "lr_sweep") and r["optimizer"] == "AdamW"
+            and r["shaper"] == shaper and r["lr"] == lr and r["precision"] == "fp32" and r["spikes"] == "none"]
+
+
 def table(header, lines):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in ln) + " |" for ln in lines]
@@ -177,8 +183,7 @@ def main():
         cells, stable = [], []
         best = (float("inf"), None)
         for lr in lrs:
-            cond = "base" if lr == base_lr else "lr_sweep"
-            rs = group(rows, condition=cond, optimizer="AdamW", shaper=s, lr=lr, precision="fp32", spikes="none")
+            rs = sweep_runs(rows, s, lr)
             if not rs:
                 cells.append("-")
                 continue
@@ -192,15 +197,36 @@ def main():
             if mv < best[0]:
                 best = (mv, lr)
         lines.append([s] + cells)
+        contiguous = []
+        for lr in lrs:
+            if lr not in stable:
+                break
+            contiguous.append(lr)
+        n_runs = sum(len(sweep_runs(rows, s, lr)) for lr in lrs)
+        n_div = sum(sum(r["diverged"] for r in sweep_runs(rows, s, lr)) for lr in lrs)
         stable_lines.append([s, ", ".join(f"{x:g}" for x in stable) or "none",
-                             f"{min(stable):g} – {max(stable):g}" if stable else "-",
+                             f"{min(contiguous):g} – {max(contiguous):g}" if contiguous else "-",
+                             f"{n_div}/{n_runs}",
                              f"{best[1]:g} ({best[0]:.3f})" if best[1] else "-"])
     if any(c != "-" for ln in lines for c in ln[1:]):
         out.append("\n### LR sweep (AdamW, fp32): final val loss, mean ± sd over seeds; **Dk** = k seeds diverged, "
                    "sN = N loss spikes (1.5x) summed over seeds\n")
         out.append(table(["shaper"] + [f"lr {x:g}" for x in lrs], lines))
+        peak_lines = []
+        for s in SHAPERS:
+            cells = []
+            for lr in lrs:
+                rs = sweep_runs(rows, s, lr)
+                pk = [max((x for x in smooth(r["train_loss"], 5) if math.isfinite(x)), default=float("inf"))
+                      for r in rs]
+                cells.append(ms(pk, "{:.2f}") if rs else "-")
+            peak_lines.append([s] + cells)
+        out.append("\n### LR sweep: peak train loss (max of the 5-step running mean; the initial loss is ~8.3 = ln V), "
+                   "mean ± sd over seeds: the size of the early-training blow-up\n")
+        out.append(table(["shaper"] + [f"lr {x:g}" for x in lrs], peak_lines))
         out.append("\n### Stable learning rates (every seed: not diverged, no 1.5x loss spike)\n")
-        out.append(table(["shaper", "stable LRs", "range", "best LR (val loss)"], stable_lines))
+        out.append(table(["shaper", "stable LRs", "stable range from the smallest LR up (contiguous)",
+                          "diverged runs in the sweep", "best LR (val loss)"], stable_lines))
 
     # ---- precision
     lines = []
@@ -305,8 +331,7 @@ def plots(rows, outdir, base_lr, lrs):
     for i, s in enumerate(SHAPERS):
         xs, ys, div = [], [], []
         for lr in lrs:
-            cond = "base" if lr == base_lr else "lr_sweep"
-            rs = group(rows, condition=cond, optimizer="AdamW", shaper=s, lr=lr, precision="fp32", spikes="none")
+            rs = sweep_runs(rows, s, lr)
             if not rs:
                 continue
             v = [min(r["final_val_loss"], 9.0) if math.isfinite(r["final_val_loss"]) else 9.0 for r in rs]
@@ -327,6 +352,26 @@ def plots(rows, outdir, base_lr, lrs):
     fig.tight_layout()
     fig.savefig(outdir / "lr_sweep.png", dpi=110)
     plt.close(fig)
+
+    # LR sweep: curves at the high learning rates
+    high = [lr for lr in lrs if lr >= 0.03]
+    if high:
+        fig, axs = plt.subplots(1, len(high), figsize=(5.2 * len(high), 4.6), squeeze=False)
+        for ax, lr in zip(axs[0], high):
+            for s in SHAPERS:
+                for r in group(rows, condition="lr_sweep", optimizer="AdamW", shaper=s, lr=lr, spikes="none"):
+                    ax.plot(range(1, len(r["train_loss"]) + 1), smooth(r["train_loss"], 5), style[s],
+                            color=colors[s], lw=1.0, label=s if r["seed"] == 1 else None)
+            ax.set_title(f"AdamW lr {lr:g} (every seed; 5-step mean; a line that stops = stopped as diverged)",
+                         fontsize=8)
+            ax.set_xlabel("step")
+            ax.set_ylabel("train loss")
+            ax.set_ylim(5.0, 12.5)
+            ax.grid(alpha=0.3)
+        axs[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(outdir / "lr_sweep_curves.png", dpi=100)
+        plt.close(fig)
 
     # precision
     fig, axs = plt.subplots(1, 3, figsize=(18, 4.8))

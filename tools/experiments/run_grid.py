@@ -88,7 +88,7 @@ def run_id(r: dict) -> str:
             f"|{r['spikes']}|s{r['seed']}")
 
 
-def build_plan(plan: str, seeds, base_lr: float, sweep, shapers=SHAPERS):
+def build_plan(plan: str, seeds, base_lr: float, sweep, shapers=SHAPERS, sweep_extra_seeds=()):
     """The list of runs, in execution order (cheap and most important first, so that an
     interrupted grid still answers the main question)."""
     runs = []
@@ -108,6 +108,13 @@ def build_plan(plan: str, seeds, base_lr: float, sweep, shapers=SHAPERS):
                          precision="fp8", spikes="x100rare", seed=seeds[0]))
     else:
         _grid(add, base_lr, sweep)
+        # More seeds where the outcome is a coin flip (the edge of stability): the whole AdamW
+        # sweep, base LR included (as condition lr_sweep, so the base tables keep `seeds`).
+        for seed in sweep_extra_seeds:
+            for lr in sweep:
+                for s in shapers:
+                    runs.append(dict(condition="lr_sweep", optimizer="AdamW", shaper=s, lr=lr, precision="fp32",
+                                     spikes="none", seed=seed))
     seen, out = set(), []
     for r in runs:
         r["id"] = run_id(r)
@@ -289,9 +296,11 @@ def main(argv=None):
     p.add_argument("--plan", choices=["grid", "smoke"], default="grid")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--base-lr", type=float, default=3e-3)
-    p.add_argument("--sweep", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    p.add_argument("--sweep", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
                    help="AdamW learning rates (the base LR is one of them and is not rerun)")
     p.add_argument("--shapers", nargs="+", default=SHAPERS)
+    p.add_argument("--sweep-extra-seeds", type=int, nargs="*", default=[3],
+                   help="extra seeds for the AdamW LR sweep only (run last)")
     p.add_argument("--steps", type=int, default=None, help="override the plan's steps")
     p.add_argument("--preset", default=None, help="override the plan's model preset (name or JSON path)")
     p.add_argument("--only", default=None, help="run only ids containing this substring")
@@ -351,7 +360,7 @@ def main(argv=None):
                 done.add(json.loads(line)["id"])
             except (ValueError, KeyError):
                 pass      # a line cut by an interruption: that run is redone
-    plan = build_plan(args.plan, args.seeds, args.base_lr, args.sweep, args.shapers)
+    plan = build_plan(args.plan, args.seeds, args.base_lr, args.sweep, args.shapers, args.sweep_extra_seeds)
     if args.only:
         plan = [r for r in plan if args.only in r["id"]]
     todo = [r for r in plan if r["id"] not in done]
@@ -359,11 +368,13 @@ def main(argv=None):
     if args.max_runs:
         todo = todo[:args.max_runs]
     dist.barrier()
+    if dist.get_rank() == 0 and todo and (out_dir / "DONE").exists():
+        (out_dir / "DONE").unlink()      # the plan grew (new arguments): not done any more
     head, tree_diff = subprocess_head(), tree_diff_sha1()
     if dist.get_rank() == 0:
         (out_dir / "meta.json").write_text(json.dumps(dict(
             commit=head, plan=args.plan, size=size, seeds=args.seeds, base_lr=args.base_lr, sweep=args.sweep,
-            shapers=args.shapers, shaper_sections=SHAPER_SECTIONS, world_size=dist.get_world_size(),
+            sweep_extra_seeds=args.sweep_extra_seeds, shapers=args.shapers, shaper_sections=SHAPER_SECTIONS, world_size=dist.get_world_size(),
             torch=torch.__version__, deepspeed=deepspeed.__version__, runs_planned=len(plan)), indent=1))
     log0(f"[grid] {len(plan)} runs planned, {len(plan) - len(todo)} already done, {len(todo)} to run; "
          f"size {size}; world {dist.get_world_size()}; commit {head}")
