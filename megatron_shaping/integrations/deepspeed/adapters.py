@@ -157,8 +157,36 @@ class BF16Adapter(Adapter):
         self.opt.clear_lp_grads()
 
 
+# ------------------------------------------------------------------------------ ZeRO
+class _ZeroAdapter(Adapter):
+    """ZeRO 1/2/3 scale the loss in backward by ``optimizer.loss_scale`` and unscale in
+    ``unscale_and_clip_grads`` by the same property, read again after the scale update: on a
+    scale-growth step that is the new scale. We pin it to the scale backward used."""
+    sharded = True
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        if getattr(self.opt, "use_muon", False):
+            raise UnsupportedPath(f"gradient_shaping does not support the Muon optimizer path of "
+                                  f"{type(self.opt).__name__}")
+
+    def backward_scale(self):
+        return float(self.opt.loss_scale)
+
+    @contextlib.contextmanager
+    def unscale_guard(self, scale):
+        def make(orig):
+            def unscale(*args, **kwargs):
+                with _swap_attr(self.opt, "loss_scale", scale):
+                    return orig(*args, **kwargs)
+            return unscale
+
+        with _patched_method(self.opt, "unscale_and_clip_grads", make):
+            yield
+
+
 # ------------------------------------------------------------------------------ ZeRO 1/2
-class Zero12Adapter(Adapter):
+class Zero12Adapter(_ZeroAdapter):
     """DeepSpeedZeroOptimizer (stage 1 and 2).
 
     Without offload the rank's partition is the list ``averaged_gradients[i]`` (zero pads
@@ -169,13 +197,7 @@ class Zero12Adapter(Adapter):
     overflow check and clipping read later: we refresh them after shaping. Positions come from
     ``grad_start_offset`` / ``grad_partition_insertion_offset`` (both paths).
     """
-    sharded = True
     name = "zero12"
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        if getattr(self.opt, "use_muon", False):
-            raise UnsupportedPath("gradient_shaping does not support the Muon optimizer path of ZeRO")
 
     def _position(self, i: int, partition_id: int, p) -> Tuple[int, int, int]:
         """(source offset in p, destination offset in the partition, element count)."""
@@ -221,20 +243,6 @@ class Zero12Adapter(Adapter):
                                           f"offset {dest}; this DeepSpeed layout is not supported")
                 yield p, g.view(-1), src, fp32.narrow(0, dest, n) if with_param else None
 
-    def backward_scale(self):
-        return float(self.opt.loss_scale)
-
-    @contextlib.contextmanager
-    def unscale_guard(self, scale):
-        def make(orig):
-            def unscale(*args, **kwargs):
-                with _swap_attr(self.opt, "loss_scale", scale):
-                    return orig(*args, **kwargs)
-            return unscale
-
-        with _patched_method(self.opt, "unscale_and_clip_grads", make):
-            yield
-
     def after_shaping(self, pieces):
         if not self.opt.cpu_offload or not pieces:
             return
@@ -255,7 +263,7 @@ class Zero12Adapter(Adapter):
 
 
 # ------------------------------------------------------------------------------ ZeRO 3
-class Zero3Adapter(Adapter):
+class Zero3Adapter(_ZeroAdapter):
     """DeepSpeedZeroOptimizer_Stage3.
 
     Without offload, ``averaged_gradients[sub_group]`` holds one flat gradient partition per
@@ -264,13 +272,7 @@ class Zero3Adapter(Adapter):
     padded with zeros). With offload the partitions sit in
     ``fp32_partitioned_groups_flat[i].grad``.
     """
-    sharded = True
     name = "zero3"
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        if getattr(self.opt, "use_muon", False):
-            raise UnsupportedPath("gradient_shaping does not support the Muon optimizer path of ZeRO-3")
 
     def _rank(self, p):
         import deepspeed.comm as dist
@@ -308,20 +310,6 @@ class Zero3Adapter(Adapter):
         valid = max(0, min(p.partition_numel(), p.ds_numel - start))
         if valid:
             yield p, g[:valid], start, None if w is None else w[:valid]
-
-    def backward_scale(self):
-        return float(self.opt.loss_scale)
-
-    @contextlib.contextmanager
-    def unscale_guard(self, scale):
-        def make(orig):
-            def unscale(*args, **kwargs):
-                with _swap_attr(self.opt, "loss_scale", scale):
-                    return orig(*args, **kwargs)
-            return unscale
-
-        with _patched_method(self.opt, "unscale_and_clip_grads", make):
-            yield
 
     def after_shaping(self, pieces):
         if not self.opt.offload_optimizer or not pieces:
