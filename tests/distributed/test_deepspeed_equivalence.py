@@ -19,24 +19,16 @@ value_clip, spamp's projection) can switch on a 16-bit rounding near their thres
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
 from . import scenarios as S
+from .launch import run_deepspeed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ds_worker.py")
 TOL = {"fp32": 1e-5, "bf16": 6e-2, "fp16": 1.5e-2}
 _cache = {}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_world(world, tmp_root):
@@ -46,13 +38,7 @@ def run_world(world, tmp_root):
     out_path = os.path.join(tmp_root, f"results_{world}.jsonl")
     with open(sc_path, "w") as f:
         json.dump(S.matrix(world), f)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(world),
-           "--master_port", str(_free_port()), WORKER, "--scenarios", sc_path, "--out", out_path, "--fake-fp16"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0 or not os.path.exists(out_path):
-        raise RuntimeError(f"deepspeed launch (world {world}) failed rc={proc.returncode}:\n"
-                           f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    run_deepspeed(world, WORKER, "--scenarios", sc_path, "--out", out_path, "--fake-fp16")
     with open(out_path) as f:
         _cache[world] = {r["name"]: r for r in map(json.loads, f)}
     return _cache[world]

@@ -10,11 +10,10 @@ fp32 throughout: tolerance relative 1e-5 (observed ~3e-7: TP and ZeRO sum in ano
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
+
+from .launch import run_deepspeed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "tp_pp_worker.py")
@@ -27,22 +26,11 @@ LAUNCHES = {
 _cache = {}
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def results(world, tmp):
     if world not in _cache:
         layouts, shapers = LAUNCHES[world]
         out = os.path.join(tmp, f"tp_pp_{world}.jsonl")
-        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(world),
-               "--master_port", str(_port()), WORKER, "--layouts", layouts, "--shapers", shapers, "--out", out]
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        if p.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError(f"launch failed ({world} processes):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+        run_deepspeed(world, WORKER, "--layouts", layouts, "--shapers", shapers, "--out", out)
         with open(out) as f:
             _cache[world] = {(r["layout"], r["shaper"]): r for r in map(json.loads, f)}
     return _cache[world]
