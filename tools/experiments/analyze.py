@@ -144,13 +144,15 @@ def main():
             if s == "none":
                 base_tok = tok
             save = f"{100 * (1 - tok / base_tok):+.1f} %" if tok and base_tok else "-"
-            lines.append([s, c["val"], c["ppl"], c["spikes"], c["spikes12"], c["div"],
+            acted = ms([r["steps_with_scaled_groups"] for r in rs], "{:.0f}") if s != "none" else "-"
+            lines.append([s, c["val"], c["ppl"], acted, c["spikes"], c["spikes12"], c["div"],
                           f"{tok / 1e3:.1f}k" if tok else f"not reached ({sum(t is None for t in toks)}/{len(toks)})",
                           save, c["wall"]])
         if lines:
             out.append(f"\n### Base LR {base_lr:g}, {opt} (fp32)\n")
             out.append(f"Target train loss (no shaping, {opt}, final smoothed): {targets.get(opt, float('nan')):.4f}\n")
-            out.append(table(["shaper", "final val loss", "val ppl", "loss spikes 1.5x", "spikes 1.2x", "diverged",
+            out.append(table(["shaper", "final val loss", "val ppl", "steps with some group scaled down (of 60)",
+                              "loss spikes 1.5x", "spikes 1.2x", "diverged",
                               "tokens to target", "token saving vs none", "train wall s"], lines))
 
     # ---- spikes
