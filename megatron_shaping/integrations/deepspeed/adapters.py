@@ -185,6 +185,20 @@ class _ZeroAdapter(Adapter):
             yield
 
 
+    def _offloaded(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_shaping(self, pieces):
+        """With CPU offload DeepSpeed caches per-parameter norms of the (scaled) partition pieces
+        in backward and reads them for its overflow check and clipping: refresh them. (ZeRO-3's
+        cached norm covers the whole partition; its zero tail padding adds nothing.)"""
+        if not self._offloaded() or not pieces:
+            return
+        norms = torch._foreach_norm([g for _, g, _, _ in pieces], 2)
+        for (p, _, _, _), n in zip(pieces, norms):
+            self.opt.norm_for_param_grads[self.opt.get_param_id(p)] = n.double()
+
+
 # ------------------------------------------------------------------------------ ZeRO 1/2
 class Zero12Adapter(_ZeroAdapter):
     """DeepSpeedZeroOptimizer (stage 1 and 2).
@@ -243,12 +257,8 @@ class Zero12Adapter(_ZeroAdapter):
                                           f"offset {dest}; this DeepSpeed layout is not supported")
                 yield p, g.view(-1), src, fp32.narrow(0, dest, n) if with_param else None
 
-    def after_shaping(self, pieces):
-        if not self.opt.cpu_offload or not pieces:
-            return
-        norms = torch._foreach_norm([g for _, g, _, _ in pieces], 2)
-        for (p, _, _, _), n in zip(pieces, norms):
-            self.opt.norm_for_param_grads[self.opt.get_param_id(p)] = n.double()
+    def _offloaded(self) -> bool:
+        return bool(self.opt.cpu_offload)
 
     def skip_step(self):
         # Mirrors the overflow branch of DeepSpeedZeroOptimizer.step (0.19.8).
@@ -311,13 +321,8 @@ class Zero3Adapter(_ZeroAdapter):
         if valid:
             yield p, g[:valid], start, None if w is None else w[:valid]
 
-    def after_shaping(self, pieces):
-        if not self.opt.offload_optimizer or not pieces:
-            return
-        # Stage 3 caches the norm of each whole partition (padding is zero, so it adds nothing).
-        norms = torch._foreach_norm([g for _, g, _, _ in pieces], 2)
-        for (p, _, _, _), n in zip(pieces, norms):
-            self.opt.norm_for_param_grads[self.opt.get_param_id(p)] = n.double()
+    def _offloaded(self) -> bool:
+        return bool(self.opt.offload_optimizer)
 
     def skip_step(self):
         opt = self.opt
