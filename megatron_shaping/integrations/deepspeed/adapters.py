@@ -345,6 +345,9 @@ def select_adapter(engine) -> Adapter:
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
+    if getattr(engine, "has_moe_layers", False) or getattr(opt, "has_moe_layers", False):
+        raise UnsupportedPath("gradient_shaping does not support MoE layers yet (expert-parallel "
+                              "gradients would need their own reduction group)")
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         raise UnsupportedPath("gradient_shaping does not support DeepSpeed's torch_autocast mode")
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
@@ -353,8 +356,6 @@ def select_adapter(engine) -> Adapter:
                                   "use offload to 'cpu' or no offload")
         return Zero3Adapter(engine)
     if isinstance(opt, DeepSpeedZeroOptimizer):
-        if getattr(opt, "has_moe_layers", False):
-            raise UnsupportedPath("gradient_shaping does not support MoE layers yet")
         return Zero12Adapter(engine)
     if isinstance(opt, BF16_Optimizer):
         return BF16Adapter(engine)
