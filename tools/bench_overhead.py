@@ -441,11 +441,14 @@ def worker(args) -> None:
         c["dsclip"] = None
         if hasattr(engine.optimizer, "unscale_and_clip_grads"):
             c["dsclip"] = engine.optimizer.unscale_and_clip_grads = Timed(engine.optimizer.unscale_and_clip_grads)
+        elif hasattr(engine, "clip_fp32_gradients"):
+            # ZeRO-0 fp32: DeepSpeed clips with clip_grad_norm_ (its norm and multiply together)
+            c["dsclip"] = engine.clip_fp32_gradients = Timed(engine.clip_fp32_gradients)
         c["user"] = Timed(user_per_layer_clip) if c["kind"] == "user" else None
         c["rows"] = []
     data = Data(args, llama_cfg)
 
-    n_params = sum(p.numel() for p in configs[0]["engine"].module.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in configs[0]["engine"].module.parameters())
     n_tensors = sum(1 for p in configs[0]["engine"].module.parameters() if p.requires_grad)
     first_shaped = next((c for c in configs if c["shaping"] is not None), None)
     adapter = first_shaped["shaping"].adapter.name if first_shaped else "-"
@@ -708,7 +711,8 @@ def print_report(meta, results) -> None:
     print("== inside the step (medians, ms; CPU per rank): hook = our pre-step hook (user_full_grad: the "
           "safe_get/set_full_grad loop); stats = statistics passes incl. their all-reduce; apply = scaling and "
           "elementwise maps; DS norm = DeepSpeed's optimizer.scaled_global_norm (runs with and without clipping); DS clip "
-          "= optimizer.unscale_and_clip_grads (the clip multiply; returns at once without clipping and loss scale)")
+          "= optimizer.unscale_and_clip_grads (the clip multiply; returns at once without clipping and loss scale; "
+          "ZeRO-0 fp32: engine.clip_fp32_gradients, norm and multiply)")
     hdr = (f"{'config':20s} {'hook wall':>9s} {'hook CPU':>8s} {'stats CPU':>9s} {'apply CPU':>9s} "
            f"{'DS norm CPU':>11s} {'DS clip CPU':>11s} {'hook/step CPU':>13s} {'active':>7s}")
     print(hdr)
@@ -776,16 +780,19 @@ def markdown_report(meta, results) -> str:
                    f"{r['step_cpu_ratio']:.3f} [{cq[0]:.2f}, {cq[1]:.2f}] | {r['est_ratio']:.3f} | {tgt} | "
                    f"{r['hook_cpu_ms']:.1f} | {r['stats_cpu_ms']:.1f} | {r['apply_cpu_ms']:.1f} | "
                    f"{r['dsnorm_cpu_ms']:.1f} | {act} |")
-    out += ["", "| config | collectives in the step | ours | our vectors | bytes ours / step |",
+    out += ["", "| config | collectives in the counted step | ours | our vectors | bytes ours |",
             "|---|---|---:|---|---:|"]
     for r in results:
         s = r["slices"] or {}
         vec = "; ".join(f"{n} x {dt}" for _, n, dt in r["hook_vectors"]) or "-"
         if len(r["hook_vectors"]) > 2:
-            vec = f"{len(r['hook_vectors'])}+ all-reduces of whole parameters (fp32)"
+            vec = f"{r['collectives_hook']} all-reduces, one per parameter (its full fp32 gradient)"
         if s:
             vec += f" (L={s['L']}, U={s['U']}, {s['granularity']})"
-        out.append(f"| {r['name']} | {r['collectives_step']}: {r['ops_step']} | {r['collectives_hook']} | {vec} | "
+        ours = str(r["collectives_hook"])
+        if r["active_steps"] is not None:
+            ours += f" (median {r['shaping_collectives_per_step']:g}/step)"
+        out.append(f"| {r['name']} | {r['collectives_step']}: {r['ops_step']} | {ours} | {vec} | "
                    f"{_fmt_bytes(r['bytes_hook'])} |")
     out += ["", "| config | hook peak | largest alloc | Python heap | DS norm peak | step peak | largest slice "
             "| local gradient | peak / slice |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
