@@ -48,8 +48,37 @@ def _row_sums(x: torch.Tensor, offset: int, row_len: int) -> torch.Tensor:
     return out
 
 
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List[float]) -> None:
+    """tensors[i] *= scalars[i] in place, each product rounded once to the tensor's dtype.
+
+    ``torch._foreach_mul_`` with Python scalars computes a bf16/fp16 tensor's product with the
+    scalar already rounded to that dtype (a factor off by up to 0.4 % in bf16). 16-bit tensors
+    are therefore multiplied in fp32 (one slice-sized fp32 temporary at a time) and rounded once;
+    fp32/fp64 tensors keep the fused multi-tensor multiply.
+    """
+    wide_t, wide_s = [], []
+    for t, f in zip(tensors, scalars):
+        if t.dtype in _NARROW:
+            t.copy_(t.float().mul_(f))
+        else:
+            wide_t.append(t)
+            wide_s.append(f)
+    if wide_t:
+        torch._foreach_mul_(wide_t, wide_s)
+
+
 def _scale_rows_(g: torch.Tensor, offset: int, row_len: int, row_factor: torch.Tensor) -> None:
     """g[j] *= row_factor[row(j) - first_row] in place (row_factor as returned by _row_sums's layout)."""
+    if g.dtype in _NARROW:
+        # Multiply in fp32 and round once: casting the factors to bf16/fp16 first would round
+        # them (bf16 keeps 8 bits) before a second rounding of the product.
+        wide = g.float()
+        _scale_rows_(wide, offset, row_len, row_factor)
+        g.copy_(wide)
+        return
     n = g.numel()
     first_row = offset // row_len
     head = min(n, (first_row + 1) * row_len - offset)
@@ -158,14 +187,14 @@ class SliceSet:
                 tensors.append(s.grad)
                 scalars.append(f)
         if tensors:
-            torch._foreach_mul_(tensors, scalars)
+            _mul_rounded_once_(tensors, scalars)
         if unit_scale is not None:
             for s in self.slices:
                 if not s.grad.numel():
                     continue
                 first, row_len = _unit_span(s)
                 if row_len is None:
-                    s.grad.mul_(unit_scale[first].to(s.grad.dtype))
+                    _mul_rounded_once_([s.grad], [float(unit_scale[first])])
                 else:
                     n_rows = (s.offset + s.grad.numel() - 1) // row_len - s.offset // row_len + 1
                     _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
