@@ -1,40 +1,48 @@
 """AdaGC: per-tensor clipping relative to an EMA of the tensor's own clipped gradient norms.
 
-Per group l (a tensor at the default granularity), with n_l = ||g_l||, N = sqrt(sum_l n_l^2)
-the global norm over the groups with finite statistics, and t the group's step (1-based):
+The rule of the official code (lishuai-97/AdaGC, Megatron patch ``megatron/optimizer/clip_grads.py``,
+``AdaGC.clip_by_norm``, commit 32c249f), per group l (a tensor at the default granularity), with
+n_l = ||g_l||, N = sqrt(sum_l n_l^2) the global norm over the groups with finite statistics, and
+t the group's step (1-based):
 
-  warmup, t <= warmup_steps (global clipping, as the paper's first T_start steps):
+  warmup, t <= warmup_steps (global clipping, the paper's first T_start steps):
       h = min(1, warmup_max_norm / (N + eps))                       (the same h for all groups)
       gamma_l <- h n_l                 at t = 1
       gamma_l <- min(gamma_l, h n_l)   afterwards                    (running minimum)
-  after warmup (per tensor):
-      h_l = min(1, lambda_rel * gamma_l / (n_l + eps))              (gamma_l of the previous step)
-      gamma_l <- beta * gamma_l + (1 - beta) * h_l n_l              (EMA of the clipped norm)
+  after warmup (per tensor), with c_l = lambda_rel * gamma_l (gamma_l of the previous step):
+      if n_l > c_l:  h_l = c_l / (n_l + eps),  gamma_l <- beta * gamma_l + (1 - beta) * c_l
+      else:          h_l = 1,                  gamma_l <- beta * gamma_l + (1 - beta) * n_l
   g_l <- h_l g_l
 
-||h_l g_l|| = h_l n_l is the clipped norm, known without a second statistics pass. With
-``warmup_steps = 0`` there is no global phase and gamma_l is initialised from the first
-unclipped norm (h_l = 1 on the group's first step), so no group starts at gamma = 0.
+So a tensor is only scaled when its norm exceeds lambda_rel times its running norm; eps only
+guards the division on a clipping step, and the EMA sees the threshold c_l on a clipping step
+(not h_l n_l, which is eps-smaller). A group that reaches the per-tensor phase without a gamma
+(``warmup_steps = 0``) starts from its own norm, gamma_l = n_l, as the official code does
+(``state["norm_value"] = norm_value``), then follows the rule above (h_l = 1 for lambda_rel >= 1).
 
-Choices and deviations, documented because the paper leaves them open:
-  * eps is added to the norms in both denominators (torch.nn.utils.clip_grad_norm_ adds 1e-6
-    too: with eps = 1e-6 the warmup is exactly ``clip_grad_norm_(warmup_max_norm)``).
-  * A group with a zero norm does not update gamma or its step (a zero gradient carries no
-    magnitude information, and gamma = 0 would zero that tensor's gradient for good); a group
-    with a non-finite norm is skipped the same way and left unscaled.
-  * Warmup and step counts are per group (they only differ if some groups were skipped).
+Deliberate differences from the official code (docs/SHAPERS.md says why):
+  * A group with a zero norm does not update gamma or its step. The official code would record
+    gamma = 0 (during warmup the running minimum takes it), after which every later non-zero
+    gradient of that tensor is multiplied by 0 for good. A group with a non-finite norm is
+    skipped the same way and left unscaled (the official code runs after Megatron's overflow
+    check and never sees one).
+  * Warmup and step counts are per group; the official code counts steps once for the whole
+    model. They differ only for groups that skipped steps (zero or non-finite norms), whose
+    warmup then ends later, after the same number of steps that carried a gradient.
+  * Statistics and state are float64 (the official state is the fp32 norm tensor).
+  * Granularities ``block`` and ``global`` are extensions (the official ``AdaGC-Global``
+    mode is this rule at ``global`` granularity).
 
-Defaults: lambda_rel 1.04, beta 0.99, warmup_steps 100, warmup_max_norm 1.0, eps 1e-6.
-lambda_rel = 1.04 / beta = 0.99 are this project's choice; the third-party implementation in
-pytorch-optimizer (``AdaGC``) uses lambda_rel = 1.05, beta = 0.98, warmup 100, lambda_abs 1.0.
-warmup_steps = 100 (the paper's T_start) and warmup_max_norm = 1.0 (its lambda_abs, the usual
-global clipping threshold) are pytorch-optimizer's defaults; we could not check them against
-the paper's hyperparameter table.
+Defaults, all the official code's: lambda_rel 1.04 (``--clip-ratio``), beta 0.99
+(``--clip-beta``), eps 1e-6 and warmup_steps 100 (``AdaGC(eps=1.0e-6, start_clip_steps=100)``),
+warmup_max_norm 1.0 (the global clip of the warmup, Megatron's ``--clip-grad``, 1.0 in the
+official run scripts). The third-party pytorch-optimizer ``AdaGC`` uses 1.05 / 0.98.
 
 References:
     Wang, Li, Chen, Zeng, Yang, Yu, Ma, Shen, "AdaGC: Enhancing LLM Pretraining Stability via
     Adaptive Gradient Clipping", arXiv:2502.11034 (Algorithm 1).
-    kozistr/pytorch_optimizer, ``pytorch_optimizer/optimizer/adagc.py``.
+    github.com/lishuai-97/AdaGC, ``megatron-gpt2.patch`` (``megatron/optimizer/clip_grads.py``,
+    classes ``AdaGC`` and ``GlobalAdaGC``), commit 32c249fa365e08169779d63d416bfa76c2be31fc.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ from .base import STAT_DTYPE, SUMSQ, GroupLayout, Plan, Shaper, Stats, finite_po
 
 
 class AdaGCState(NamedTuple):
-    gamma: torch.Tensor   # [L] EMA (running min during warmup) of the clipped norm h_l * ||g_l||
+    gamma: torch.Tensor   # [L] EMA (running min during warmup) of the clipped norm: n, or the threshold when clipped
     count: torch.Tensor   # [L] steps this group has learned from (finite, non-zero norm)
 
 
@@ -76,17 +84,22 @@ class AdaGC(Shaper):
         ok = finite_positive(n)
         n0 = torch.where(finite, n, torch.zeros_like(n))
         ones = torch.ones_like(n)
-        t = state.count + 1
         first = state.count == 0
-        warm = t <= self.warmup_steps
+        warm = state.count + 1 <= self.warmup_steps
 
+        # warmup: global clipping, gamma = running minimum of the clipped norms
         global_norm = n0.square().sum().sqrt()
         h_warm = torch.clamp(self.warmup_max_norm / (global_norm + self.eps), max=1.0) * ones
-        h_rel = torch.clamp(self.lambda_rel * state.gamma / (n0 + self.eps), max=1.0)
-        h = torch.where(warm, h_warm, torch.where(first, ones, h_rel))
-        clipped = h * n0
-        gamma = torch.where(first, clipped,
-                            torch.where(warm, torch.minimum(state.gamma, clipped),
-                                        self.beta * state.gamma + (1 - self.beta) * clipped))
-        new = keep_where(ok, AdaGCState(gamma, t), state)
+        gamma_warm = torch.where(first, h_warm * n0, torch.minimum(state.gamma, h_warm * n0))
+
+        # per tensor: clip only above lambda_rel * gamma; the EMA sees the threshold when clipped
+        prev = torch.where(first, n0, state.gamma)
+        limit = self.lambda_rel * prev
+        clip = n0 > limit
+        h_rel = torch.where(clip, limit / (n0 + self.eps), ones)
+        gamma_rel = self.beta * prev + (1 - self.beta) * torch.where(clip, limit, n0)
+
+        h = torch.where(warm, h_warm, h_rel)
+        gamma = torch.where(warm, gamma_warm, gamma_rel)
+        new = keep_where(ok, AdaGCState(gamma, state.count + 1), state)
         return Plan(torch.where(finite, h, ones)), new
