@@ -6,8 +6,59 @@ is where new counterexamples come from.
 """
 import os
 
+import pytest
+
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
     settings.load_profile("ci")
+
+
+# DeepSpeed 0.19.8's CPU shm comm op creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+# <port>_<rank> (about 69 MB) per rank and never unlinks it: a suite of many launches would fill
+# the RAM-backed /dev/shm. After each test, remove the buffers that appeared since the session
+# started and that no live process still maps (a running launch of a concurrent run keeps its own).
+_SHM_DIR = "/dev/shm"
+_SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def _shm_buffers() -> set:
+    try:
+        return {n for n in os.listdir(_SHM_DIR) if n.startswith(_SHM_PREFIX)}
+    except OSError:
+        return set()
+
+
+def _mapped_shm_buffers() -> set:
+    mapped = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(_SHM_PREFIX)
+                    if i >= 0:
+                        mapped.add(line[i:].split()[0])
+        except OSError:
+            continue
+    return mapped
+
+
+@pytest.fixture(scope="session")
+def _shm_at_start():
+    return _shm_buffers()
+
+
+@pytest.fixture(autouse=True)
+def _unlink_leaked_deepspeed_shm(_shm_at_start):
+    # Module-scoped fixtures launch before this runs, so compare with the session's start.
+    yield
+    new = _shm_buffers() - _shm_at_start
+    if new:
+        for name in new - _mapped_shm_buffers():
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+            except OSError:
+                pass
