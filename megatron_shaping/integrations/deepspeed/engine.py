@@ -17,10 +17,13 @@ from ...stats.layout import ParamInfo
 from ...stats.slices import GradSlice, SliceSet
 from .adapters import Adapter, UnsupportedPath, _patched_method, select_adapter
 from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
+from .monitor import shaped_fraction as _shaped_fraction
 
 logger = logging.getLogger("megatron_shaping")
 
 ATTR = "gradient_shaping"      # engine.gradient_shaping -> DeepSpeedShaping
+LOG_PREFIX = "shaping/"        # keys of DeepSpeedShaping.log_dict()
+NAN = float("nan")
 
 
 def _tp_info(engine) -> Tuple[int, int]:
@@ -78,6 +81,12 @@ class DeepSpeedShaping:
         self.clip = float(engine.gradient_clipping() or 0.0)
         self.last_loss_scale = 1.0
         self.last_skipped = False
+        #: Global gradient norm (before shaping, loss-scale-free) of the last step, a 0-d tensor,
+        #: also on a skipped step; None before the first step.
+        self.last_norm_before: Optional[torch.Tensor] = None
+        #: Steps skipped by the spike rule so far (``gradient_shaping.skip``); included in
+        #: ``session.skipped``, which counts every skipped step.
+        self.spike_skips = 0
         self.collectives = 0
         #: Called as ``cb(shaping, record)`` after every optimizer-step boundary, ``record`` being
         #: the StepRecord or None for a skipped step (monitors, spike log).
@@ -162,6 +171,7 @@ class DeepSpeedShaping:
         self.last_loss_scale = ss.loss_scale
         record = self.session.step(ss)
         self.last_skipped = record is None
+        self.last_norm_before = None if record is None else record.stats_before.sumsq.sum().sqrt()
         if record is not None:
             self.adapter.after_shaping(pieces)
         for cb in self.callbacks:
@@ -199,6 +209,42 @@ class DeepSpeedShaping:
                     opt.overflow = old_flag
                 else:
                     del opt.overflow
+
+    # ------------------------------------------------------------------ logging
+    def log_dict(self) -> Dict[str, float]:
+        """The shaping figures of the last optimizer step as plain Python floats, for a trainer's
+        own logger (Megatron-DeepSpeed's ``training_log``, a HF ``TrainerCallback``'s ``logs``).
+
+        ``shaping/grad_norm_before``  global L2 norm of the (loss-scale-free) gradient before shaping
+        ``shaping/grad_norm_after``   ... after shaping, before DeepSpeed's own ``gradient_clipping``
+        ``shaping/shaped_fraction``   fraction of statistics groups whose factor differs from 1
+        ``shaping/step_skipped``      1.0 when the last step was skipped, else 0.0
+        ``shaping/skipped_steps``     steps skipped so far (non-finite gradient and spike skips)
+        ``shaping/nonfinite_skips``   ... of which for a non-finite gradient
+        ``shaping/spike_skips``       ... of which by the spike rule (``gradient_shaping.skip``)
+        ``shaping/loss_scale``        loss scale the last step's backward used (1 without fp16)
+
+        Every rank returns the same values (they come from globally reduced statistics). Per-step
+        values are NaN before the first step, right after a checkpoint load, and, except
+        ``grad_norm_before``, on a skipped step (no update was applied). Counters are cumulative
+        over the run, restored from checkpoints. Reads a few numbers from the device: call it
+        when logging, not every step if the host sync matters."""
+        rec = self.session.last
+        before = after = frac = NAN
+        if rec is not None:
+            before, after = torch.stack([rec.stats_before.sumsq.sum(), rec.stats_after.sumsq.sum()]).sqrt().tolist()
+            frac = _shaped_fraction(rec.factor)
+        elif self.last_skipped and self.last_norm_before is not None:
+            before = float(self.last_norm_before)
+        skipped = int(self.session.skipped)
+        spike = int(self.spike_skips)
+        return {f"{LOG_PREFIX}grad_norm_before": float(before), f"{LOG_PREFIX}grad_norm_after": float(after),
+                f"{LOG_PREFIX}shaped_fraction": float(frac),
+                f"{LOG_PREFIX}step_skipped": 1.0 if self.last_skipped else 0.0,
+                f"{LOG_PREFIX}skipped_steps": float(skipped),
+                f"{LOG_PREFIX}nonfinite_skips": float(skipped - spike),
+                f"{LOG_PREFIX}spike_skips": float(spike),
+                f"{LOG_PREFIX}loss_scale": float(self.last_loss_scale)}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
