@@ -14,7 +14,10 @@ def initialize(*args, **kwargs):
     """Drop-in for ``deepspeed.initialize`` that attaches the shaper configured in the
     ``"gradient_shaping"`` section of the DeepSpeed config."""
     from .integrations.deepspeed import initialize as _init
-    return _init(*args, **kwargs)
+    from .integrations.deepspeed.patch import register_engine
+    out = _init(*args, **kwargs)
+    register_engine(out[0])
+    return out
 
 
 def attach(engine, *args, **kwargs):
@@ -23,4 +26,20 @@ def attach(engine, *args, **kwargs):
     return _attach(engine, *args, **kwargs)
 
 
-__all__ = ["GradientShaper", "ShapingSession", "build_shaper", "chain", "initialize", "attach", "shaper_from_spec"]
+def patch_deepspeed(rebind_imported: bool = True) -> None:
+    """Make every ``deepspeed.initialize`` call attach the shaper configured in the
+    ``"gradient_shaping"`` section of the config it receives (for code that builds the engine
+    itself: HF Trainer / Accelerate, Megatron-DeepSpeed). Idempotent; see
+    :mod:`megatron_shaping.integrations.deepspeed.patch`."""
+    from .integrations.deepspeed.patch import patch_deepspeed as _patch
+    _patch(rebind_imported=rebind_imported)
+
+
+def unpatch_deepspeed() -> None:
+    """Undo :func:`patch_deepspeed` (engines already built keep their shaper)."""
+    from .integrations.deepspeed.patch import unpatch_deepspeed as _unpatch
+    _unpatch()
+
+
+__all__ = ["GradientShaper", "ShapingSession", "build_shaper", "chain", "initialize", "attach", "shaper_from_spec",
+           "patch_deepspeed", "unpatch_deepspeed"]

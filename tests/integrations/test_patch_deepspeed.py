@@ -1,0 +1,205 @@
+"""megatron_shaping.patch_deepspeed(): every deepspeed.initialize call attaches the shaper of its
+config, in every form DeepSpeed accepts the config; idempotent, undoable, no double attach.
+
+In-process, one rank (gloo), a tiny ZeRO-0 fp32 engine (a few ms per deepspeed.initialize once
+DeepSpeed's comm op is built).
+"""
+import argparse
+import base64
+import json
+import os
+import socket
+import sys
+import types
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import megatron_shaping  # noqa: E402
+
+SHAPING = {"type": "norm_clip", "params": {"max_norm": 0.01}}
+
+
+def config(shaping=SHAPING, **extra):
+    c = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
+         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+         "zero_optimization": {"stage": 0}}
+    if shaping is not None:
+        c["gradient_shaping"] = shaping
+    c.update(extra)
+    return c
+
+
+@pytest.fixture(scope="module")
+def ds():
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0", LOCAL_SIZE="1")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    import deepspeed
+    return deepspeed
+
+
+@pytest.fixture
+def patched(ds):
+    real = ds.initialize
+    megatron_shaping.patch_deepspeed()
+    yield ds
+    megatron_shaping.unpatch_deepspeed()
+    assert ds.initialize is real
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def step(engine):
+    loss = engine(torch.ones(2, 4)).pow(2).sum()
+    engine.backward(loss)
+    engine.step()
+
+
+def assert_shaping(engine, shaper="NormClip"):
+    gs = engine.gradient_shaping
+    assert gs is not None, "gradient_shaping not attached"
+    assert shaper in repr(gs.session.shaper)
+    # attached before the caller could load a checkpoint: load/save already go through the shaper
+    assert engine.load_checkpoint.__self__ is gs.checkpointing
+    assert engine.save_checkpoint.__self__ is gs.checkpointing
+    step(engine)
+    assert gs.session.steps == 1
+    figures = gs.log_dict()
+    # max_norm 0.01 is far below this model's gradient norm: the step was really shaped
+    assert figures["shaping/grad_norm_before"] > 0.1
+    assert figures["shaping/grad_norm_after"] == pytest.approx(0.01, rel=1e-6)
+
+
+def test_unpatched_deepspeed_ignores_the_section(ds):
+    """The bug the patch fixes: plain deepspeed.initialize drops the section silently."""
+    from megatron_shaping.integrations.deepspeed import is_deepspeed_patched
+    assert not is_deepspeed_patched()
+    engine, *_ = ds.initialize(model=model(), config=config())
+    assert getattr(engine, "gradient_shaping", None) is None
+
+
+def test_every_config_form(patched, tmp_path):
+    ds = patched
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config()))
+    b64 = base64.urlsafe_b64encode(json.dumps(config()).encode()).decode()
+    forms = {
+        "config=dict": lambda m: ds.initialize(model=m, config=config()),
+        "config=path": lambda m: ds.initialize(model=m, config=str(path)),
+        "config=base64": lambda m: ds.initialize(model=m, config=b64),
+        "config_params=dict": lambda m: ds.initialize(model=m, config_params=config()),
+        "config_params=path": lambda m: ds.initialize(model=m, config_params=str(path)),
+        "args.deepspeed_config": lambda m: ds.initialize(argparse.Namespace(deepspeed_config=str(path), local_rank=0),
+                                                         m),
+        "args.deepscale_config": lambda m: ds.initialize(
+            args=argparse.Namespace(deepscale_config=str(path), deepspeed_config=None, local_rank=0), model=m),
+        # Megatron-DeepSpeed: args (deepspeed_config cleared) and the dict in config=
+        "megatron-deepspeed": lambda m: ds.initialize(model=m, args=argparse.Namespace(deepspeed_config=None),
+                                                      model_parameters=m.parameters(), config=config()),
+    }
+    for name, call in forms.items():
+        engine, *_ = call(model())
+        try:
+            assert_shaping(engine)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+def test_absent_or_disabled_section_builds_a_plain_engine(patched):
+    for cfg in (config(shaping=None), config(shaping=dict(SHAPING, enabled=False))):
+        engine, *_ = patched.initialize(model=model(), config=cfg)
+        assert getattr(engine, "gradient_shaping", None) is None
+        step(engine)      # trains as unpatched DeepSpeed does
+
+
+def test_bad_section_stops_before_deepspeed_builds_the_engine(ds, monkeypatch):
+    calls = []
+    real = ds.initialize
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ds, "initialize", counting)
+    megatron_shaping.patch_deepspeed()
+    try:
+        with pytest.raises(ValueError, match="max_norm"):
+            ds.initialize(model=model(), config=config(shaping={"type": "norm_clip", "params": {"max_norm": -1}}))
+        assert calls == []
+        ds.initialize(model=model(), config=config())
+        assert calls == [1]          # the patch wraps whatever deepspeed.initialize was
+    finally:
+        megatron_shaping.unpatch_deepspeed()
+    assert ds.initialize is counting
+
+
+def test_idempotent_and_undone(ds):
+    real = ds.initialize
+    megatron_shaping.patch_deepspeed()
+    wrapper = ds.initialize
+    assert wrapper is not real
+    megatron_shaping.patch_deepspeed()
+    assert ds.initialize is wrapper            # not wrapped twice
+    engine, *_ = ds.initialize(model=model(), config=config())
+    assert_shaping(engine)
+    megatron_shaping.unpatch_deepspeed()
+    assert ds.initialize is real
+    megatron_shaping.unpatch_deepspeed()       # unpatching twice is harmless
+    assert ds.initialize is real
+    engine, *_ = wrapper(model=model(), config=config())   # a stale reference passes through
+    assert getattr(engine, "gradient_shaping", None) is None
+    megatron_shaping.patch_deepspeed()         # and patching again works
+    try:
+        assert ds.initialize is wrapper
+    finally:
+        megatron_shaping.unpatch_deepspeed()
+
+
+def test_earlier_from_import_is_rebound_and_restored(ds):
+    real = ds.initialize
+    mod = types.ModuleType("user_training_script")
+    mod.initialize = ds.initialize             # from deepspeed import initialize
+    mod.ds_init = ds.initialize                # from deepspeed import initialize as ds_init
+    sys.modules[mod.__name__] = mod
+    try:
+        megatron_shaping.patch_deepspeed()
+        assert mod.initialize is ds.initialize and mod.ds_init is ds.initialize
+        engine, *_ = mod.ds_init(model=model(), config=config())
+        assert_shaping(engine)
+        megatron_shaping.unpatch_deepspeed()
+        assert mod.initialize is real and mod.ds_init is real
+        megatron_shaping.patch_deepspeed(rebind_imported=False)
+        assert mod.initialize is real
+    finally:
+        megatron_shaping.unpatch_deepspeed()
+        del sys.modules[mod.__name__]
+
+
+def test_megatron_shaping_initialize_attaches_once_when_patched(patched):
+    """megatron_shaping.initialize calls the original deepspeed.initialize: a second attach
+    would raise 'already attached'; the hook must wrap DeepSpeed's own step, not a shaper's."""
+    engine, *_ = megatron_shaping.initialize(model=model(), config=config())
+    gs = engine.gradient_shaping
+    assert gs._orig_take_model_step.__func__ is type(engine)._take_model_step
+    assert_shaping(engine)
+    from megatron_shaping.integrations.deepspeed.patch import engine_for_module
+    assert engine_for_module(engine.module) is engine
+
+
+def test_positional_parameter_order_matches_deepspeed(ds):
+    import inspect
+
+    from megatron_shaping.integrations.deepspeed.patch import INITIALIZE_PARAMS, original_initialize
+    assert tuple(inspect.signature(original_initialize()).parameters) == INITIALIZE_PARAMS
