@@ -9,7 +9,9 @@ An adapter answers four questions for the shaping hook, which runs at the start 
 * how to make the optimizer unscale by that same value (``unscale_guard``): DeepSpeed 0.19.8
   divides by the *post-update* loss scale on a scale-growth step (ZeRO 1/2/3), and its
   ZeRO-0 fp16 path divides by a loss scale that backward never applied;
-* ``skip_step()``: drop the update (non-finite gradient that no loss scaler catches).
+* ``skip_step()``: drop the update (non-finite gradient that no loss scaler catches);
+* ``norm_guard(scale)``: DeepSpeed's own global-norm pass replaced by the norm the shaping
+  statistics already hold (see :meth:`Adapter.norm_guard`).
 
 Only this module and :mod:`.engine` know DeepSpeed's private attributes; each use names the
 0.19.8 attribute it reads.
@@ -44,12 +46,55 @@ class Adapter:
     def pieces(self, with_param: bool) -> Iterator[Piece]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    #: Replace DeepSpeed's global-norm pass by the shaping statistics (see :meth:`norm_guard`).
+    #: False keeps DeepSpeed's own pass (the equivalence tests compare both).
+    replace_norm = True
+    #: Steps on which DeepSpeed's norm pass was replaced (for tests and the benchmark).
+    norms_replaced = 0
+
     def backward_scale(self) -> float:
         return 1.0
 
     @contextlib.contextmanager
     def unscale_guard(self, scale: float):
+        """Everything the optimizer step needs from us: unscale by ``scale`` and, when enabled,
+        take the global norm from the shaping statistics instead of computing it again."""
+        with self._unscale_guard(scale):
+            norm = self.norm_after_shaping(scale) if self.replace_norm else None
+            if norm is None:
+                yield
+                return
+            with self.norm_guard(norm):
+                yield
+
+    @contextlib.contextmanager
+    def _unscale_guard(self, scale: float):
         yield
+
+    def norm_after_shaping(self, scale: float) -> Optional[torch.Tensor]:
+        """The global L2 norm of the gradient as DeepSpeed holds it now, i.e. after shaping and
+        times the loss scale backward applied (what DeepSpeed's own pass would compute), as a
+        float32 0-d tensor on the statistics' device; None when this step has no shaping record
+        (a non-finite gradient: DeepSpeed's own pass and overflow check run unchanged).
+
+        Every element is counted exactly once over the whole job (ZeRO partitions, TP shards,
+        pipeline stages, replicas excluded), the same set DeepSpeed's norm counts; the sum of
+        squares is exact for pure-scale shapers (derived from the first pass) and recomputed
+        after an elementwise map."""
+        shaping = getattr(self.engine, "gradient_shaping", None)
+        record = shaping.session.last if shaping is not None else None
+        if record is None or record.stats_after.sumsq is None:
+            return None
+        return (record.stats_after.sumsq.sum().sqrt() * float(scale)).to(torch.float32)
+
+    @contextlib.contextmanager
+    def norm_guard(self, norm: torch.Tensor):
+        """Make DeepSpeed's step use ``norm`` instead of its own global-norm pass (per path).
+        The base class keeps DeepSpeed's pass."""
+        yield
+
+    def _replaced(self):
+        self.norms_replaced += 1
 
     def after_shaping(self, pieces: List[Piece]) -> None:
         """Hook for caches DeepSpeed derived from the gradient before the step (offload norms)."""
@@ -97,6 +142,31 @@ class PlainAdapter(Adapter):
     def pieces(self, with_param):
         return _whole_grads(self.engine.module.parameters())
 
+    @contextlib.contextmanager
+    def norm_guard(self, norm):
+        """ZeRO-0 fp32 computes a norm only to clip (``engine.clip_fp32_gradients`` ->
+        ``deepspeed.runtime.utils.clip_grad_norm_``, which also all-reduces it over data
+        parallelism). Same rule with our norm: g *= min(1, max_norm / (norm + 1e-6)), the
+        factor a float32 tensor multiplied into every gradient as there."""
+        if not self.engine.gradient_clipping() > 0.0:
+            yield
+            return
+        engine = self.engine
+
+        def make(orig):
+            def clip():
+                self._replaced()
+                max_norm = torch.tensor([float(engine.gradient_clipping())], device=norm.device)
+                coef = torch.min(torch.ones_like(max_norm), max_norm / (norm.view(1) + 1e-6))
+                for p in engine.module.parameters():
+                    if p.grad is not None:
+                        p.grad.data.mul_(coef.to(p.grad.device))
+                return norm
+            return clip
+
+        with _patched_method(engine, "clip_fp32_gradients", make):
+            yield
+
     def skip_step(self):
         self.engine.zero_grad()
 
@@ -121,7 +191,7 @@ class FP16Adapter(Adapter):
         return 1.0
 
     @contextlib.contextmanager
-    def unscale_guard(self, scale):
+    def _unscale_guard(self, scale):
         cfg = self.opt.loss_scale_config
 
         def make(orig):
@@ -132,6 +202,23 @@ class FP16Adapter(Adapter):
             return unscale
 
         with _patched_method(self.opt, "unscale_and_clip_grads", make):
+            yield
+
+    @contextlib.contextmanager
+    def norm_guard(self, norm):
+        """FP16_Optimizer.step (not the legacy fused-Adam step) takes its norm from
+        ``get_flattened_grad_norm`` of the module ``deepspeed.runtime.fp16.fused_optimizer``,
+        after its own overflow check (which stays). FP16_UnfusedOptimizer keeps its pass."""
+        from deepspeed.runtime.fp16 import fused_optimizer as fo
+        if not isinstance(self.opt, fo.FP16_Optimizer) or getattr(self.opt, "fused_adam_legacy", False):
+            yield
+            return
+
+        def flattened_norm(*args, **kwargs):
+            self._replaced()
+            return norm
+
+        with _swap_attr(fo, "get_flattened_grad_norm", flattened_norm):
             yield
 
     def skip_step(self):
@@ -152,6 +239,19 @@ class BF16Adapter(Adapter):
                 g = opt.fp32_groups_gradients[i][j]
                 yield p, g.view(-1), 0, p.detach().view(-1)
 
+    @contextlib.contextmanager
+    def norm_guard(self, norm):
+        """BF16_Optimizer.step takes its norm from ``get_global_norm_of_tensors`` of the module
+        ``deepspeed.runtime.bf16_optimizer`` (no MoE: refused at attach) and clips with it."""
+        from deepspeed.runtime import bf16_optimizer as bo
+
+        def global_norm(*args, **kwargs):
+            self._replaced()
+            return norm
+
+        with _swap_attr(bo, "get_global_norm_of_tensors", global_norm):
+            yield
+
     def skip_step(self):
         self.opt.clear_hp_grads()
         self.opt.clear_lp_grads()
@@ -166,7 +266,10 @@ class _ZeroAdapter(Adapter):
 
     def __init__(self, engine):
         super().__init__(engine)
-        if getattr(self.opt, "use_muon", False):
+        # ZeRO-3 sets opt.use_muon; ZeRO-1/2 do not and test the wrapped optimizer's class
+        # name instead (stage_1_and_2.py: 'muon' in self.optimizer.__class__.__name__.lower()).
+        inner = getattr(self.opt, "optimizer", None)
+        if getattr(self.opt, "use_muon", False) or "muon" in type(inner).__name__.lower():
             raise UnsupportedPath(f"gradient_shaping does not support the Muon optimizer path of "
                                   f"{type(self.opt).__name__}")
 
@@ -174,7 +277,7 @@ class _ZeroAdapter(Adapter):
         return float(self.opt.loss_scale)
 
     @contextlib.contextmanager
-    def unscale_guard(self, scale):
+    def _unscale_guard(self, scale):
         def make(orig):
             def unscale(*args, **kwargs):
                 with _swap_attr(self.opt, "loss_scale", scale):
@@ -190,9 +293,10 @@ class _ZeroAdapter(Adapter):
 
     def after_shaping(self, pieces):
         """With CPU offload DeepSpeed caches per-parameter norms of the (scaled) partition pieces
-        in backward and reads them for its overflow check and clipping: refresh them. (ZeRO-3's
-        cached norm covers the whole partition; its zero tail padding adds nothing.)"""
-        if not self._offloaded() or not pieces:
+        in backward and reads them only for its global norm: refresh them unless that norm is
+        replaced (:meth:`norm_guard`). (ZeRO-3's cached norm covers the whole partition; its zero
+        tail padding adds nothing.)"""
+        if not self._offloaded() or not pieces or self.replace_norm:
             return
         norms = torch._foreach_norm([g for _, g, _, _ in pieces], 2)
         for (p, _, _, _), n in zip(pieces, norms):
@@ -260,6 +364,20 @@ class Zero12Adapter(_ZeroAdapter):
     def _offloaded(self) -> bool:
         return bool(self.opt.cpu_offload)
 
+    @contextlib.contextmanager
+    def norm_guard(self, norm):
+        """DeepSpeedZeroOptimizer.step computes ``scaled_global_norm()`` (with or without
+        offload) unless ``compute_grad_norm`` is off, then checks it for inf/nan (overflow),
+        stores it divided by the loss scale as ``_global_grad_norm`` and clips with it."""
+        def make(orig):
+            def scaled_global_norm(*args, **kwargs):
+                self._replaced()
+                return norm
+            return scaled_global_norm
+
+        with _patched_method(self.opt, "scaled_global_norm", make):
+            yield
+
     def skip_step(self):
         # Mirrors the overflow branch of DeepSpeedZeroOptimizer.step (0.19.8).
         opt = self.opt
@@ -323,6 +441,20 @@ class Zero3Adapter(_ZeroAdapter):
 
     def _offloaded(self) -> bool:
         return bool(self.opt.offload_optimizer)
+
+    @contextlib.contextmanager
+    def norm_guard(self, norm):
+        """DeepSpeedZeroOptimizer_Stage3.step combines ``_get_norm_groups()`` (per sub-group
+        norms, with or without offload) into the global norm; one group with the whole norm
+        combines to the same value."""
+        def make(orig):
+            def norm_groups(*args, **kwargs):
+                self._replaced()
+                return [norm]
+            return norm_groups
+
+        with _patched_method(self.opt, "_get_norm_groups", make):
+            yield
 
     def skip_step(self):
         opt = self.opt

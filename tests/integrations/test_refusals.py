@@ -1,0 +1,124 @@
+"""Start-up refusals (issue 10, item 9): NVMe offload, MoE layers, the Muon path and DeepSpeed's
+``torch_autocast`` each stop ``megatron_shaping.initialize`` / ``attach`` with a message that
+names the feature, before any training step.
+
+In-process, one rank (gloo, world 1) on DeepSpeed's CPU accelerator: DeepSpeed builds these
+engines without a launch, except NVMe offload, whose async_io op cannot be built on this CPU
+machine (DeepSpeed stops with "Unable to JIT load the async_io op"). For NVMe the test builds
+a real ZeRO-3 engine with CPU offload and sets the two attributes DeepSpeed's ZeRO-3 optimizer
+derives from an ``nvme`` device (``swap_optimizer`` for offload_optimizer,
+``params_in_nvme_and_cpu`` for offload_param; deepspeed/runtime/zero/stage3.py), which are what
+the refusal reads. Each refusal has a control: the same engine without the feature starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+import megatron_shaping  # noqa: E402
+
+SECTION = {"type": "norm_clip", "params": {"max_norm": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A world of one (gloo); reuses a process group someone else already initialised. The
+    environment DeepSpeed reads is set for this module only (later launches must not inherit it)."""
+    import torch.distributed as dist
+    with pytest.MonkeyPatch.context() as mp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        for k, v in dict(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                         WORLD_SIZE="1", LOCAL_RANK="0").items():
+            if k not in os.environ:
+                mp.setenv(k, v)
+        yield
+
+
+def config(stage=0, optimizer="AdamW", shaping=True, **extra):
+    cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+           "optimizer": {"type": optimizer, "params": {"lr": 1e-3}}, "zero_optimization": {"stage": stage}}
+    if optimizer == "AdamW":
+        cfg["optimizer"]["params"]["torch_adam"] = True
+    if shaping:
+        cfg["gradient_shaping"] = SECTION
+    cfg.update(extra)
+    return cfg
+
+
+def two_linears():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+
+
+def start(model, cfg):
+    return megatron_shaping.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
+
+
+def refused(message):
+    return pytest.raises(RuntimeError, match="^" + re.escape(message) + "$")
+
+
+def moe_model():
+    from deepspeed.moe.layer import MoE
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = MoE(hidden_size=4, expert=torch.nn.Linear(4, 4), num_experts=2, k=1)
+
+        def forward(self, x):
+            return self.moe(x)[0]
+
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_moe_layers_are_refused(one_rank, stage):
+    with refused("gradient_shaping does not support MoE layers yet (expert-parallel gradients would need "
+                 "their own reduction group)"):
+        start(moe_model(), config(stage))
+    assert start(moe_model(), config(stage, shaping=False)).has_moe_layers   # control: DeepSpeed builds it
+
+
+@pytest.mark.parametrize("stage, zero_opt", [(1, "DeepSpeedZeroOptimizer"), (2, "DeepSpeedZeroOptimizer"),
+                                             (3, "DeepSpeedZeroOptimizer_Stage3")])
+def test_muon_is_refused(one_rank, stage, zero_opt):
+    cfg = config(stage, optimizer="Muon")
+    if stage == 3:
+        cfg["zero_optimization"]["reduce_scatter"] = False   # DeepSpeed: Muon and reduce scatter cannot be combined
+    with refused(f"gradient_shaping does not support the Muon optimizer path of {zero_opt}"):
+        start(two_linears(), cfg)
+    control = dict(cfg, optimizer=config()["optimizer"])
+    assert start(two_linears(), control).gradient_shaping is not None
+
+
+def test_torch_autocast_is_refused(one_rank):
+    autocast = {"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}
+    with refused("gradient_shaping does not support DeepSpeed's torch_autocast mode"):
+        start(two_linears(), config(0, **autocast))
+    assert start(two_linears(), config(0)).gradient_shaping is not None
+
+
+@pytest.mark.parametrize("attribute", ["swap_optimizer", "params_in_nvme_and_cpu"])
+def test_nvme_offload_is_refused(one_rank, attribute):
+    cfg = config(3, shaping=False)
+    cfg["zero_optimization"].update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+    engine = start(two_linears(), cfg)
+    assert getattr(engine.optimizer, attribute) is False
+    setattr(engine.optimizer, attribute, True)        # what an "nvme" device sets (stage3.py)
+    with refused("gradient_shaping does not support ZeRO-3 NVMe offload (optimizer or parameters); "
+                 "use offload to 'cpu' or no offload"):
+        megatron_shaping.attach(engine, SECTION)
+    setattr(engine.optimizer, attribute, False)       # control: the same engine with CPU offload attaches
+    assert megatron_shaping.attach(engine, SECTION) is not None
