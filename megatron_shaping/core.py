@@ -6,18 +6,22 @@ and the DeepSpeed integration; only the :class:`~megatron_shaping.stats.slices.S
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .shapers import Chain, Shaper, StepRecord, as_chain, build_shaper, chain, run_shapers
 from .shapers.regroup import Regrouped
+from .shapers.base import Stats
 from .stats.layout import ParamGrouping, ParamInfo, build_grouping
 from .stats.slices import SliceSet
 
 logger = logging.getLogger("megatron_shaping")
 
 STATE_FORMAT_VERSION = 1
+#: Step flags (:attr:`ShapingSession.last_code`): bits in this mask skip the step (bit 1: the
+#: gradient is not finite); higher bits are information a gate passes to its caller.
+VETO_MASK = 0xFF
 
 
 def shaper_from_spec(spec: Dict[str, Any]) -> Shaper:
@@ -58,7 +62,8 @@ class ShapingSession:
         self.grouping: ParamGrouping = build_grouping(params, self.granularity, block_pattern, device)
         self.state = shaper.init(self.grouping.layout)
         self.steps = 0           # shaping steps applied
-        self.skipped = 0         # steps skipped because the gradient was not finite
+        self.skipped = 0         # steps skipped (gradient not finite, or a gate's veto)
+        self.last_code = 0       # flags of the last step (see step)
         self.last: Optional[StepRecord] = None
 
     @staticmethod
@@ -83,12 +88,23 @@ class ShapingSession:
     def layout(self):
         return self.grouping.layout
 
-    def step(self, slices: SliceSet) -> Optional[StepRecord]:
+    def step(self, slices: SliceSet, gate: Optional[Callable[[Stats], Optional[torch.Tensor]]] = None
+             ) -> Optional[StepRecord]:
         """Shape the gradient held by ``slices`` in place. A non-finite gradient (overflow) is
-        left untouched with the state, and None is returned: the caller skips the update."""
+        left untouched with the state, and None is returned: the caller skips the update.
+
+        ``gate(stats)`` (optional) sees the reduced statistics of the incoming gradient and
+        returns None or a 0-d int64 tensor of bit flags (non-zero: skip, e.g. the spike rule of
+        :mod:`megatron_shaping.spike_skip`); it is read in the same host sync as the finiteness
+        check. ``last_code`` holds the step's flags; bits in :data:`VETO_MASK` skip it."""
         needs = frozenset(as_chain(self.shaper).needs) | {"sumsq"}
         first = [slices.compute(needs)]
-        if not bool(torch.isfinite(first[0].sumsq).all()):
+        code = (~torch.isfinite(first[0].sumsq).all()).long()
+        flags = gate(first[0]) if gate is not None else None
+        if flags is not None:
+            code = code | flags
+        self.last_code = int(code)      # the step's one host sync for the decision
+        if self.last_code & VETO_MASK:
             self.skipped += 1
             self.last = None
             return None

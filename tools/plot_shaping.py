@@ -31,8 +31,9 @@ import numpy as np
 
 # Kept equal to megatron_shaping/integrations/deepspeed/monitor.py (tests/monitor checks it).
 GLOBAL_FIELDS = ("global_norm_before", "global_norm_after", "shaped_fraction", "max_ratio", "spikes",
-                 "skipped_steps", "loss_scale")
-LAYER_FIELDS = ("norm_before", "norm_after", "factor", "stat", "threshold", "ratio")
+                 "skipped_steps", "loss_scale", "spike_skips", "param_norm", "update_ratio")
+# (longest suffix wins: "update_ratio" before "ratio")
+LAYER_FIELDS = ("norm_before", "norm_after", "factor", "stat", "threshold", "ratio", "param_norm", "update_ratio")
 CSV_PREFIX = "Train_Samples_gradient_shaping_"
 CSV_LAYER_PREFIX = CSV_PREFIX + "layer_"
 LOSS_FILE = "Train_Samples_train_loss.csv"

@@ -23,6 +23,17 @@ def test_issue_example_parses():
 def test_defaults():
     c = cfg(type="spamp")
     assert c.granularity is None and c.params == {} and c.allow_fresh_state is False
+    assert c.skip is None and c.log_update_size is True          # skipping off unless asked
+
+
+def test_skip_section():
+    c = cfg(type="spamp", skip={})
+    # OLMo-core SkipStepOptimizer: rolling_interval_length 128, sigma_factor 6
+    assert (c.skip.grad_norm_z, c.skip.loss_z, c.skip.window, c.skip.min_history, c.skip.max_grad_norm) == \
+        (6.0, None, 128, None, None)
+    c = cfg(type="spamp", skip={"grad_norm_z": None, "max_grad_norm": 10, "window": 16, "min_history": 16})
+    assert c.skip.max_grad_norm == 10.0 and c.skip.grad_norm_z is None
+    assert cfg(type="spamp", skip={"enabled": False, "grad_norm_z": None}).skip.enabled is False
 
 
 @pytest.mark.parametrize("section,needles", [
@@ -40,6 +51,13 @@ def test_defaults():
     ({"type": "chain", "shapers": [{"type": "nope"}]}, ["nope"]),
     ({"type": "gradient_stabilizer", "shapers": [{"type": "agc"}]}, ["shapers", "chain"]),
     ({"type": "gradient_stabilizer", "granularity": "block", "block_pattern": "(["}, ["block_pattern", "(["]),
+    ({"type": "spamp", "skip": {"grad_norm_z": None}}, ["gradient_shaping.skip", "no rule", "loss_z", "max_grad_norm"]),
+    ({"type": "spamp", "skip": {"windw": 64}}, ["gradient_shaping.skip.windw", "xtra"]),
+    ({"type": "spamp", "skip": {"window": 1}}, ["gradient_shaping.skip.window", "1"]),
+    ({"type": "spamp", "skip": {"window": 8, "min_history": 9}}, ["min_history", "9", "window", "8"]),
+    ({"type": "spamp", "skip": {"grad_norm_z": -6}}, ["gradient_shaping.skip.grad_norm_z", "-6"]),
+    ({"type": "spamp", "skip": {"max_grad_norm": 0}}, ["gradient_shaping.skip.max_grad_norm", "0"]),
+    ({"type": "spamp", "skip": 6.0}, ["gradient_shaping.skip", "6.0"]),
 ])
 def test_bad_sections_name_key_value_and_allowed(section, needles):
     with pytest.raises(ValueError) as e:

@@ -91,6 +91,22 @@ def _config(sc, out_dir, world):
     return cfg
 
 
+def _update_size(grouping, named, before, num_groups):
+    """Reference update sizes of one step: per group, the parameter norm after the step and
+    ||w_after - w_before|| / ||w_before||, plus the global values (float64 sums, one process)."""
+    sums = [[0.0, 0.0, 0.0] for _ in range(num_groups)]
+    for n, p in named:
+        g = grouping.group(n)
+        w, w0 = p.detach().double(), before[n].double()
+        sums[g][0] += float(w.square().sum())
+        sums[g][1] += float((p.detach() - before[n]).double().square().sum())
+        sums[g][2] += float(w0.square().sum())
+    tot = [sum(s[i] for s in sums) for i in range(3)]
+    return {"param_norm": [s[0] ** 0.5 for s in sums],
+            "update_ratio": [(s[1] / s[2]) ** 0.5 if s[2] > 0 else float("nan") for s in sums],
+            "global_param_norm": tot[0] ** 0.5, "global_update_ratio": (tot[1] / tot[2]) ** 0.5}
+
+
 def _local(engine):
     return [n for n, p in engine.module.named_parameters()]
 
@@ -99,7 +115,9 @@ def _wiring(engine):
     shaping = engine.gradient_shaping
     return {"monitor": shaping.monitor is not None, "callbacks": len(shaping.callbacks),
             # unwrapped: the engine's step is the shaping hook itself
-            "step_wrapped": getattr(engine._take_model_step, "__self__", None) is not shaping}
+            "step_wrapped": getattr(engine._take_model_step, "__self__", None) is not shaping,
+            # the update-size statistics run on every rank (sums over shards), or nowhere
+            "update_size": shaping.update_size is not None}
 
 
 def run_data_parallel(sc, world, rank, out_dir):
@@ -142,8 +160,11 @@ def run_data_parallel(sc, world, rank, out_dir):
         row = {"samples": int(engine.global_samples), "global_steps": int(engine.global_steps),
                "skipped": rec is None, "loss_scale": float(shaping.last_loss_scale)}
         if rec is not None:
+            before = {n: p.detach().clone() for n, p in ref.named_parameters()}
             ref_opt.step()
             row["ls"] = _ls(layer_stats(ref_shaper.shaper, prev, ref_shaper.state, rec))
+            row["upd"] = _update_size(ref_shaper.session.grouping, list(ref.named_parameters()), before,
+                                      len(res["names"]))
         res["steps"].append(row)
     res["summary"] = shaping.monitor.summary() if shaping.monitor is not None else None
     engine.destroy()
@@ -190,10 +211,13 @@ def run_pipeline(sc, world, rank, out_dir):
             (torch.nn.functional.mse_loss(ref(xm), ym) / gas).backward()
         prev = ref_shaper.state
         rec = ref_shaper.apply_()
+        before = {n: p.detach().clone() for n, p in ref.named_parameters()}
         ref_opt.step()
         res["steps"].append({"samples": int(engine.global_samples), "global_steps": int(engine.global_steps),
                              "skipped": False, "loss_scale": 1.0,
-                             "ls": _ls(layer_stats(ref_shaper.shaper, prev, ref_shaper.state, rec))})
+                             "ls": _ls(layer_stats(ref_shaper.shaper, prev, ref_shaper.state, rec)),
+                             "upd": _update_size(ref_shaper.session.grouping, list(ref.named_parameters()), before,
+                                                 len(res["names"]))})
     res["summary"] = shaping.monitor.summary() if shaping.monitor is not None else None
     engine.destroy()
     return res, {"records": records, "wiring": wiring, "local_params": local}

@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "monitor_worker.py")
 PREFIX = "Train_Samples_gradient_shaping_"
 LAYER_FIELDS = ("norm_before", "norm_after", "factor", "stat", "threshold", "ratio")
+UPDATE_FIELDS = ("param_norm", "update_ratio")
 TOL = 1e-5          # fp32, as the equivalence test (observed ~1e-16, ~1e-7 with gradient accumulation)
 K = 3.0
 
@@ -115,9 +116,16 @@ def expected_events(sc, ref):
         ratios = [r for r in ls["ratio"] if not math.isnan(r)]
         if ratios:
             put("max_ratio", max(ratios))
+        upd = row["upd"]                    # update sizes: the unsharded reference's parameters
+        put("param_norm", upd["global_param_norm"])
+        put("update_ratio", upd["global_update_ratio"])
         if per_layer:
             for f in LAYER_FIELDS:
                 for name, v in zip(ref["names"], ls[f]):
+                    if not math.isnan(v):
+                        put(f"layer_{name}_{f}", v)
+            for f in UPDATE_FIELDS:
+                for name, v in zip(ref["names"], upd[f]):
                     if not math.isnan(v):
                         put(f"layer_{name}_{f}", v)
     return exp
@@ -134,6 +142,9 @@ def test_tags_and_values_equal_the_unsharded_reference(out, name):
         assert set(got[tag]) == set(rows), (tag, sorted(got[tag]), sorted(rows))
         for s, v in rows.items():
             assert close(got[tag][s], v), (tag, s, got[tag][s], v)
+    # the update-size tags are there and move: parameters did change by a visible fraction
+    ratios = [v for t, rows in got.items() if t.endswith("update_ratio") for v in rows.values()]
+    assert ratios and min(ratios) > 1e-4
     # the shaper did change the gradient, so equal values are not trivially equal
     assert max(got["shaped_fraction"].values()) > 0
 
@@ -166,16 +177,19 @@ def test_statistics_are_identical_on_every_rank(out, name):
 
 
 def test_only_rank_0_registers(out):
+    """Monitor, callback and step wrapper on rank 0 only; the update-size sums (which span the
+    shards of every rank) on every rank when logging is on, nowhere when it is off."""
     for sc in SCENARIOS:
         ref, (r0, r1) = load(out, sc["name"])
-        assert r1["wiring"] == {"monitor": False, "callbacks": 0, "step_wrapped": False}
         on = sc["name"] != "off"
-        assert r0["wiring"] == {"monitor": on, "callbacks": int(on), "step_wrapped": on}
+        assert r1["wiring"] == {"monitor": False, "callbacks": 0, "step_wrapped": False, "update_size": on}
+        assert r0["wiring"] == {"monitor": on, "callbacks": int(on), "step_wrapped": on, "update_size": on}
 
 
 def test_log_interval_0_registers_nothing_and_writes_nothing(out):
     ref, (r0, r1) = load(out, "off")
-    assert r0["wiring"] == r1["wiring"] == {"monitor": False, "callbacks": 0, "step_wrapped": False}
+    assert r0["wiring"] == r1["wiring"] == {"monitor": False, "callbacks": 0, "step_wrapped": False,
+                                            "update_size": False}
     assert ref["summary"] is None
     assert not shaping_csvs(out, "off")
     assert os.path.exists(out / "off" / "csv" / "Train_Samples_lr.csv")    # the monitors were on

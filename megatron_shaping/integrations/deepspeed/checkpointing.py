@@ -102,7 +102,7 @@ class ShapingCheckpointing:
         after every rank finished writing. Same arguments and return value."""
         e = self.engine
         tag = str(f"global_step{e.global_steps}" if tag is None else tag)
-        sd = self.session.state_dict()
+        sd = self.shaping.state_dict()          # the session's state, and the spike rule's windows
         digests = self._gather(state_digest(sd))
         if len(set(digests)) > 1:
             bad = [r for r, d in enumerate(digests) if d != digests[0]]
@@ -157,6 +157,7 @@ class ShapingCheckpointing:
             try:
                 obj = read_state_file(path)
                 restored = restored_session(self.session, obj["state"], path)
+                self._check_skip_state(obj["state"], path)
                 outcome = ("ok", obj["digest"], "")
             except ShaperStateError as err:
                 msg = str(err)
@@ -203,13 +204,43 @@ class ShapingCheckpointing:
                 raise ShaperStateMismatch(f"{path}: shaper state was saved at global step {saved_steps} but the "
                                           f"checkpoint's model is at step {e.global_steps}: files from different saves")
             commit_session(self.session, restored)
+            self._commit_skip_state(obj["state"], path)
         else:
             reset_session(self.session)
+            if self.shaping.skip is not None:
+                self.shaping.skip.reset()
+        self.shaping.last_skipped, self.shaping.last_norm_before, self.shaping.last_skip_reasons = False, None, ()
         if not want:
             self._warn("gradient_shaping: %s loaded without optimizer states: the shaper starts fresh too", tag)
         self.last_load = {"path": path, "tag": tag, "fresh": fresh or not want,
                           "meta": dict(obj.get("meta", {})) if obj is not None else {}}
         return result
+
+
+    # ------------------------------------------------------------------ spike rule
+    def _check_skip_state(self, sd: Dict[str, Any], path: str) -> None:
+        """Validate the spike rule's saved windows before anything is loaded."""
+        from ...spike_skip import SpikeSkip
+        from .engine import SKIP_KEY
+        if self.shaping.skip is None or sd.get(SKIP_KEY) is None:
+            return
+        try:
+            SpikeSkip.check_state(sd[SKIP_KEY], path)
+        except ValueError as e:
+            raise ShaperStateMismatch(str(e)) from None
+
+    def _commit_skip_state(self, sd: Dict[str, Any], path: str) -> None:
+        """Restore the rolling windows. A checkpoint without them (saved before spike skipping
+        existed, or with it off) loads: the windows start empty and the rule re-warms."""
+        from .engine import SKIP_KEY
+        rule = self.shaping.skip
+        if rule is None:
+            return
+        saved = sd.get(SKIP_KEY)
+        if saved is None:
+            self._warn("gradient_shaping: %s has no spike-skip window (saved before spike skipping or with it off): "
+                       "the rule starts with an empty window and acts after %d steps", path, rule.min_history)
+        rule.load_state_dict(saved, path)
 
 
 def install_checkpoint_hooks(shaping) -> ShapingCheckpointing:

@@ -51,6 +51,46 @@ class ShaperSpec(DeepSpeedConfigModel):
         return self
 
 
+class SpikeSkipConfig(DeepSpeedConfigModel):
+    """``gradient_shaping.skip``: skip the optimizer update on a spike (megatron_shaping/spike_skip.py).
+    Defaults from OLMo-core's ``SkipStepOptimizer`` (``rolling_interval_length`` 128,
+    ``sigma_factor`` 6, active after ``max(20, window // 2)`` values)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    enabled: bool = True
+    """Turn the rule off without deleting the sub-section."""
+
+    grad_norm_z: Optional[float] = Field(6.0, gt=0)
+    """Skip when the global gradient norm before shaping exceeds mean + z * std of the window
+    (OLMo-core's ``sigma_factor`` 6). null: no grad-norm z rule."""
+
+    loss_z: Optional[float] = Field(None, gt=0)
+    """The same test on the loss handed in with ``engine.gradient_shaping.observe_loss(loss)``
+    (read from the last stage automatically under pipeline parallelism). null: off (OLMo-core
+    applies 6 to both; the loss needs the caller's help, hence off by default)."""
+
+    window: int = Field(128, ge=2)
+    """Previous steps in the rolling window (OLMo-core's ``rolling_interval_length``)."""
+
+    min_history: Optional[int] = Field(None, ge=2)
+    """Previous values the window must hold before a z rule acts. Default
+    ``min(window, max(20, window // 2) - 1)``: OLMo-core's warm-up (63 at window 128)."""
+
+    max_grad_norm: Optional[float] = Field(None, gt=0)
+    """Also skip any step whose global gradient norm before shaping exceeds this fixed value
+    (active from the first step). null: off."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.enabled and self.grad_norm_z is None and self.loss_z is None and self.max_grad_norm is None:
+            raise ValueError("gradient_shaping.skip has no rule: set grad_norm_z, loss_z or max_grad_norm "
+                             "(or enabled: false)")
+        if self.min_history is not None and self.min_history > self.window:
+            raise ValueError(f"gradient_shaping.skip.min_history ({self.min_history}) cannot exceed "
+                             f"gradient_shaping.skip.window ({self.window})")
+        return self
+
+
 class GradientShapingConfig(DeepSpeedConfigModel):
     """Sets parameters for gradient shaping (megatron-shaping)."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
@@ -102,6 +142,16 @@ class GradientShapingConfig(DeepSpeedConfigModel):
     spike_threshold: float = Field(5.0, ge=1.0)
     """k: a layer's step is a spike when norm_before > k * running statistic (SPAMP's tau,
     GradientStabilizer's bias-corrected EMA of the norm, ZClip's EMA mean, AdaGC's gamma)."""
+
+    skip: Optional[SpikeSkipConfig] = None
+    """Spike-aware step skipping (off when absent): ``{"grad_norm_z": 6.0, "loss_z": null,
+    "window": 128, "min_history": null, "max_grad_norm": null}``. A skipped step leaves
+    parameters, optimizer state and shaper state untouched; see docs/MONITORING.md."""
+
+    log_update_size: bool = True
+    """With ``log_interval > 0``: also write per-layer parameter norms and the update/parameter
+    norm ratio of the logged steps (one copy of the local parameter shard and one extra small
+    all-reduce on those steps only). Nothing at all with ``log_interval: 0``."""
 
     @field_validator("type")
     @classmethod

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ...core import ShapingSession, shaper_from_spec
+from ...spike_skip import NONFINITE, NO_LOSS, SpikeSkip, reasons
 from ...stats.layout import ParamInfo
 from ...stats.slices import GradSlice, SliceSet
 from .adapters import Adapter, UnsupportedPath, _patched_method, select_adapter
@@ -23,6 +24,7 @@ logger = logging.getLogger("megatron_shaping")
 
 ATTR = "gradient_shaping"      # engine.gradient_shaping -> DeepSpeedShaping
 LOG_PREFIX = "shaping/"        # keys of DeepSpeedShaping.log_dict()
+SKIP_KEY = "skip"              # the spike rule's windows inside the saved shaper state
 NAN = float("nan")
 
 
@@ -53,6 +55,11 @@ def _full_shape(p, tp_world: int) -> Tuple[int, ...]:
     return tuple(shape)
 
 
+def _is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    return isinstance(engine, PipelineEngine)
+
+
 def _local_shape(p) -> Tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", None) or p.shape)
 
@@ -76,6 +83,13 @@ class DeepSpeedShaping:
         device = next((p.device for p in engine.module.parameters()), torch.device("cpu"))
         self.session = ShapingSession(shaper_from_spec(config.spec()), infos, config.granularity,
                                       config.block_pattern, device)
+        #: Spike-aware step skipping (``gradient_shaping.skip``), None when off.
+        self.skip: Optional[SpikeSkip] = SpikeSkip(config.skip, device) \
+            if config.skip is not None and config.skip.enabled else None
+        self.is_pipeline = _is_pipeline(engine)
+        self._loss_sum: Optional[torch.Tensor] = None      # observe_loss() since the last step
+        self._loss_n = 0
+        self._warned_no_loss = False
         self.needs_param = any("unit_param_sumsq" in s.needs for s in getattr(self.session.shaper, "shapers",
                                                                                  (self.session.shaper,)))
         self.clip = float(engine.gradient_clipping() or 0.0)
@@ -84,9 +98,8 @@ class DeepSpeedShaping:
         #: Global gradient norm (before shaping, loss-scale-free) of the last step, a 0-d tensor,
         #: also on a skipped step; None before the first step.
         self.last_norm_before: Optional[torch.Tensor] = None
-        #: Steps skipped by the spike rule so far (``gradient_shaping.skip``); included in
-        #: ``session.skipped``, which counts every skipped step.
-        self.spike_skips = 0
+        #: Why the last step was skipped: () or names from megatron_shaping.spike_skip.REASONS.
+        self.last_skip_reasons: Tuple[str, ...] = ()
         self.collectives = 0
         #: Called as ``cb(shaping, record)`` after every optimizer-step boundary, ``record`` being
         #: the StepRecord or None for a skipped step (monitors, spike log).
@@ -98,10 +111,13 @@ class DeepSpeedShaping:
         install_checkpoint_hooks(self)      # shaper state in save_checkpoint / load_checkpoint
         if dist.get_rank() == 0 if self.world > 1 else True:
             logger.info("gradient shaping: %r, granularity %s, %d groups, path %s, DeepSpeed gradient_clipping=%s "
-                        "(applied after shaping)", self.session.shaper, self.session.granularity,
-                        self.session.layout.num_groups, self.adapter.name, self.clip)
-        from .monitor import install_monitor
+                        "(applied after shaping)%s", self.session.shaper, self.session.granularity,
+                        self.session.layout.num_groups, self.adapter.name, self.clip,
+                        f", step skipping {self.skip!r}" if self.skip is not None else "")
+        from .monitor import install_monitor, install_update_size
         self.monitor = install_monitor(self)    # monitor events, spike log; None when off or rank != 0
+        #: Parameter norms and update ratios of logged steps, on every rank; None when logging is off.
+        self.update_size = install_update_size(self)
 
     # ------------------------------------------------------------------ layout
     def _global_param_list(self, local: List[Tuple[str, Tuple[int, ...]]]) -> List[ParamInfo]:
@@ -137,7 +153,8 @@ class DeepSpeedShaping:
 
     def _slice_set(self) -> Tuple[SliceSet, list]:
         g = self.session.grouping
-        pieces = list(self.adapter.pieces(self.needs_param))
+        self._track_update = self.update_size is not None and self.update_size.due(self.engine.global_steps)
+        pieces = list(self.adapter.pieces(self.needs_param or self._track_update))
         slices = []
         for p, grad, offset, w in pieces:
             name = self.names[id(p)]
@@ -153,6 +170,9 @@ class DeepSpeedShaping:
             slices.append(GradSlice(grad=grad, group=g.group(name), counted=self._counted(p), param=w,
                                     offset=offset, row_len=row_len, unit_base=unit_base))
         reduce = self._all_reduce if self.world > 1 else None
+        self._step_loss = None
+        if self.skip is not None and self.skip.needs_loss:
+            reduce = self._fold_loss(reduce)
         ss = SliceSet(slices, self.session.layout, reduce)
         ss.loss_scale = self.adapter.backward_scale()
         return ss, pieces
@@ -163,30 +183,117 @@ class DeepSpeedShaping:
         self.dist.all_reduce(vec)
         self.collectives += 1
 
+    # ------------------------------------------------------------------ the loss (skip rule)
+    def observe_loss(self, loss) -> None:
+        """Hand in the training loss for the spike rule's ``loss_z`` test: call it after each
+        ``engine.backward(loss)`` (or once per optimizer step); the step's loss is the mean of
+        what was observed since the last optimizer step, averaged over the ranks that observed
+        one. No host sync; a no-op unless ``gradient_shaping.skip.loss_z`` is set, so trainers
+        may call it unconditionally. Under pipeline parallelism the loss is read from the last
+        stage automatically and this raises."""
+        if self.is_pipeline:
+            raise RuntimeError("gradient_shaping.observe_loss: on a pipeline engine the loss of the step is read "
+                               "from the last stage automatically; do not call observe_loss")
+        if self.skip is None or not self.skip.needs_loss or loss is None:
+            return
+        x = (loss if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))).detach()
+        x = x.to(device=self.session.layout.device, dtype=torch.float64).reshape(-1)[0]
+        self._loss_sum = x if self._loss_sum is None else self._loss_sum + x
+        self._loss_n += 1
+
+    def _local_step_loss(self) -> Optional[torch.Tensor]:
+        """This rank's loss of the step (0-d float64), None when it has none."""
+        if self.is_pipeline:
+            # PipelineEngine (0.19.8) sums the detached micro-batch losses of the last stage in
+            # ``total_loss`` during the schedule; the optimizer step is the schedule's last
+            # instruction, and train_batch divides by the accumulation steps only afterwards.
+            total = getattr(self.engine, "total_loss", None)
+            if not self.engine.is_last_stage() or total is None:
+                return None
+            if isinstance(total, (list, tuple)):
+                total = total[0]
+            return total.detach().to(device=self.session.layout.device, dtype=torch.float64).reshape(-1)[0] \
+                / float(self.engine.gradient_accumulation_steps())
+        if self._loss_n == 0:
+            return None
+        return self._loss_sum / self._loss_n
+
+    def _fold_loss(self, reduce):
+        """Wrap ``reduce`` so that its first call of the step also sums (loss, 1) over the ranks
+        that have a loss: two more entries in the statistics vector, no extra collective."""
+        local = self._local_step_loss()
+        dev = self.session.layout.device
+        extra = torch.zeros(2, dtype=torch.float64, device=dev) if local is None else \
+            torch.stack([local, torch.ones((), dtype=torch.float64, device=dev)])
+        self._loss_sum, self._loss_n = None, 0
+        self._step_loss = extra
+        if reduce is None:
+            return None
+        state = {"first": True}
+
+        def folded(vec: torch.Tensor) -> None:
+            if not state["first"]:
+                return reduce(vec)
+            state["first"] = False
+            n = vec.numel()
+            both = torch.cat([vec, extra.to(vec)])
+            reduce(both)
+            vec.copy_(both[:n])
+            self._step_loss = both[n:]
+        return folded
+
+    def _gate(self, stats) -> Optional[torch.Tensor]:
+        """Called by the session with the reduced statistics of the incoming gradient."""
+        gn = stats.sumsq.sum().sqrt()
+        self.last_norm_before = gn
+        if self.skip is None:
+            return None
+        loss = None
+        if self._step_loss is not None:
+            total, count = self._step_loss[0], self._step_loss[1]
+            # mean over the ranks with a loss; count 0 (nobody observed one) is flagged NO_LOSS
+            return self.skip.decide(gn, total / count.clamp_min(1.0), has_loss=count > 0)
+        return self.skip.decide(gn, loss)
+
     # ------------------------------------------------------------------ the hook
     @torch.no_grad()
     def shape(self) -> bool:
         """Shape the reduced gradient in place; False when the step must be skipped."""
         ss, pieces = self._slice_set()
         self.last_loss_scale = ss.loss_scale
-        record = self.session.step(ss)
+        record = self.session.step(ss, self._gate)
+        code = self.session.last_code
+        if self.skip is not None:
+            self.skip.commit(code)
+            if code & NO_LOSS and not self._warned_no_loss and len(self.skip.grad_norms or ()) >= self.skip.min_history:
+                self._warned_no_loss = True
+                logger.warning("gradient_shaping.skip.loss_z is set but no loss reached the rule: call "
+                               "engine.gradient_shaping.observe_loss(loss) after each backward")
         self.last_skipped = record is None
-        self.last_norm_before = None if record is None else record.stats_before.sumsq.sum().sqrt()
+        self.last_skip_reasons = reasons(code) if record is None else ()
         if record is not None:
             self.adapter.after_shaping(pieces)
+            if self._track_update:
+                self.update_size.before(ss.slices)      # parameters before the optimizer step
         for cb in self.callbacks:
             cb(self, record)
         return record is not None
 
     def _take_model_step(self, lr_kwargs=None):
         ok = self.shape()
-        if not ok and not self._loss_scaler_skips():
-            if self.config.nonfinite == "error":
-                raise FloatingPointError(f"gradient_shaping: non-finite gradient at step {self.engine.global_steps} "
-                                         "(gradient_shaping.nonfinite = 'error')")
-            return self._skip(lr_kwargs)
+        if not ok:
+            if not self.session.last_code & NONFINITE:
+                return self._skip(lr_kwargs)            # a spike: finite, so no loss scaler would skip it
+            if not self._loss_scaler_skips():
+                if self.config.nonfinite == "error":
+                    raise FloatingPointError(f"gradient_shaping: non-finite gradient at step "
+                                             f"{self.engine.global_steps} (gradient_shaping.nonfinite = 'error')")
+                return self._skip(lr_kwargs)
         with self.adapter.unscale_guard(self.last_loss_scale):
-            return self._orig_take_model_step(lr_kwargs)
+            out = self._orig_take_model_step(lr_kwargs)
+        if self.update_size is not None:
+            self.update_size.after()        # logged steps: the update the optimizer just applied
+        return out
 
     def _loss_scaler_skips(self) -> bool:
         """fp16 with a loss scaler: DeepSpeed's own overflow check skips the step."""
@@ -197,7 +304,7 @@ class DeepSpeedShaping:
         ``optimizer.overflow = True`` makes ``_take_model_step`` count the step as skipped and
         leave the LR schedule alone, as it does for an fp16 overflow."""
         opt = self.engine.optimizer
-        logger.warning("gradient_shaping: non-finite gradient, step %d skipped", self.engine.global_steps)
+        logger.warning("gradient_shaping: step %d skipped: %s", self.engine.global_steps, self._skip_message())
         had_flag = "overflow" in opt.__dict__
         old_flag = opt.__dict__.get("overflow")
         with _patched_method(opt, "step", lambda orig: (lambda *a, **k: self.adapter.skip_step())):
@@ -209,6 +316,28 @@ class DeepSpeedShaping:
                     opt.overflow = old_flag
                 else:
                     del opt.overflow
+
+    def _skip_message(self) -> str:
+        code = self.session.last_code
+        if code & NONFINITE or self.skip is None:
+            return "non-finite gradient"
+        v = {k: float(t) for k, t in self.skip.last.items()}     # a skipped step only: host reads are fine
+        parts = []
+        if "grad_norm_z" in self.last_skip_reasons:
+            parts.append(f"grad norm {v['grad_norm']:.4g} > mean {v['grad_norm_mean']:.4g} + {self.skip.grad_norm_z:g} "
+                         f"x std {v['grad_norm_std']:.4g} of the last {self.skip.last_history['grad_norm']} steps")
+        if "max_grad_norm" in self.last_skip_reasons:
+            parts.append(f"grad norm {v['grad_norm']:.4g} > max_grad_norm {self.skip.max_grad_norm:g}")
+        if "loss_z" in self.last_skip_reasons:
+            parts.append(f"loss {v['loss']:.5g} > mean {v['loss_mean']:.5g} + {self.skip.loss_z:g} x std "
+                         f"{v['loss_std']:.4g} of the last {self.skip.last_history['loss']} steps")
+        return "spike (" + "; ".join(parts) + ")"
+
+    @property
+    def spike_skips(self) -> int:
+        """Steps skipped by the spike rule so far (restored from checkpoints); included in
+        ``session.skipped``, which counts every skipped step."""
+        return 0 if self.skip is None else self.skip.skips
 
     # ------------------------------------------------------------------ logging
     def log_dict(self) -> Dict[str, float]:
@@ -248,10 +377,18 @@ class DeepSpeedShaping:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        return self.session.state_dict()
+        """The session's state dict plus, with spike skipping on, its windows under ``"skip"``."""
+        sd = self.session.state_dict()
+        if self.skip is not None:
+            sd[SKIP_KEY] = self.skip.state_dict()
+        return sd
 
     def load_state_dict(self, sd: Dict[str, Any], source: str = "state_dict") -> None:
+        if self.skip is not None and sd.get(SKIP_KEY) is not None:
+            SpikeSkip.check_state(sd[SKIP_KEY], source)
         self.session.load_state_dict(sd, source)
+        if self.skip is not None:
+            self.skip.load_state_dict(sd.get(SKIP_KEY), source)
 
 
 def attach(engine, config: Optional[Dict[str, Any]] = None) -> Optional[DeepSpeedShaping]:

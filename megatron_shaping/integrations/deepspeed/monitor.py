@@ -13,7 +13,8 @@ optimizer step s is written at ``engine.global_samples`` *after* that step, like
     P/shaped_fraction        fraction of layers whose factor differs from 1 by more than 1e-6
     P/max_ratio              largest norm_before / stat over the layers (absent without a stat)
     P/spikes                 spike events so far (norm_before > spike_threshold * stat)
-    P/skipped_steps          steps skipped so far because the gradient was not finite
+    P/skipped_steps          steps skipped so far (non-finite gradient, or the spike rule)
+    P/spike_skips            ... of which by the spike rule (only with gradient_shaping.skip)
     P/loss_scale             loss scale the step's backward used (1 without fp16)
     P/layer/<name>/norm_before, norm_after, factor       (with log_per_layer)
     P/layer/<name>/stat, threshold, ratio                (where the method has them)
@@ -202,6 +203,93 @@ def shaped_fraction(record_or_factor) -> float:
     return float(((f - 1).abs() > SHAPED_TOL).double().mean()) if f.numel() else 0.0
 
 
+class UpdateSize(NamedTuple):
+    """One logged step, per group ([L] float64): the parameters after the step and the step's
+    update, ``update_ratio = ||w_after - w_before|| / ||w_before||`` (NaN where ||w_before|| = 0)."""
+    param_norm: torch.Tensor
+    update_norm: torch.Tensor
+    update_ratio: torch.Tensor
+
+
+UPDATE_FIELDS = ("param_norm", "update_ratio")
+
+
+class UpdateSizeTracker:
+    """Per-group parameter norm and update/parameter norm ratio of the logged steps.
+
+    Runs on *every* rank (the sums span ZeRO partitions, TP shards and pipeline stages) when
+    ``log_interval > 0`` and ``log_update_size``; with ``log_interval: 0`` it does not exist.
+    On a logged step that is not skipped, :meth:`before` keeps a copy of this rank's *counted*
+    parameter slices (the values the optimizer updates: the fp32 master partition under ZeRO,
+    the model weights on ZeRO-0; replicas are not counted, as for the gradient statistics), and
+    :meth:`after` sums, per group, w_after^2, (w_after - w_before)^2 and w_before^2 over those
+    slices in float64 and all-reduces the three [L] vectors as one: one extra collective and one
+    copy of the local shard, on logged steps only."""
+
+    def __init__(self, num_groups: int, interval: int, device, reduce: Optional[Callable[[torch.Tensor], None]]):
+        self.L = int(num_groups)
+        self.interval = int(interval)
+        self.device = device
+        self.reduce = reduce
+        self._held: Optional[Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]] = None
+        #: The result of the last logged step, until :meth:`take` hands it over.
+        self.last: Optional[Tuple[UpdateSize, torch.Tensor]] = None
+
+    def due(self, global_steps: int) -> bool:
+        """Is the step with 0-based index ``global_steps`` a logged one?"""
+        return (int(global_steps) + 1) % self.interval == 0
+
+    def before(self, slices) -> None:
+        """``slices``: GradSlice-like objects with ``param`` (1-D live view), ``group``, ``counted``."""
+        live, groups = [], []
+        for s in slices:
+            if s.counted and s.param is not None and s.param.numel():
+                live.append(s.param)
+                groups.append(s.group)
+        copies = [w.detach().clone() for w in live]
+        self._held = (live, copies, torch.tensor(groups, dtype=torch.long, device=self.device))
+
+    def after(self) -> Optional[UpdateSize]:
+        """Reduce the sums of the step :meth:`before` saw (every rank calls it on the same steps)."""
+        if self._held is None:
+            return None
+        live, copies, groups = self._held
+        self._held = None
+        acc = torch.zeros(3, self.L, dtype=torch.float64, device=self.device)
+        if live:
+            deltas = [w.detach().to(torch.float64) - c.to(torch.float64) for w, c in zip(live, copies)]
+            for row, ts in enumerate((live, deltas, copies)):
+                norms = torch.stack(torch._foreach_norm([t.detach() for t in ts], 2, dtype=torch.float64))
+                acc[row].index_add_(0, groups, norms.to(acc.device).square())
+        flat = acc.view(-1)
+        if self.reduce is not None:
+            self.reduce(flat)
+        after2, delta2, before2 = acc.unbind(0)
+        before = before2.sqrt()
+        upd = delta2.sqrt()
+        ratio = torch.where(before > 0, upd / before.clamp_min(torch.finfo(torch.float64).tiny),
+                            torch.full_like(before, NAN))
+        self.last = (UpdateSize(after2.sqrt(), upd, ratio), before2)
+        return self.last[0]
+
+    def take(self) -> Optional[Tuple[UpdateSize, torch.Tensor]]:
+        out, self.last = self.last, None
+        return out
+
+
+def install_update_size(shaping) -> Optional[UpdateSizeTracker]:
+    """An :class:`UpdateSizeTracker` on every rank when ``log_interval > 0`` and
+    ``log_update_size``; None otherwise (then nothing runs)."""
+    cfg = shaping.config
+    if not (cfg.log_interval > 0 and getattr(cfg, "log_update_size", False)):
+        return None
+    if not getattr(getattr(shaping.engine, "monitor", None), "enabled", False):
+        return None             # nothing would be written (the same answer on every rank: config)
+    reduce = shaping._all_reduce if shaping.world > 1 else None
+    return UpdateSizeTracker(shaping.session.layout.num_groups, cfg.log_interval, shaping.session.layout.device,
+                             reduce)
+
+
 # ----------------------------------------------------------------------------------------------
 # the DeepSpeed side
 
@@ -231,6 +319,7 @@ class ShapingMonitor:
         # spike bookkeeping: layer -> [count, worst ratio, first step, last step]
         self.spikes = 0
         self.nonfinite = 0
+        self.spike_skipped = 0          # steps skipped by the spike rule (gradient_shaping.skip)
         self.per_layer_spikes: Dict[str, list] = {}
         self._pending_events: List[Tuple[str, float]] = []
         self._pending_lines: List[Dict[str, Any]] = []
@@ -264,6 +353,7 @@ class ShapingMonitor:
             # not remembered from the last step, so a checkpoint load in between is no problem.
             self._prev, self._prev_steps = self.session.state, self.session.steps
             out = inner_step(lr_kwargs)
+            self._queue_update_size()
             self.flush()
             return out
 
@@ -279,12 +369,18 @@ class ShapingMonitor:
         step = int(self.engine.global_steps)          # 0-based index of the step being taken
         log_now = self.interval > 0 and (step + 1) % self.interval == 0
         if record is None:
-            self.nonfinite += 1
-            if self._file is not None:
-                self._pending_lines.append({"event": "nonfinite"})
+            why = tuple(getattr(shaping, "last_skip_reasons", ()) or ("nonfinite",))
+            if "nonfinite" in why:
+                self.nonfinite += 1
+                if self._file is not None:
+                    self._pending_lines.append({"event": "nonfinite"})
+            else:
+                self.spike_skipped += 1
+                if self._file is not None:
+                    self._pending_lines.append({"event": "skip", "reasons": list(why), **self._skip_values(shaping)})
             if log_now:
-                self._pending_events += [("skipped_steps", float(self.session.skipped)),
-                                         ("loss_scale", float(shaping.last_loss_scale))]
+                self._pending_events += [("skipped_steps", float(self.session.skipped))] + self._spike_skip_event() \
+                    + [("loss_scale", float(shaping.last_loss_scale))]
             return
         # _prev is the state taken just before this step (see _wrap_engine); if shape() ran
         # outside _take_model_step we do not know it, and the step has no stat.
@@ -319,8 +415,9 @@ class ShapingMonitor:
               ("shaped_fraction", shaped_fraction(ls.factor))]
         if ratio.numel():
             ev.append(("max_ratio", float(ratio.max())))
-        ev += [("spikes", float(self.spikes)), ("skipped_steps", float(self.session.skipped)),
-               ("loss_scale", float(shaping.last_loss_scale))]
+        ev += [("spikes", float(self.spikes)), ("skipped_steps", float(self.session.skipped))]
+        ev += self._spike_skip_event()
+        ev.append(("loss_scale", float(shaping.last_loss_scale)))
         if self.per_layer:
             cols = torch.stack(list(ls)).tolist()       # one device->host copy for all layers
             for f, col in zip(LayerStats._fields, cols):
@@ -328,6 +425,41 @@ class ShapingMonitor:
                     if not math.isnan(v):
                         ev.append((f"layer/{name}/{f}", v))
         self._pending_events += ev
+
+    def _queue_update_size(self) -> None:
+        """Parameter norms and update ratios of the step just taken (computed on every rank by
+        the UpdateSizeTracker after the optimizer step), when it was a logged one."""
+        tracker = getattr(self.shaping, "update_size", None)
+        got = tracker.take() if tracker is not None else None
+        if got is None or not self.interval:
+            return
+        us, before2 = got
+        b, u, p = float(before2.sum().sqrt()), float(us.update_norm.square().sum().sqrt()), \
+            float(us.param_norm.square().sum().sqrt())
+        ev = [("param_norm", p), ("update_ratio", u / b if b > 0 else NAN)]
+        if self.per_layer:
+            cols = torch.stack([us.param_norm, us.update_ratio]).tolist()
+            for f, col in zip(UPDATE_FIELDS, cols):
+                for name, v in zip(self.names, col):
+                    if not math.isnan(v):
+                        ev.append((f"layer/{name}/{f}", v))
+        self._pending_events += [(t, v) for t, v in ev if not math.isnan(v)]
+
+    def _spike_skip_event(self) -> List[Tuple[str, float]]:
+        """``spike_skips`` (steps skipped by the spike rule so far), only when the rule is on."""
+        if getattr(self.shaping, "skip", None) is None:
+            return []
+        return [("spike_skips", float(self.shaping.spike_skips))]
+
+    @staticmethod
+    def _skip_values(shaping) -> Dict[str, Any]:
+        """The numbers behind a spike skip (a skipped step only: one host read)."""
+        rule = getattr(shaping, "skip", None)
+        if rule is None or not rule.last:
+            return {}
+        keys = list(rule.last)
+        vals = torch.stack([rule.last[k].double().reshape(()) for k in keys]).tolist()
+        return dict(zip(keys, vals))
 
     # ------------------------------------------------------------------ output
     def flush(self) -> None:
@@ -352,6 +484,7 @@ class ShapingMonitor:
         worst = sorted(self.per_layer_spikes.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[:SUMMARY_WORST]
         return {"steps": self.session.steps, "skipped": self.session.skipped, "spike_threshold": self.k,
                 "spikes": self.spikes, "nonfinite": self.nonfinite,
+                "spike_skips": int(getattr(self.shaping, "spike_skips", 0) or 0),
                 "layers_with_spikes": len(self.per_layer_spikes),
                 "worst_layers": [{"layer": n, "spikes": c, "max_ratio": r, "first_step": a, "last_step": b}
                                  for n, (c, r, a, b) in worst]}
@@ -359,9 +492,9 @@ class ShapingMonitor:
     def log_summary(self) -> Dict[str, Any]:
         s = self.summary()
         worst = ", ".join(f"{w['layer']} ({w['spikes']}x, max {w['max_ratio']:.3g})" for w in s["worst_layers"])
-        logger.info("gradient shaping: %d steps shaped, %d skipped (non-finite), %d spike events (norm > %g x "
-                    "running statistic) in %d layers%s", s["steps"], s["skipped"], s["spikes"], self.k,
-                    s["layers_with_spikes"], f"; most: {worst}" if worst else "")
+        logger.info("gradient shaping: %d steps shaped, %d skipped (%d by the spike rule), %d spike events "
+                    "(norm > %g x running statistic) in %d layers%s", s["steps"], s["skipped"], s["spike_skips"],
+                    s["spikes"], self.k, s["layers_with_spikes"], f"; most: {worst}" if worst else "")
         return s
 
     def close(self) -> Optional[Dict[str, Any]]:
