@@ -10,12 +10,26 @@ weights on TP rank > 0, tied weights on the non-owner stage) are shaped but not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..shapers.base import (STAT_DTYPE, SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, Elementwise, GroupLayout,
                             Stats)
+
+
+#: Elements per partial sum on the CPU path: each partial is accumulated in fp32 by PyTorch's
+#: native row reduction (relative error ~1e-7 for 2048 elements) and the partials are added in
+#: float64.
+CHUNK = 2048
+#: 16-bit slices are widened to fp32 in runs of at most this many elements (bounded temporary).
+WIDEN_BLOCK = 1 << 18
+#: A partial norm below this (or not finite) is recomputed exactly: fp32 squares underflow
+#: below ~1e-19 and overflow above ~1e19, so such a chunk's fp32 norm may be wrong (or is a
+#: genuine inf/nan, which the exact float64 pass keeps). 1e-13: a chunk of 2048 entries below
+#: it, scaled by 2^100, can neither overflow nor lose a normal fp32 square.
+_LOW = 1e-13
+_UP = 2.0 ** 100
 
 
 @dataclass
@@ -46,6 +60,28 @@ def _row_sums(x: torch.Tensor, offset: int, row_len: int) -> torch.Tensor:
         if tail < n:
             out[-1] = x[tail:].sum()
     return out
+
+
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List[float]) -> None:
+    """tensors[i] *= scalars[i] in place, each product rounded once to the tensor's dtype.
+
+    ``torch._foreach_mul_`` with Python scalars computes a bf16/fp16 tensor's product with the
+    scalar already rounded to that dtype (a factor off by up to 0.4 % in bf16). 16-bit tensors
+    are therefore multiplied in fp32 (one slice-sized fp32 temporary at a time) and rounded once;
+    fp32/fp64 tensors keep the fused multi-tensor multiply.
+    """
+    wide_t, wide_s = [], []
+    for t, f in zip(tensors, scalars):
+        if t.dtype in _NARROW:
+            t.copy_(t.float().mul_(f))
+        else:
+            wide_t.append(t)
+            wide_s.append(f)
+    if wide_t:
+        torch._foreach_mul_(wide_t, wide_s)
 
 
 _NARROW = (torch.bfloat16, torch.float16)
@@ -101,44 +137,251 @@ def _unit_span(s: GradSlice) -> tuple:
     return s.unit_base + s.offset // row_len, row_len
 
 
+# ---------------------------------------------------------------------------------- partial sums
+# A *run* (start, k, length) is k consecutive chunks of ``length`` elements of one flat tensor,
+# starting at element ``start``: one native row reduction gives its k partial sums. Runs and the
+# output index of every partial (group or unit id) depend only on the slices' geometry, so they
+# are built once per geometry (:class:`SliceMeta`) and reused every step.
+
+def _chunk_runs(start: int, n: int, chunk: int) -> List[Tuple[int, int, int]]:
+    """n elements from ``start`` as chunks of ``chunk`` elements and a shorter last one."""
+    runs = []
+    q, r = divmod(n, chunk)
+    if q:
+        runs.append((start, q, chunk))
+    if r:
+        runs.append((start + q * chunk, 1, r))
+    return runs
+
+
+def _row_chunk(row_len: int) -> int:
+    """Chunk length for rows longer than CHUNK: the largest divisor of row_len <= CHUNK (>= 256),
+    else whole rows (one fp32 accumulation per row)."""
+    if row_len <= CHUNK:
+        return row_len
+    for d in range(CHUNK, 255, -1):
+        if row_len % d == 0:
+            return d
+    return row_len
+
+
+def _group_runs(n: int, out_id: int):
+    runs = _chunk_runs(0, n, CHUNK)
+    return runs, [out_id] * sum(k for _, k, _ in runs)
+
+
+def _unit_runs(n: int, offset: int, row_len: int, unit_first: int):
+    """Runs over a slice that starts ``offset`` elements into a tensor of rows of ``row_len``;
+    every partial maps to the global unit id of its row (``unit_first`` = the first row's)."""
+    runs: List[Tuple[int, int, int]] = []
+    ids: List[int] = []
+    head = min(n, row_len - offset % row_len)
+    for r in _chunk_runs(0, head, CHUNK):
+        runs.append(r)
+        ids += [unit_first] * r[1]
+    body = (n - head) // row_len
+    if body:
+        d = _row_chunk(row_len)
+        m = row_len // d
+        runs.append((head, body * m, d))
+        ids += [unit_first + 1 + j // m for j in range(body * m)]
+    tail_start = head + body * row_len
+    if tail_start < n:
+        for r in _chunk_runs(tail_start, n - tail_start, CHUNK):
+            runs.append(r)
+            ids += [unit_first + 1 + body] * r[1]
+    return runs, ids
+
+
+def _split_runs(runs, block: int):
+    """Split runs so that none covers more than ``block`` elements (16-bit widening)."""
+    out = []
+    for a, k, length in runs:
+        per = max(1, block // length)
+        for j in range(0, k, per):
+            kk = min(per, k - j)
+            out.append((a + j * length, kk, length))
+    return out
+
+
+class _Partials:
+    """Runs of every counted tensor of one statistic and the output index of their partials."""
+
+    def __init__(self, runs_per_tensor: List[list], ids: List[int], size: int, device):
+        self.runs = runs_per_tensor
+        self.index = torch.tensor(ids, dtype=torch.long, device=device)
+        self.size = size
+        # (tensor position, start, length) of every partial, for the exact recomputation
+        self.where: List[Tuple[int, int, int]] = []
+        for t, runs in enumerate(runs_per_tensor):
+            for a, k, length in runs:
+                self.where += [(t, a + j * length, length) for j in range(k)]
+
+
+def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) -> torch.Tensor:
+    """float64 vector of ``parts.size`` sums: sum of x^2 (p=2) or |x| (p=1) per output id.
+
+    CPU: each run's partials come from PyTorch's native fp32 row reduction (16-bit runs widened
+    to fp32 in bounded blocks), no float64 copy of the gradient, and are added in float64;
+    partials that may have overflowed or underflowed in fp32 (and genuine inf/nan) are
+    recomputed exactly. Other devices: the same runs reduced with ``dtype=float64``."""
+    if not tensors:
+        return torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
+    out = []
+    cpu = tensors[0].device.type == "cpu"
+    for x, runs in zip(tensors, parts.runs):
+        if x.dtype == torch.float64 or not cpu:
+            dt = STAT_DTYPE
+        elif x.dtype == torch.float32:
+            dt = None
+        else:
+            dt = torch.float32
+        for a, k, length in runs:
+            out.append(torch.linalg.vector_norm(x.narrow(0, a, k * length).view(k, length), p, dim=1, dtype=dt))
+    vals = torch.cat(out) if len(out) > 1 else out[0]
+    if vals.dtype != STAT_DTYPE:
+        # CPU fp32 partials. nonzero() and numel() read no tensor value; the host reads below
+        # happen only when a partial needs the exact pass (a zero or tiny chunk, an overflow).
+        finite = torch.isfinite(vals)
+        redo_big = (~finite).nonzero().view(-1)
+        redo_small = ((vals < _LOW) & finite).nonzero().view(-1) if p == 2 else None
+        vals = vals.to(STAT_DTYPE)
+        if redo_big.numel():
+            _exact_partials(tensors, parts, vals, redo_big, p, scaled=False)
+        if redo_small is not None and redo_small.numel():
+            _exact_partials(tensors, parts, vals, redo_small, p, scaled=True)
+    if p == 2:
+        vals = vals.square()
+    acc = torch.zeros(parts.size, dtype=STAT_DTYPE, device=vals.device)
+    return acc.index_add_(0, parts.index, vals)
+
+
+def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: torch.Tensor, p: int, scaled: bool) -> None:
+    """Recompute the partials at ``idx`` in place without fp32's range limits (CPU path).
+
+    ``scaled``: chunks whose fp32 norm is below _LOW (every entry < 1e-13, including all-zero
+    chunks such as embedding rows no token hit) are reduced in fp32 after an exact scaling by
+    2^100, which keeps every square a normal fp32 number. Otherwise (overflow, inf, nan) the
+    chunk is reduced in float64. The chunks of one run are gathered in batches of at most
+    WIDEN_BLOCK elements, so the temporaries stay bounded."""
+    by_len: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+    for j in idx.tolist():
+        t, a, length = parts.where[j]
+        by_len.setdefault((t, length), []).append((j, a))
+    for (t, length), items in by_len.items():
+        x = tensors[t]
+        per = max(1, WIDEN_BLOCK // length)
+        for b in range(0, len(items), per):
+            batch = items[b:b + per]
+            starts = torch.tensor([a for _, a in batch], dtype=torch.long, device=x.device)
+            gather = (starts.unsqueeze(1) + torch.arange(length, device=x.device)).view(-1)
+            rows = x.index_select(0, gather).view(len(batch), length)
+            where = torch.tensor([j for j, _ in batch], dtype=torch.long, device=vals.device)
+            if scaled and length <= CHUNK:
+                rows = rows.to(torch.float32).mul_(_UP)
+                exact = torch.linalg.vector_norm(rows, p, dim=1).to(STAT_DTYPE) / _UP
+            else:
+                exact = torch.linalg.vector_norm(rows.to(STAT_DTYPE), p, dim=1)
+            vals.index_copy_(0, where, exact)
+
+
+class SliceMeta:
+    """Everything about a list of slices that does not change between steps as long as the
+    slices cover the same parameters the same way: counted positions, partial-sum runs and their
+    group / unit indices, the group of each slice. Built once (at attach time in the DeepSpeed
+    integration, see :class:`SliceCache`) and shared by the per-step :class:`SliceSet`."""
+
+    def __init__(self, slices: Sequence[GradSlice], layout: GroupLayout):
+        dev = layout.device
+        self.key = _geometry(slices)
+        self.layout = layout
+        L = layout.num_groups
+        U = layout.unit_group.numel()
+        self.counted = [i for i, s in enumerate(slices) if s.counted and s.grad.numel() > 0]
+        self.group_of = [s.group for s in slices]
+        self.slice_group = torch.tensor(self.group_of, dtype=torch.long, device=dev)
+        counted = [slices[i] for i in self.counted]
+        self.counted_group = torch.tensor([s.group for s in counted], dtype=torch.long, device=dev)
+        g_runs, g_ids = [], []
+        u_runs, u_ids = [], []
+        for s in counted:
+            n = s.grad.numel()
+            r, ids = _group_runs(n, s.group)
+            g_runs.append(r)
+            g_ids += ids
+            first, row_len = _unit_span(s)
+            if row_len is None:
+                r, ids = _group_runs(n, first)
+            else:
+                r, ids = _unit_runs(n, s.offset, row_len, first)
+            u_runs.append(r)
+            u_ids += ids
+        wide = [s.grad.dtype in (torch.float16, torch.bfloat16) for s in counted]
+        self.group_parts = _Partials([_split_runs(r, WIDEN_BLOCK) if w else r for r, w in zip(g_runs, wide)],
+                                     g_ids, L, dev)
+        self.unit_parts = _Partials([_split_runs(r, WIDEN_BLOCK) if w else r for r, w in zip(u_runs, wide)],
+                                    u_ids, U, dev)
+        self.param_unit_parts = None     # built on first use: parameter dtypes may differ
+        self._u_runs = u_runs
+        self._u_ids = u_ids
+
+    def param_parts(self, params: Sequence[torch.Tensor]) -> _Partials:
+        if self.param_unit_parts is None:
+            wide = [w.dtype in (torch.float16, torch.bfloat16) for w in params]
+            self.param_unit_parts = _Partials([_split_runs(r, WIDEN_BLOCK) if w else r
+                                               for r, w in zip(self._u_runs, wide)],
+                                              self._u_ids, self.layout.unit_group.numel(), self.layout.device)
+        return self.param_unit_parts
+
+
+def _geometry(slices: Sequence[GradSlice]) -> tuple:
+    return tuple((s.group, s.counted, s.offset, s.row_len, s.unit_base, s.grad.numel(), s.grad.dtype,
+                  s.grad.device) for s in slices)
+
+
 class SliceSet:
     """The gradient slices one rank owns, and how to turn them into reduced statistics.
 
     ``reduce`` all-reduces (sums) one float64 vector in place over the group that shards these
     slices; the identity for a single process. ``loss_scale`` is the factor the slices carry
-    (the loss scale backward used): statistics are of ``grad / loss_scale``.
+    (the loss scale backward used): statistics are of ``grad / loss_scale``. ``meta``: a
+    :class:`SliceMeta` of the same geometry to reuse (else built here).
     """
 
     def __init__(self, slices: Sequence[GradSlice], layout: GroupLayout,
-                 reduce: Optional[Callable[[torch.Tensor], None]] = None):
+                 reduce: Optional[Callable[[torch.Tensor], None]] = None, meta: Optional["SliceMeta"] = None):
         self.slices = list(slices)
         self.layout = layout
         self.reduce = reduce
         self.loss_scale = 1.0
         self.collectives = 0       # number of reductions run (for the benchmark and tests)
-        dev = layout.device
-        counted = [s for s in self.slices if s.counted and s.grad.numel() > 0]
-        self._counted = [s.grad for s in counted]
-        self._counted_group = torch.tensor([s.group for s in counted], dtype=torch.long, device=dev)
-        self._counted_slices = counted
-        self._group_of = [s.group for s in self.slices]
+        if meta is None or meta.layout is not layout or meta.key != _geometry(self.slices):
+            meta = SliceMeta(self.slices, layout)
+        self.meta = meta
+        self._counted = [self.slices[i].grad for i in meta.counted]
+        self._counted_group = meta.counted_group
+        self._counted_slices = [self.slices[i] for i in meta.counted]
+        self._group_of = meta.group_of
 
     # -------------------------------------------------------------- statistics
     def compute(self, needs: frozenset) -> Stats:
         """Local sums of what ``needs`` names, packed and reduced in one collective."""
-        L = self.layout.num_groups
-        U = self.layout.unit_group.numel()
         dev = self.layout.device
         parts: Dict[str, torch.Tensor] = {}
-        if SUMSQ in needs:
-            parts[SUMSQ] = self._group_sum(2, L, dev)
-        if SUMABS in needs:
-            parts[SUMABS] = self._group_sum(1, L, dev)
         if UNIT_SUMSQ in needs:
-            parts[UNIT_SUMSQ] = self._unit_sum(lambda s: s.grad, U, dev)
+            parts[UNIT_SUMSQ] = self._unit_sum(None)
+        if SUMSQ in needs:
+            if UNIT_SUMSQ in parts:
+                # The unit partials cover the same elements: their group sums are the group's.
+                parts[SUMSQ] = torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=dev).index_add_(
+                    0, self.layout.unit_group, parts[UNIT_SUMSQ])
+            else:
+                parts[SUMSQ] = self._group_sum(2)
+        if SUMABS in needs:
+            parts[SUMABS] = self._group_sum(1)
         if UNIT_PARAM_SUMSQ in needs:
-            parts[UNIT_PARAM_SUMSQ] = self._unit_sum(lambda s: s.param, U, dev)
-        keys = list(parts)
+            parts[UNIT_PARAM_SUMSQ] = self._unit_sum("param")
+        keys = [k for k in (SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ) if k in parts]
         packed = torch.cat([parts[k] for k in keys]) if keys else torch.zeros(0, dtype=STAT_DTYPE, device=dev)
         if self.reduce is not None and packed.numel():
             self.reduce(packed)
@@ -153,27 +396,21 @@ class SliceSet:
                 out[SUMABS] = out[SUMABS] / s
         return Stats(**out)
 
-    def _group_sum(self, p: int, L: int, dev) -> torch.Tensor:
-        acc = torch.zeros(L, dtype=STAT_DTYPE, device=dev)
-        if self._counted:
+    def _group_sum(self, p: int) -> torch.Tensor:
+        if self._counted and self._counted[0].device.type != "cpu":
+            # Accelerators: one fused multi-tensor kernel, float64 output.
+            acc = torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=self.layout.device)
             norms = torch.stack(torch._foreach_norm(self._counted, p, dtype=STAT_DTYPE))
-            acc.index_add_(0, self._counted_group, norms.square() if p == 2 else norms)
-        return acc
+            return acc.index_add_(0, self._counted_group, norms.square() if p == 2 else norms)
+        return _reduce_partials(self._counted, self.meta.group_parts, p)
 
-    def _unit_sum(self, which, U: int, dev) -> torch.Tensor:
-        acc = torch.zeros(U, dtype=STAT_DTYPE, device=dev)
-        for s in self._counted_slices:
-            x = which(s)
-            if x is None:
+    def _unit_sum(self, which: Optional[str]) -> torch.Tensor:
+        if which == "param":
+            xs = [s.param for s in self._counted_slices]
+            if any(x is None for x in xs):
                 raise ValueError("unit-wise statistics need the parameter values of every slice")
-            x2 = x.to(STAT_DTYPE).square()
-            first, row_len = _unit_span(s)
-            if row_len is None:
-                acc[first] += x2.sum()
-            else:
-                sums = _row_sums(x2, s.offset, row_len)
-                acc[first:first + sums.numel()] += sums
-        return acc
+            return _reduce_partials(xs, self.meta.param_parts(xs), 2)
+        return _reduce_partials(self._counted, self.meta.unit_parts, 2)
 
     # -------------------------------------------------------------- application
     def apply(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor],
@@ -218,6 +455,45 @@ class SliceSet:
             if ls != 1.0:
                 out = out * ls
             s.grad.copy_(out)
+
+
+class SliceCache:
+    """Slice metadata computed once and reused while the adapter yields the same pieces.
+
+    ``describe(param, offset)`` returns ``(group, counted, row_len, unit_base)`` for a gradient
+    piece; it runs for every piece only when the pieces' identity (parameter, offset, length,
+    dtype) differs from the previous step's, and with it the :class:`SliceMeta` (runs and
+    indices of the statistics). The gradient views themselves are taken fresh each step and not
+    kept: DeepSpeed may hand out new storage between steps (``storage_changes`` counts the steps
+    where any piece's data pointer moved; the metadata does not depend on it).
+    """
+
+    def __init__(self, layout: GroupLayout, describe: Callable[[torch.Tensor, int], Tuple[int, bool, int, int]]):
+        self.layout = layout
+        self.describe = describe
+        self.rebuilds = 0
+        self.storage_changes = 0
+        self._key = None
+        self._desc: List[Tuple[int, bool, int, int]] = []
+        self._meta: Optional[SliceMeta] = None
+        self._ptrs: Optional[tuple] = None
+
+    def slice_set(self, pieces, reduce: Optional[Callable[[torch.Tensor], None]] = None) -> SliceSet:
+        """``pieces``: (param, grad 1-D view, flat offset, param values or None) per slice."""
+        key = tuple((id(p), off, g.numel(), g.dtype) for p, g, off, _ in pieces)
+        if key != self._key:
+            self._desc = [self.describe(p, off) for p, _, off, _ in pieces]
+            self._key = key
+            self._meta = None
+            self.rebuilds += 1
+        ptrs = tuple(g.data_ptr() for _, g, _, _ in pieces)
+        if self._ptrs is not None and ptrs != self._ptrs:
+            self.storage_changes += 1
+        self._ptrs = ptrs
+        slices = [GradSlice(g, d[0], d[1], w, off, d[2], d[3]) for (_, g, off, w), d in zip(pieces, self._desc)]
+        ss = SliceSet(slices, self.layout, reduce, meta=self._meta)
+        self._meta = ss.meta
+        return ss
 
 
 def slices_from_params(named_params, group_of: Callable[[str], int], with_param: bool = False,

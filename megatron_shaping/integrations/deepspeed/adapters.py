@@ -206,19 +206,31 @@ class FP16Adapter(Adapter):
 
     @contextlib.contextmanager
     def norm_guard(self, norm):
-        """FP16_Optimizer.step (not the legacy fused-Adam step) takes its norm from
-        ``get_flattened_grad_norm`` of the module ``deepspeed.runtime.fp16.fused_optimizer``,
-        after its own overflow check (which stays). FP16_UnfusedOptimizer keeps its pass."""
+        """Both optimizers run their own overflow check first (it stays). FP16_Optimizer.step
+        (not the legacy fused-Adam step) then takes its norm from ``get_flattened_grad_norm``
+        of ``deepspeed.runtime.fp16.fused_optimizer``; FP16_UnfusedOptimizer.step (not the
+        legacy fused-LAMB step) from ``get_weight_norm`` per group combined by
+        ``get_global_norm`` (a Python float) of ``deepspeed.runtime.fp16.unfused_optimizer``."""
         from deepspeed.runtime.fp16 import fused_optimizer as fo
-        if not isinstance(self.opt, fo.FP16_Optimizer) or getattr(self.opt, "fused_adam_legacy", False):
-            yield
-            return
+        from deepspeed.runtime.fp16 import unfused_optimizer as uo
+        if isinstance(self.opt, fo.FP16_Optimizer) and not getattr(self.opt, "fused_adam_legacy", False):
+            def flattened_norm(*args, **kwargs):
+                self._replaced()
+                return norm
 
-        def flattened_norm(*args, **kwargs):
-            self._replaced()
-            return norm
+            with _swap_attr(fo, "get_flattened_grad_norm", flattened_norm):
+                yield
+        elif isinstance(self.opt, uo.FP16_UnfusedOptimizer) and not getattr(self.opt, "fused_lamb_legacy", False):
+            def weight_norm(*args, **kwargs):
+                return 0.0                  # the per-group pass is not run
 
-        with _swap_attr(fo, "get_flattened_grad_norm", flattened_norm):
+            def global_norm(*args, **kwargs):
+                self._replaced()
+                return float(norm)          # DeepSpeed's get_global_norm returns a float too
+
+            with _swap_attr(uo, "get_weight_norm", weight_norm), _swap_attr(uo, "get_global_norm", global_norm):
+                yield
+        else:
             yield
 
     def skip_step(self):

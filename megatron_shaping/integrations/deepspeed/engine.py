@@ -15,7 +15,7 @@ import torch
 from ...core import ShapingSession, shaper_from_spec
 from ...spike_skip import NONFINITE, NO_LOSS, SpikeSkip, reasons
 from ...stats.layout import ParamInfo
-from ...stats.slices import GradSlice, SliceSet
+from ...stats.slices import GradSlice, SliceCache, SliceSet
 from .adapters import Adapter, UnsupportedPath, _patched_method, select_adapter
 from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
 from .monitor import shaped_fraction as _shaped_fraction
@@ -155,27 +155,31 @@ class DeepSpeedShaping:
         g = self.session.grouping
         self._track_update = self.update_size is not None and self.update_size.due(self.engine.global_steps)
         pieces = list(self.adapter.pieces(self.needs_param or self._track_update))
-        slices = []
-        for p, grad, offset, w in pieces:
-            name = self.names[id(p)]
-            shape = _local_shape(p)
-            rows = shape[0] if len(shape) >= 2 else 1
-            numel = 1
-            for d in shape:
-                numel *= d
-            row_len = numel // rows if len(shape) >= 2 else 0
-            unit_base = g.unit_base[name]
-            if row_len and self.tp_world > 1 and _is_tp_sharded(p) and int(getattr(p, "partition_dim", 0)) == 0:
-                unit_base += self.tp_rank * rows     # column-parallel: this rank holds a block of rows
-            slices.append(GradSlice(grad=grad, group=g.group(name), counted=self._counted(p), param=w,
-                                    offset=offset, row_len=row_len, unit_base=unit_base))
         reduce = self._all_reduce if self.world > 1 else None
         self._step_loss = None
         if self.skip is not None and self.skip.needs_loss:
             reduce = self._fold_loss(reduce)
-        ss = SliceSet(slices, self.session.layout, reduce)
+        cache = self.__dict__.get("_slice_cache")
+        if cache is None:       # slice metadata once, reused while the pieces stay the same
+            cache = self._slice_cache = SliceCache(self.session.layout, self._describe_piece)
+        ss = cache.slice_set(pieces, reduce)
         ss.loss_scale = self.adapter.backward_scale()
         return ss, pieces
+
+    def _describe_piece(self, p, offset: int) -> Tuple[int, bool, int, int]:
+        """(group, counted, row_len, unit_base) of a gradient piece of parameter p."""
+        g = self.session.grouping
+        name = self.names[id(p)]
+        shape = _local_shape(p)
+        rows = shape[0] if len(shape) >= 2 else 1
+        numel = 1
+        for d in shape:
+            numel *= d
+        row_len = numel // rows if len(shape) >= 2 else 0
+        unit_base = g.unit_base[name]
+        if row_len and self.tp_world > 1 and _is_tp_sharded(p) and int(getattr(p, "partition_dim", 0)) == 0:
+            unit_base += self.tp_rank * rows     # column-parallel: this rank holds a block of rows
+        return g.group(name), self._counted(p), row_len, unit_base
 
     def _all_reduce(self, vec: torch.Tensor) -> None:
         # One collective for all groups; every rank of the job takes part because statistics

@@ -1,0 +1,197 @@
+"""Run under the ``deepspeed`` launcher: DeepSpeed's global norm replaced by the shaping
+statistics vs DeepSpeed computing it itself (``Adapter.replace_norm``), same steps.
+
+Per scenario two engines are built from the same model and fed the same batches; one keeps
+DeepSpeed's own norm pass (``replace_norm = False``), the other takes the norm from the hook.
+Recorded per step: ``engine.get_global_grad_norm()`` of both, how often DeepSpeed's own norm
+function ran in each, the norm *before* shaping (what a wrong replacement would report), and
+at the end the parameters of both. Rank 0 writes one JSON line per scenario.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+IN, OUT = 13, 3
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(IN, 11)
+        self.n = nn.Parameter(torch.ones(11))
+        self.b = nn.Linear(11, 7)
+        self.head = nn.Linear(7, OUT)
+
+    def forward(self, x, y):
+        h = torch.tanh(self.a(x)) * self.n
+        h = torch.tanh(self.b(h))
+        return torch.nn.functional.mse_loss(self.head(h).float(), y.float())
+
+
+def make_model():
+    torch.manual_seed(0)
+    m = Net()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def batch(step, rank, dtype):
+    g = torch.Generator().manual_seed(1000 + 10 * step + rank)
+    return torch.randn(4, IN, generator=g).to(dtype), torch.randn(4, OUT, generator=g)
+
+
+def ds_config(sc):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+           "zero_optimization": {"stage": sc["stage"]}, "zero_allow_untested_optimizer": True,
+           "zero_force_ds_cpu_optimizer": False, "gradient_clipping": sc.get("clip", 0.0),
+           "gradient_shaping": sc["shaping"]}
+    z = cfg["zero_optimization"]
+    if sc["stage"] == 3:
+        z["stage3_param_persistence_threshold"] = 0
+        z["sub_group_size"] = 100
+    if sc["stage"] in (1, 2):
+        z["reduce_bucket_size"] = 64
+        z["allgather_bucket_size"] = 64
+    if sc.get("offload"):
+        z["offload_optimizer"] = {"device": "cpu"}
+    if sc["dtype"] == "bf16":
+        cfg["bf16"] = {"enabled": True}
+        if sc.get("grad_accum_fp32"):
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif sc["dtype"] == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1, "hysteresis": 1,
+                       "min_loss_scale": 1}
+    return cfg
+
+
+def full_params(engine):
+    import deepspeed
+    params = list(engine.module.parameters())
+    if hasattr(params[0], "ds_id"):
+        with deepspeed.zero.GatheredParameters(params):
+            return torch.cat([p.detach().double().reshape(-1).clone() for p in params])
+    return torch.cat([p.detach().double().reshape(-1).clone() for p in params])
+
+
+class NormCalls:
+    """Counts calls of DeepSpeed's own global-norm functions on this engine's path."""
+
+    def __init__(self, engine):
+        import deepspeed.runtime.utils as du
+        from deepspeed.runtime import bf16_optimizer as bo
+        from deepspeed.runtime.fp16 import fused_optimizer as fo
+        from deepspeed.runtime.fp16 import unfused_optimizer as uo
+        self.n = 0
+        targets = [(engine.optimizer, "scaled_global_norm"), (engine.optimizer, "_get_norm_groups")]
+        for obj, name in targets:
+            if hasattr(obj, name):
+                setattr(obj, name, self._wrap(getattr(obj, name)))
+        self.engine = engine
+        self.mods = [(bo, "get_global_norm_of_tensors"), (fo, "get_flattened_grad_norm"), (uo, "get_weight_norm"),
+                     (du, "clip_grad_norm_")]
+
+    def _wrap(self, fn):
+        def counted(*a, **k):
+            self.n += 1
+            return fn(*a, **k)
+        return counted
+
+    def __enter__(self):
+        import deepspeed.runtime.engine as de
+        self.saved = [(m, a, getattr(m, a)) for m, a in self.mods] + [(de, "clip_grad_norm_", de.clip_grad_norm_)]
+        for m, a, f in self.saved:
+            setattr(m, a, self._wrap(f))
+        return self
+
+    def __exit__(self, *exc):
+        for m, a, f in self.saved:
+            setattr(m, a, f)
+
+
+def run(sc, rank):
+    import megatron_shaping
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[sc["dtype"]]
+    ref = make_model()
+    engines = []
+    for replace in (False, True):
+        model = copy.deepcopy(ref)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=ds_config(sc))
+        engine.gradient_shaping.adapter.replace_norm = replace
+        engines.append((engine, NormCalls(engine)))
+    out = {"name": sc["name"], "path": engines[0][0].gradient_shaping.adapter.name,
+           "norm_ds": [], "norm_ours": [], "norm_before": [], "calls_ds": 0, "calls_ours": 0}
+    for step in range(sc.get("steps", 4)):
+        for i, (engine, calls) in enumerate(engines):
+            x, y = batch(step, rank, dtype)
+            loss = engine(x, y)
+            engine.backward(loss)
+            with calls:
+                engine.step()
+            n = engine.get_global_grad_norm()
+            n = None if n is None else float(n)
+            if i == 0:
+                out["norm_ds"].append(n)
+                out["calls_ds"] = calls.n
+            else:
+                out["norm_ours"].append(n)
+                out["calls_ours"] = calls.n
+                last = engine.gradient_shaping.session.last
+                out["norm_before"].append(None if last is None else float(last.stats_before.sumsq.sum().sqrt()))
+    out["replaced"] = engines[1][0].gradient_shaping.adapter.norms_replaced
+    out["replaced_off"] = engines[0][0].gradient_shaping.adapter.norms_replaced
+    pa, pb = full_params(engines[0][0]), full_params(engines[1][0])
+    out["params"] = float(((pa - pb).abs() / pa.abs().clamp_min(1e-6)).max())
+    out["moved"] = float((pa - full_params_of(ref)).abs().max())
+    return out
+
+
+def full_params_of(model):
+    return torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenarios", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()      # fp16 on the CPU accelerator (CPU fp16 arithmetic), as tests/distributed
+    acc.is_fp16_supported = lambda: True
+    acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+    deepspeed.init_distributed(dist_backend="gloo")
+    import deepspeed.comm as dist
+    rank = dist.get_rank()
+    import logging
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("megatron_shaping").setLevel(logging.WARNING)
+    with open(args.scenarios) as f:
+        scenarios = json.load(f)
+    lines = []
+    for sc in scenarios:
+        try:
+            r = run(sc, rank)
+        except Exception as e:  # noqa: BLE001 - reported per scenario
+            r = {"name": sc["name"], "error": repr(e), "trace": traceback.format_exc()}
+        lines.append(json.dumps(r))
+    if rank == 0:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
