@@ -30,8 +30,9 @@ Deliberate differences from the official code (docs/SHAPERS.md says why):
     model. They differ only for groups that skipped steps (zero or non-finite norms), whose
     warmup then ends later, after the same number of steps that carried a gradient.
   * Statistics and state are float64 (the official state is the fp32 norm tensor).
-  * Granularities ``block`` and ``global`` are extensions (the official ``AdaGC-Global``
-    mode is this rule at ``global`` granularity).
+  * Granularities ``block`` and ``global`` are extensions. The official ``GlobalAdaGC``
+    (``--clip-mode AdaGC-Global``) is this rule at ``global`` granularity, except that its
+    warmup keeps min(N, warmup_max_norm) where this keeps h N (they differ by a relative eps / N).
 
 Defaults, all the official code's: lambda_rel 1.04 (``--clip-ratio``), beta 0.99
 (``--clip-beta``), eps 1e-6 and warmup_steps 100 (``AdaGC(eps=1.0e-6, start_clip_steps=100)``),
