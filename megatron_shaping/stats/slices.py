@@ -84,28 +84,6 @@ def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List[float]) -> Non
         torch._foreach_mul_(wide_t, wide_s)
 
 
-_NARROW = (torch.bfloat16, torch.float16)
-
-
-def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List[float]) -> None:
-    """tensors[i] *= scalars[i] in place, each product rounded once to the tensor's dtype.
-
-    ``torch._foreach_mul_`` with Python scalars computes a bf16/fp16 tensor's product with the
-    scalar already rounded to that dtype (a factor off by up to 0.4 % in bf16). 16-bit tensors
-    are therefore multiplied in fp32 (one slice-sized fp32 temporary at a time) and rounded once;
-    fp32/fp64 tensors keep the fused multi-tensor multiply.
-    """
-    wide_t, wide_s = [], []
-    for t, f in zip(tensors, scalars):
-        if t.dtype in _NARROW:
-            t.copy_(t.float().mul_(f))
-        else:
-            wide_t.append(t)
-            wide_s.append(f)
-    if wide_t:
-        torch._foreach_mul_(wide_t, wide_s)
-
-
 def _scale_rows_(g: torch.Tensor, offset: int, row_len: int, row_factor: torch.Tensor) -> None:
     """g[j] *= row_factor[row(j) - first_row] in place (row_factor as returned by _row_sums's layout)."""
     if g.dtype in _NARROW:
