@@ -102,6 +102,10 @@ def _config(sc, skip):
     cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": sc.get("gas", 1),
            "steps_per_print": 10 ** 9, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
            "gradient_clipping": 0.0, "gradient_shaping": shaping}
+    if sc.get("dtype") == "fp16":
+        # dynamic loss scale that grows every 2 good steps: a skip must not touch it
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 2, "loss_scale_window": 2, "hysteresis": 1,
+                       "min_loss_scale": 1}
     if sc.get("stage") is not None:
         cfg["zero_optimization"] = {"stage": sc["stage"]}
         if sc["stage"] == 3:
@@ -133,6 +137,8 @@ def one_step(engine, sc, step, world, rank):
     sh = engine.gradient_shaping
     gas = sc.get("gas", 1)
     x, y = batch(step, MB * gas * world, SPIKES)
+    if sc.get("dtype") == "fp16":
+        x, y = x.half(), y.half()
     if sc.get("pipeline"):
         micro = [(x[m * MB:(m + 1) * MB], y[m * MB:(m + 1) * MB]) for m in range(gas)]
         return float(engine.train_batch(iter(micro)))
@@ -151,12 +157,13 @@ def run(engine, sc, steps, world, rank, rows, ckpt=None):
     sh = engine.gradient_shaping
     for step in steps:
         snap = snapshot(engine) if step in CHECK else None
+        scale = _loss_scale(engine)
         coll = sh.collectives
         loss = one_step(engine, sc, step, world, rank)
         row = {"step": step, "code": sh.session.last_code, "reasons": list(sh.last_skip_reasons),
                "collectives": sh.collectives - coll, "ds_skipped": int(engine.skipped_steps),
                "global_steps": int(engine.global_steps), "log": sh.log_dict(), "loss": loss,
-               "params": params_digest(engine)}
+               "params": params_digest(engine), "loss_scale": [scale, _loss_scale(engine)]}
         if sh.skip is not None and sh.skip.last:
             row["rule_loss"] = float(sh.skip.last["loss"])
             row["rule_grad_norm"] = float(sh.skip.last["grad_norm"])
@@ -166,6 +173,10 @@ def run(engine, sc, steps, world, rank, rows, ckpt=None):
         if ckpt is not None and step == SAVE_AFTER:
             engine.save_checkpoint(ckpt["dir"], tag="t")
             ckpt["window"] = _window(sh)
+
+
+def _loss_scale(engine):
+    return float(getattr(engine.optimizer, "loss_scale", 1.0))
 
 
 def _window(sh):
@@ -214,6 +225,12 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    # DeepSpeed's CPU accelerator refuses fp16; report support so that its real fp16 loss-scaler
+    # paths run (CPU fp16 arithmetic), as tests/distributed/ds_worker.py --fake-fp16 does
+    acc = get_accelerator()
+    acc.is_fp16_supported = lambda: True
+    acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
     deepspeed.init_distributed(dist_backend="gloo")
     import deepspeed.comm as dist
     world, rank = dist.get_world_size(), dist.get_rank()

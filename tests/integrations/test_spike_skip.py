@@ -1,7 +1,7 @@
 """Spike-aware step skipping (``gradient_shaping.skip``) on real DeepSpeed engines: ZeRO 1, 2, 3
 and a 2-stage pipeline, 2 ranks, one ``deepspeed`` launch (~70 s on 2 busy cores).
 
-Injected loss spikes (targets x50 at step 7, x500 at step 9) against a window of 8 steps, z = 3,
+Injected loss spikes (targets x50 at step 7, x500 at step 9; ZeRO-2 also in fp16) against a window of 8 steps, z = 3,
 rule active after 4 values. Checked: the spike steps, and only they, are skipped, with the same
 decision on both ranks; parameters, optimizer state and shaper state are bit-identical across a
 skipped step, while the same spike without skipping moves the parameters by ~1e-2 (Adam, lr
@@ -26,10 +26,11 @@ RULE = {"window": 8, "min_history": 4}
 SCENARIOS = [
     {"name": "z1", "stage": 1, "skip": {"grad_norm_z": 3.0, "loss_z": 3.0, **RULE}},
     {"name": "z2", "stage": 2, "old_ckpt": True, "skip": {"grad_norm_z": 3.0, **RULE}},
+    {"name": "z2_fp16", "stage": 2, "dtype": "fp16", "skip": {"grad_norm_z": 3.0, **RULE}},
     {"name": "z3", "stage": 3, "skip": {"grad_norm_z": 3.0, "max_grad_norm": 20.0, **RULE}},
     {"name": "pipe", "pipeline": True, "gas": 2, "skip": {"grad_norm_z": 3.0, "loss_z": 3.0, **RULE}},
 ]
-EXPECTED_REASONS = {"z1": ["grad_norm_z", "loss_z"], "z2": ["grad_norm_z"], "z3": ["grad_norm_z", "max_grad_norm"],
+EXPECTED_REASONS = {"z1": ["grad_norm_z", "loss_z"], "z2": ["grad_norm_z"], "z2_fp16": ["grad_norm_z"], "z3": ["grad_norm_z", "max_grad_norm"],
                     "pipe": ["grad_norm_z", "loss_z"]}
 SPIKE_STEPS = (7, 9)
 NAMES = [s["name"] for s in SCENARIOS]
@@ -130,6 +131,18 @@ def test_window_survives_save_and_load(out, name):
         assert resumed["code"] == on["code"] != 0 and resumed["diff"] == []
         assert resumed["params"] == on["params"]
         assert resumed["log"]["shaping/spike_skips"] == 2.0
+
+
+def test_fp16_spike_skip_keeps_the_loss_scale(out):
+    """fp16 (dynamic loss scale growing every 2 good steps): a finite spike is not an overflow,
+    so the hook skips it itself; the loss scale neither grows nor shrinks on the skipped step."""
+    for res in load(out, "z2_fp16"):
+        on, off = rows(res, "on"), rows(res, "off")
+        scales = [on[s]["loss_scale"] for s in range(10)]
+        assert any(a != b for a, b in scales), "the loss scale must move on good steps (power)"
+        for s in SPIKE_STEPS:
+            assert on[s]["loss_scale"][0] == on[s]["loss_scale"][1] and on[s]["diff"] == []
+        assert on[7]["log"]["shaping/nonfinite_skips"] == 0.0 and on[7]["ds_skipped"] == 1
 
 
 def test_checkpoint_without_window_loads_and_rule_rewarms(out):

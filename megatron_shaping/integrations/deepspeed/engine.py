@@ -269,7 +269,7 @@ class DeepSpeedShaping:
         code = self.session.last_code
         if self.skip is not None:
             self.skip.commit(code)
-            if code & NO_LOSS and not self._warned_no_loss and len(self.skip.grad_norms or ()) >= self.skip.min_history:
+            if code & NO_LOSS and not self._warned_no_loss and self.engine.global_steps >= self.skip.min_history:
                 self._warned_no_loss = True
                 logger.warning("gradient_shaping.skip.loss_z is set but no loss reached the rule: call "
                                "engine.gradient_shaping.observe_loss(loss) after each backward")
