@@ -65,13 +65,27 @@ class ShrinkMap(Elementwise):
     def apply(self, g: torch.Tensor, T: float, p: float) -> torch.Tensor:
         if math.isinf(T):
             return g
-        u = g.abs() / T
-        small = u < 1
-        # |g| < T: divide g by (1 + u^p)^(1/p) (exact at 0). |g| >= T: write the result as
-        # T / (1 + u^-p)^(1/p), which stays right when u overflows to inf (u^-p = 0 -> T).
-        near = g * (1 + u.pow(p)).pow(-1.0 / p)
-        far = torch.copysign((1 + u.pow(-p)).pow(-1.0 / p) * T, g)
-        return torch.where(small, near, far)
+        return self.apply_(g.clone(), T, p)
+
+    @staticmethod
+    def is_identity(T: float, p: float) -> bool:
+        return math.isinf(T)
+
+    @staticmethod
+    def apply_(g: torch.Tensor, T: float, p: float) -> torch.Tensor:
+        """The map in place on ``g`` (a tensor the caller owns), one temporary.
+
+        One branch: g * (1 + u^p)^(-1/p) with u = |g| / T, after clamping g to +-B*T where
+        B = 10^(36/p) (at most 1e30): u^p <= 1e36 never overflows fp32 (no clamp is needed
+        when B * T exceeds the dtype's range: then u < B already), and a clamped entry
+        maps to T * (1 + 1e-36)^(-1/p) = T, the limit of the map, as the far branch
+        T / (1 + u^-p)^(1/p) of the two-branch form gives. Below the clamp the operations are
+        those of that form's near branch; above T the two forms agree to rounding."""
+        bound = min(10.0 ** (36.0 / p), 1e30) * T
+        if bound < torch.finfo(g.dtype).max:      # else |g| / T < B already
+            g.clamp_(-bound, bound)
+        t = g.abs().div_(T).pow_(p).add_(1.0).pow_(-1.0 / p)
+        return g.mul_(t)
 
 
 class EntrywiseShrink(Shaper):

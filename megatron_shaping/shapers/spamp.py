@@ -73,9 +73,20 @@ class PowerMap(Elementwise):
     """g -> coef * sign(g) * |g|^alpha; params alpha [L], coef [L] (rms^(1-alpha) or 1)."""
 
     def apply(self, g: torch.Tensor, alpha: float, coef: float) -> torch.Tensor:
-        if alpha == 1.0 and coef == 1.0:
+        if self.is_identity(alpha=alpha, coef=coef):
             return g
-        return torch.copysign(g.abs().pow(alpha) * coef, g)
+        return self.apply_(g.clone(), alpha, coef)
+
+    @staticmethod
+    def is_identity(alpha: float, coef: float) -> bool:
+        return alpha == 1.0 and coef == 1.0
+
+    @staticmethod
+    def apply_(g: torch.Tensor, alpha: float, coef: float) -> torch.Tensor:
+        """The map in place on ``g`` (a tensor the caller owns), one temporary: the same
+        operations as ``copysign(|g|^alpha * coef, g)``."""
+        t = g.abs().pow_(alpha).mul_(coef)
+        return torch.copysign(t, g, out=g)
 
 
 class SPAMP(Shaper):

@@ -39,6 +39,15 @@ class ClampMap(Elementwise):
             return g
         return g.clamp(-clip, clip)
 
+    @staticmethod
+    def is_identity(clip: float) -> bool:
+        return math.isinf(clip)
+
+    @staticmethod
+    def apply_(g: torch.Tensor, clip: float) -> torch.Tensor:
+        """The map in place on ``g`` (a tensor the caller owns), no temporary."""
+        return g.clamp_(-clip, clip)
+
 
 class ValueClip(Shaper):
     name = "value_clip"

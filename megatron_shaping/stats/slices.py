@@ -65,13 +65,14 @@ def _row_sums(x: torch.Tensor, offset: int, row_len: int) -> torch.Tensor:
 _NARROW = (torch.bfloat16, torch.float16)
 
 
-def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List[float]) -> None:
+def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List) -> None:
     """tensors[i] *= scalars[i] in place, each product rounded once to the tensor's dtype.
 
     ``torch._foreach_mul_`` with Python scalars computes a bf16/fp16 tensor's product with the
     scalar already rounded to that dtype (a factor off by up to 0.4 % in bf16). 16-bit tensors
     are therefore multiplied in fp32 (one slice-sized fp32 temporary at a time) and rounded once;
-    fp32/fp64 tensors keep the fused multi-tensor multiply.
+    fp32/fp64 tensors keep the fused multi-tensor multiply. ``scalars``: Python floats or 0-d
+    tensors (factors kept on the device: no host read).
     """
     wide_t, wide_s = [], []
     for t, f in zip(tensors, scalars):
@@ -300,6 +301,13 @@ class SliceMeta:
         self.unit_parts = _Partials([_split_runs(r, WIDEN_BLOCK) if w else r for r, w in zip(u_runs, wide)],
                                     u_ids, U, dev)
         self.param_unit_parts = None     # built on first use: parameter dtypes may differ
+        # (first unit id, row_len or None, rows touched) of every slice, for unit scaling
+        self.unit_geometry = []
+        for s in slices:
+            first, row_len = _unit_span(s)
+            n_rows = 0 if row_len is None or not s.grad.numel() else \
+                (s.offset + s.grad.numel() - 1) // row_len - s.offset // row_len + 1
+            self.unit_geometry.append((first, row_len, n_rows))
         self._u_runs = u_runs
         self._u_ids = u_ids
 
@@ -393,46 +401,82 @@ class SliceSet:
     # -------------------------------------------------------------- application
     def apply(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor],
               elementwise: Optional[Elementwise]) -> None:
-        """Multiply each slice by its group's factor (fused), then unit factors, then the map."""
-        factors = scale.tolist()
-        tensors, scalars = [], []
-        for s, grp in zip(self.slices, self._group_of):
-            f = factors[grp]
-            if f != 1.0 and s.grad.numel():
-                tensors.append(s.grad)
-                scalars.append(f)
-        if tensors:
-            _mul_rounded_once_(tensors, scalars)
+        """Multiply each slice by its group's factor, then unit factors, then the map.
+
+        Host reads: none for a pure scale (the factors stay on the device and every slice is
+        multiplied by its own, a 0-d tensor); one for an elementwise plan, which needs its
+        per-group parameters on the host anyway and reads the group factors in the same copy
+        (slices whose factor is 1 or whose map is the identity are then left alone)."""
+        if elementwise is None:
+            self._scale_on_device(scale)
+            params = None
+        else:
+            keys = list(elementwise.params)
+            host = torch.stack([scale.to(STAT_DTYPE)] + [elementwise.params[k].to(device=scale.device,
+                                                                                  dtype=STAT_DTYPE)
+                                                         for k in keys]).tolist()
+            params = dict(zip(keys, host[1:]))
+            factors = host[0]
+            tensors, scalars = [], []
+            for s, grp in zip(self.slices, self._group_of):
+                f = factors[grp]
+                if f != 1.0 and s.grad.numel():
+                    tensors.append(s.grad)
+                    scalars.append(f)
+            if tensors:
+                _mul_rounded_once_(tensors, scalars)
         if unit_scale is not None:
-            for s in self.slices:
+            for s, (first, row_len, n_rows) in zip(self.slices, self.meta.unit_geometry):
                 if not s.grad.numel():
                     continue
-                first, row_len = _unit_span(s)
                 if row_len is None:
-                    _mul_rounded_once_([s.grad], [float(unit_scale[first])])
+                    _mul_rounded_once_([s.grad], [unit_scale[first]])
                 else:
-                    n_rows = (s.offset + s.grad.numel() - 1) // row_len - s.offset // row_len + 1
                     _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
         if elementwise is not None:
-            self._map(elementwise)
+            self._map(elementwise, params)
 
-    def _map(self, fn: Elementwise) -> None:
-        params = fn.host_params()
+    def _scale_on_device(self, scale: torch.Tensor) -> None:
+        live = [i for i, s in enumerate(self.slices) if s.grad.numel()]
+        if not live:
+            return
+        factors = scale.index_select(0, self.meta.slice_group.to(scale.device)).unbind()
+        _mul_rounded_once_([self.slices[i].grad for i in live], [factors[i] for i in live])
+
+    def _map(self, fn: Elementwise, params: Optional[Dict[str, list]] = None) -> None:
+        """The map on true gradient values, computed in at least fp32 whatever the storage dtype
+        (|g|^alpha of a bf16 value is not a bf16 operation; an fp64 gradient is not rounded to
+        fp32). Maps with an in-place form (``apply_``) run on the gradient itself when it is
+        fp32/fp64 and on one fp32 copy of a 16-bit slice (rounded once when written back)."""
+        if params is None:
+            params = fn.host_params()
         ls = float(self.loss_scale)
+        apply_ = getattr(fn, "apply_", None)
+        identity = getattr(fn, "is_identity", None)
         for s, grp in zip(self.slices, self._group_of):
             if not s.grad.numel():
                 continue
             kw = {k: v[grp] for k, v in params.items()}
-            # The map is defined on true gradient values and computed in at least fp32 whatever
-            # the storage dtype: |g|^alpha of a bf16 value is not a bf16 operation (and an fp64
-            # gradient is not rounded to fp32).
-            g = s.grad.to(torch.promote_types(s.grad.dtype, torch.float32))
+            if identity is not None and identity(**kw):
+                continue
+            wide = torch.promote_types(s.grad.dtype, torch.float32)
+            if apply_ is None:
+                g = s.grad.to(wide)
+                if ls != 1.0:
+                    g = g / ls
+                out = fn.apply(g, **kw)
+                if ls != 1.0:
+                    out = out * ls
+                s.grad.copy_(out)
+                continue
+            g = s.grad if s.grad.dtype == wide else s.grad.to(wide)
             if ls != 1.0:
-                g = g / ls
-            out = fn.apply(g, **kw)
+                g.div_(ls)
+            apply_(g, **kw)
             if ls != 1.0:
-                out = out * ls
-            s.grad.copy_(out)
+                g.mul_(ls)
+            if g is not s.grad:
+                s.grad.copy_(g)
 
 
 class SliceCache:
