@@ -1,0 +1,284 @@
+"""Run under the ``deepspeed`` launcher (2 CPU processes): a tiny ``LlamaForCausalLM`` trained by
+``transformers.Trainer`` with a DeepSpeed config that has a ``gradient_shaping`` section, after
+``megatron_shaping.patch_deepspeed()``. Per ZeRO stage (``--stages``):
+
+* ``hf``       Trainer, STEPS steps, checkpoints every SAVE steps, ShapingCallback installed with
+               ``add_shaping_callback`` and ``report_to=["tensorboard"]``; records the micro
+               batches the Trainer fed and the shaper's per-step statistics;
+* ``manual``   the same model/data/seed through ``megatron_shaping.initialize`` and a hand-written
+               loop replaying the recorded micro batches (the reference for the Trainer run);
+* ``manual_other`` / ``manual_off``: the same with another shaper parameter / without shaping
+               (shows how far the statistics move when the shaping differs: the power of the
+               comparison);
+* ``resumed``  a new Trainer resumed from ``checkpoint-SAVE`` of ``hf`` (``resume_from_checkpoint``);
+* ``fresh``    the same from a copy of that checkpoint without the shaper state and with
+               ``allow_fresh_state`` (what a resume without the shaper state does);
+* ``missing``  that copy without ``allow_fresh_state``: must stop (error class recorded).
+
+Writes ``<out>/stage<N>.json`` (rank 0) with everything the pytest side compares.
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import glob
+import json
+import os
+import shutil
+import signal
+import sys
+import traceback
+
+faulthandler.register(signal.SIGUSR1)     # kill -USR1 <pid>: Python stacks of a stuck rank on stderr
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import megatron_shaping  # noqa: E402
+
+# Before transformers/accelerate build anything: every deepspeed.initialize attaches the shaper.
+megatron_shaping.patch_deepspeed()
+
+from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
+                          TrainingArguments)
+
+from megatron_shaping.integrations.deepspeed.patch import engine_for_module  # noqa: E402
+from megatron_shaping.integrations.hf import add_shaping_callback  # noqa: E402
+
+SEED = 1234
+STEPS = 6
+SAVE = 3
+MBS = 2
+SEQ = 16
+VOCAB = 96
+LR = 3e-3
+CLIP = 1.0
+SAMPLES = 64
+SHAPING = {"type": "gradient_stabilizer", "params": {"beta1": 0.6, "beta2": 0.999}}
+OTHER = {"type": "gradient_stabilizer", "params": {"beta1": 0.9, "beta2": 0.999}}
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ds_config(stage: int, shaping) -> dict:
+    cfg = {"train_batch_size": MBS * world(), "train_micro_batch_size_per_gpu": MBS,
+           "gradient_accumulation_steps": 1, "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
+           "zero_optimization": {"stage": stage},
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                     "weight_decay": 0.0, "torch_adam": True}}}
+    if shaping is not None:
+        cfg["gradient_shaping"] = shaping
+    return cfg
+
+
+def llama_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                       tie_word_embeddings=False)
+
+
+torch.manual_seed(SEED)
+# One initial state for every run: built before any TrainingArguments exists (a ZeRO-3
+# TrainingArguments switches transformers' model construction to deepspeed.zero.Init).
+INIT = {k: v.clone() for k, v in LlamaForCausalLM(llama_config()).state_dict().items()}
+
+
+def make_model() -> LlamaForCausalLM:
+    m = LlamaForCausalLM(llama_config())
+    m.load_state_dict(INIT)
+    return m
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Synthetic token ids (no tokenizer needed): a noisy repeating pattern, so the loss falls."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        base = torch.arange(SEQ).repeat(SAMPLES, 1) * 7 % VOCAB
+        noise = torch.randint(0, VOCAB, (SAMPLES, SEQ), generator=g)
+        keep = torch.rand(SAMPLES, SEQ, generator=g) < 0.7
+        self.x = torch.where(keep, base, noise)
+
+    def __len__(self):
+        return SAMPLES
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def step_stats(gs, record) -> dict:
+    out = {"figures": gs.log_dict()}
+    if record is not None:
+        out.update(before=record.stats_before.sumsq.tolist(), factor=record.factor.tolist(),
+                   after=record.stats_after.sumsq.tolist())
+    return out
+
+
+class Recorder(TrainerCallback):
+    """Appends every optimizer step's shaping statistics (hooked on the engine the patched
+    deepspeed.initialize built for the Trainer)."""
+
+    def __init__(self):
+        self.steps = []
+        self.attached = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        engine = engine_for_module(model)
+        gs = getattr(engine, "gradient_shaping", None)
+        self.attached = gs is not None
+        if gs is not None:
+            gs.callbacks.append(lambda s, r: self.steps.append(step_stats(s, r)))
+
+
+class RecordingTrainer(Trainer):
+    """Records the micro batches it trains on (input ids, num_items_in_batch, and the loss it
+    backpropagates), so that a hand-written loop can replay them."""
+
+    def __init__(self, *a, batches=None, **k):
+        super().__init__(*a, **k)
+        self.batches = batches
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        if self.batches is not None and model.training:
+            # The Trainer may rescale the model's loss in place (outputs.loss is then the same
+            # tensor): keep the value it backpropagates; the replay derives the factor from it.
+            nib = num_items_in_batch.clone() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+            self.batches.append({"input_ids": inputs["input_ids"].clone(), "labels": inputs["labels"].clone(),
+                                 "num_items_in_batch": nib, "loss": float(loss.detach())})
+        return (loss, outputs) if return_outputs else loss
+
+
+def full_params(engine, stage: int) -> dict:
+    import deepspeed
+    params = list(engine.module.parameters())
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def hf_run(stage, shaping, out_dir, resume=None, save=False, batches=None, report=False):
+    args = TrainingArguments(
+        output_dir=out_dir, use_cpu=True, ddp_backend="gloo", deepspeed=ds_config(stage, shaping),
+        per_device_train_batch_size=MBS, gradient_accumulation_steps=1, max_steps=STEPS,
+        learning_rate=LR, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0,
+        max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0,
+        logging_steps=1, save_strategy="steps" if save else "no", save_steps=SAVE,
+        report_to=["tensorboard"] if report else "none", seed=SEED, data_seed=SEED,
+        disable_tqdm=True, dataloader_num_workers=0)
+    trainer = RecordingTrainer(model=make_model(), args=args, train_dataset=Tokens(), batches=batches)
+    add_shaping_callback(trainer)
+    rec = Recorder()
+    trainer.add_callback(rec)
+    trainer.train(resume_from_checkpoint=resume)
+    engine = trainer.model_wrapped
+    return {"steps": rec.steps, "attached": rec.attached, "log_history": trainer.state.log_history,
+            "params": full_params(engine, stage), "engine": engine}
+
+
+def manual_run(stage, shaping, batches):
+    """megatron_shaping.initialize and the plain DeepSpeed loop over the Trainer's micro batches."""
+    model = make_model()
+    engine, _, _, _ = megatron_shaping.initialize(model=model, model_parameters=model.parameters(),
+                                                  config=ds_config(stage, shaping))
+    steps = []
+    if getattr(engine, "gradient_shaping", None) is not None:
+        engine.gradient_shaping.callbacks.append(lambda s, r: steps.append(step_stats(s, r)))
+    model.train()
+    for b in batches:
+        out = engine(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=b["num_items_in_batch"])
+        # transformers multiplies the loss by the number of processes when it averages tokens
+        # across devices (num_items_in_batch is the global token count): the same integer factor
+        # here (the runs with other shaping have other weights after step 1, hence other losses).
+        ratio = b["loss"] / float(out.loss.detach())
+        assert abs(ratio - round(ratio)) < 0.1 and round(ratio) >= 1, f"loss factor {ratio}"
+        engine.backward(out.loss * float(round(ratio)))
+        engine.step()
+    return {"steps": steps, "params": full_params(engine, stage)}
+
+
+def param_diff(a: dict, b: dict) -> float:
+    """Largest |a - b| over all parameters (0.0: bit-identical)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def scenario(stage: int, out: str) -> dict:
+    base = os.path.join(out, f"z{stage}")
+    res = {"stage": stage}
+    batches = []
+    hf = hf_run(stage, SHAPING, os.path.join(base, "hf"), save=True, batches=batches, report=True)
+    res["hf"] = {"steps": hf["steps"], "attached": hf["attached"], "log_history": hf["log_history"]}
+    res["batches"] = len(batches)
+    if rank() == 0:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        tb = {}
+        for ev in glob.glob(os.path.join(base, "hf", "runs", "**", "events.out.tfevents.*"), recursive=True):
+            acc = EventAccumulator(ev)
+            acc.Reload()
+            for tag in acc.Tags().get("scalars", []):
+                tb.setdefault(tag, []).extend([(e.step, e.value) for e in acc.Scalars(tag)])
+        res["tensorboard"] = {k: sorted(v) for k, v in tb.items() if "shaping" in k or k.endswith("grad_norm")}
+
+    man = manual_run(stage, SHAPING, batches)
+    res["manual"] = {"steps": man["steps"], "param_diff_vs_hf": param_diff(man["params"], hf["params"])}
+    res["manual_other"] = {"steps": manual_run(stage, OTHER, batches)["steps"]}
+    off = manual_run(stage, None, batches)
+    res["manual_off"] = {"param_diff_vs_hf": param_diff(off["params"], hf["params"])}
+
+    ckpt = os.path.join(base, "hf", f"checkpoint-{SAVE}")
+    res["ckpt_files"] = sorted(os.path.relpath(p, ckpt) for p in glob.glob(os.path.join(ckpt, "**"), recursive=True)
+                               if os.path.isfile(p))
+    resumed = hf_run(stage, SHAPING, os.path.join(base, "resumed"), resume=ckpt)
+    res["resumed"] = {"steps": resumed["steps"], "log_history": resumed["log_history"],
+                      "param_diff_vs_hf": param_diff(resumed["params"], hf["params"]),
+                      "last_load": dict(resumed["engine"].gradient_shaping.checkpointing.last_load or {},
+                                        meta=None)}
+
+    # The same checkpoint without the shaper state.
+    bare = os.path.join(base, "bare", f"checkpoint-{SAVE}")
+    if rank() == 0:
+        shutil.copytree(ckpt, bare)
+        for p in glob.glob(os.path.join(bare, "global_step*", "gradient_shaping_state.pt")):
+            os.remove(p)
+    torch.distributed.barrier()
+    fresh = hf_run(stage, dict(SHAPING, allow_fresh_state=True), os.path.join(base, "fresh"), resume=bare)
+    res["fresh"] = {"steps": fresh["steps"], "param_diff_vs_hf": param_diff(fresh["params"], hf["params"]),
+                    "last_load": dict(fresh["engine"].gradient_shaping.checkpointing.last_load or {}, meta=None)}
+    try:
+        hf_run(stage, SHAPING, os.path.join(base, "missing"), resume=bare)
+        res["missing"] = {"error": None}
+    except Exception as e:            # noqa: BLE001 - the class and message are what the test checks
+        res["missing"] = {"error": type(e).__name__, "message": str(e)[:500]}
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--stages", default="2,3")
+    p.add_argument("--local_rank", type=int, default=0)
+    a = p.parse_args()
+    for stage in [int(s) for s in a.stages.split(",")]:
+        try:
+            res = scenario(stage, a.out)
+        except Exception:
+            res = {"stage": stage, "error": traceback.format_exc()}
+            print(res["error"], file=sys.stderr, flush=True)
+        if rank() == 0:
+            with open(os.path.join(a.out, f"stage{stage}.json"), "w") as f:
+                json.dump(res, f, default=str)
+
+
+if __name__ == "__main__":
+    main()
