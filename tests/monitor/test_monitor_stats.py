@@ -177,6 +177,6 @@ def test_plot_tool_names_match_monitor():
     spec = importlib.util.spec_from_file_location("plot_shaping", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.GLOBAL_FIELDS == M.GLOBAL_FIELDS and mod.LAYER_FIELDS == M.LAYER_FIELDS
-    assert mod.LAYER_FIELDS == M.LayerStats._fields
+    assert mod.GLOBAL_FIELDS == M.GLOBAL_FIELDS and mod.LAYER_FIELDS == M.LAYER_FIELDS + M.UPDATE_FIELDS
+    assert M.LAYER_FIELDS == M.LayerStats._fields
     assert mod.CSV_PREFIX == M.TAG_PREFIX.replace("/", "_") + "_"

@@ -53,7 +53,7 @@ logger = logging.getLogger("megatron_shaping")
 
 TAG_PREFIX = "Train/Samples/gradient_shaping"
 GLOBAL_FIELDS = ("global_norm_before", "global_norm_after", "shaped_fraction", "max_ratio", "spikes",
-                 "skipped_steps", "loss_scale")
+                 "skipped_steps", "loss_scale", "spike_skips", "param_norm", "update_ratio")
 LAYER_FIELDS = ("norm_before", "norm_after", "factor", "stat", "threshold", "ratio")
 #: |factor - 1| above this counts a layer as shaped.
 SHAPED_TOL = 1e-6
