@@ -5,7 +5,7 @@ The rule of the official code (lishuai-97/AdaGC, Megatron patch ``megatron/optim
 n_l = ||g_l||, N = sqrt(sum_l n_l^2) the global norm over the groups with finite statistics, and
 t the group's step (1-based):
 
-  warmup, t <= warmup_steps (global clipping, the paper's first T_start steps):
+  warmup, t <= warmup_steps (global clipping, the official code's GlobalGC warm-up stage):
       h = min(1, warmup_max_norm / (N + eps))                       (the same h for all groups)
       gamma_l <- h n_l                 at t = 1
       gamma_l <- min(gamma_l, h n_l)   afterwards                    (running minimum)
