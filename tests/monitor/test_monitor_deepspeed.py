@@ -56,7 +56,7 @@ def out(tmp_path_factory):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
            str(_free_port()), WORKER, "--scenarios", str(sc_path), "--out", str(root / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"deepspeed launch failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return root / "out"
