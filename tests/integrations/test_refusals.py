@@ -91,8 +91,8 @@ def test_moe_layers_are_refused(one_rank, stage):
     assert start(moe_model(), config(stage, shaping=False)).has_moe_layers   # control: DeepSpeed builds it
 
 
-@pytest.mark.parametrize("stage, zero_opt", [(1, "DeepSpeedZeroOptimizer"), (2, "DeepSpeedZeroOptimizer"),
-                                             (3, "DeepSpeedZeroOptimizer_Stage3")])
+@pytest.mark.parametrize("stage, zero_opt", [(0, "MuonWithAuxAdam"), (1, "DeepSpeedZeroOptimizer"),
+                                             (2, "DeepSpeedZeroOptimizer"), (3, "DeepSpeedZeroOptimizer_Stage3")])
 def test_muon_is_refused(one_rank, stage, zero_opt):
     cfg = config(stage, optimizer="Muon")
     if stage == 3:
@@ -103,11 +103,12 @@ def test_muon_is_refused(one_rank, stage, zero_opt):
     assert start(two_linears(), control).gradient_shaping is not None
 
 
-def test_torch_autocast_is_refused(one_rank):
-    autocast = {"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}
+@pytest.mark.parametrize("stage, dtype", [(0, "torch.float16"), (0, "torch.bfloat16"), (2, "torch.bfloat16")])
+def test_torch_autocast_is_refused(one_rank, stage, dtype):
+    autocast = {"torch_autocast": {"enabled": True, "dtype": dtype}}
     with refused("gradient_shaping does not support DeepSpeed's torch_autocast mode"):
-        start(two_linears(), config(0, **autocast))
-    assert start(two_linears(), config(0)).gradient_shaping is not None
+        start(two_linears(), config(stage, **autocast))
+    assert start(two_linears(), config(stage)).gradient_shaping is not None
 
 
 @pytest.mark.parametrize("attribute", ["swap_optimizer", "params_in_nvme_and_cpu"])

@@ -278,12 +278,6 @@ class _ZeroAdapter(Adapter):
 
     def __init__(self, engine):
         super().__init__(engine)
-        # ZeRO-3 sets opt.use_muon; ZeRO-1/2 do not and test the wrapped optimizer's class
-        # name instead (stage_1_and_2.py: 'muon' in self.optimizer.__class__.__name__.lower()).
-        inner = getattr(self.opt, "optimizer", None)
-        if getattr(self.opt, "use_muon", False) or "muon" in type(inner).__name__.lower():
-            raise UnsupportedPath(f"gradient_shaping does not support the Muon optimizer path of "
-                                  f"{type(self.opt).__name__}")
 
     def backward_scale(self):
         return float(self.opt.loss_scale)
@@ -492,8 +486,14 @@ def select_adapter(engine) -> Adapter:
     if getattr(engine, "has_moe_layers", False) or getattr(opt, "has_moe_layers", False):
         raise UnsupportedPath("gradient_shaping does not support MoE layers yet (expert-parallel "
                               "gradients would need their own reduction group)")
-    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+    autocast = getattr(engine, "torch_autocast_enabled", None)
+    if (autocast() if callable(autocast) else False) or getattr(engine, "torch_autocast_z0_gradscaler", None):
         raise UnsupportedPath("gradient_shaping does not support DeepSpeed's torch_autocast mode")
+    # ZeRO-3 sets opt.use_muon; ZeRO-1/2 and the plain engine do not: test the (wrapped)
+    # optimizer's class name as stage_1_and_2.py does ('muon' in ...__class__.__name__.lower()).
+    inner = getattr(opt, "optimizer", opt)
+    if getattr(opt, "use_muon", False) or "muon" in type(inner).__name__.lower():
+        raise UnsupportedPath(f"gradient_shaping does not support the Muon optimizer path of {type(opt).__name__}")
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
         if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
             raise UnsupportedPath("gradient_shaping does not support ZeRO-3 NVMe offload (optimizer or parameters); "
