@@ -30,6 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import warnings  # noqa: E402
+
+# megatron-core (the indexed dataset reader) warns per module that its GPU fast paths are absent.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
 import megatron_shaping  # noqa: E402
 
 megatron_shaping.patch_deepspeed()
