@@ -1,8 +1,14 @@
 """The equivalence matrix: which DeepSpeed runs are compared with the unsharded reference.
 
-Hyperparameters are chosen so that every method actually changes the gradient within a few
-steps of the small test model (short warmups, small thresholds): a shaper that silently did
-nothing would fail the ``active`` check.
+Hyperparameters are chosen so that every method changes the gradient strongly within a few
+steps of the small test model (short warmups, small thresholds): each cell must show a shaping
+effect on DeepSpeed's buffers of at least 10x its tight tolerance (test_deepspeed_equivalence.py),
+in bf16 too, where a method that barely acts would be lost in one rounding. entrywise_shrink
+uses threshold 3 (the default 10 moves the largest bf16 entries by ~20 ulps only).
+
+``mutant_matrix()`` lists the mutation controls (mutants.py): each broken variant of the sharded
+path, in fp32 and bf16 over ZeRO 0-3 (fp16 for the loss-scale mutants), inside the domain where
+it can change a result.
 """
 SHAPERS = {
     "gradient_stabilizer": {"type": "gradient_stabilizer", "params": {}},
@@ -13,13 +19,16 @@ SHAPERS = {
     "agc": {"type": "agc", "params": {"clipping": 0.01}},
     "zclip": {"type": "zclip", "params": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5}},
     "adagc": {"type": "adagc", "params": {"warmup_steps": 2, "warmup_max_norm": 0.05}},
-    "entrywise_shrink": {"type": "entrywise_shrink", "params": {}},
+    "entrywise_shrink": {"type": "entrywise_shrink", "params": {"threshold": 3.0}},
     "chain_agc_clip": {"type": "chain", "shapers": [{"type": "agc", "params": {"clipping": 0.01}},
                                                     {"type": "norm_clip", "params": {"max_norm": 0.05}}]},
     "block_gs": {"type": "gradient_stabilizer", "granularity": "block", "params": {}},
 }
 MATRIX_SHAPERS = ["gradient_stabilizer", "spamp", "spamp_raw", "norm_clip", "value_clip", "agc", "zclip", "adagc",
                   "entrywise_shrink", "chain_agc_clip", "block_gs"]
+#: 16-bit roundings of each gradient element on the way through the hook: a pure-scale plan or
+#: an elementwise map rounds once; SPAMP's map and projection, and a chain of two plans, twice.
+ROUNDINGS = {"spamp": 2, "spamp_raw": 2, "chain_agc_clip": 2}
 STAGES = (0, 1, 2, 3)
 DTYPES = ("fp32", "bf16", "fp16")
 STEPS = 4
@@ -41,7 +50,7 @@ def matrix(world):
                 out.append({"name": f"{sh}/z{st}/{dt}", "shaper": sh, "stage": st, "dtype": dt, "steps": STEPS,
                             "shaping": SHAPERS[sh]})
     if world == 2:
-        out += extras()
+        out += extras() + mutant_matrix()
     return out
 
 
@@ -57,9 +66,12 @@ def extras():
                     "dtype": "fp32", "gas": 2, "steps": STEPS, "shaping": gs})
         out.append({"name": f"spamp/z{st}/bf16/gas2", "shaper": "spamp", "stage": st, "dtype": "bf16", "gas": 2,
                     "steps": STEPS, "shaping": SHAPERS["spamp"]})
+    # round_robin: DeepSpeed 0.19.8's safe_get_full_grad reads the wrong piece of a round-robin
+    # partition (size mismatch), so these cells run the whole-training check only.
     for st in (1, 2):
         out.append({"name": f"gradient_stabilizer/z{st}/fp32/round_robin", "shaper": "gradient_stabilizer",
-                    "stage": st, "dtype": "fp32", "round_robin": True, "gas": 2, "steps": STEPS, "shaping": gs})
+                    "stage": st, "dtype": "fp32", "round_robin": True, "gas": 2, "steps": STEPS, "shaping": gs,
+                    "tight": False})
     # bf16 + ZeRO-1 + fp32 gradient accumulation builds BF16_Optimizer (replicated fp32 grads).
     for sh in ("gradient_stabilizer", "spamp", "agc", "zclip", "value_clip"):
         for gas in (1, 2):
@@ -91,4 +103,32 @@ def extras():
             for dt in DTYPES:
                 out.append({"name": f"{sh}/z{st}/{dt}/overflow", "shaper": sh, "stage": st, "dtype": dt, "steps": 5,
                             "spike": {"2": 1e39}, "shaping": SHAPERS[sh], "trap": "overflow"})
+    return out
+
+
+# ------------------------------------------------------------------------------ mutation controls
+#: mutant -> (method, [(dtype, stage, extra scenario keys)]): a representative method per mutant
+#: (GradientStabilizer rescales every tensor every step, so a wrong statistic or a skipped
+#: application shows everywhere; the map mutant needs an elementwise method: value_clip).
+def _mutant_cells():
+    both = [(dt, st, {}) for dt in ("fp32", "bf16") for st in STAGES]
+    fp16_scaled = [("fp16", st, {}) for st in (1, 2, 3)]
+    return {
+        "local_stats": ("gradient_stabilizer", both),
+        "replicas_counted": ("gradient_stabilizer", [("fp32", 0, {}), ("bf16", 0, {}),
+                                                     ("bf16", 1, {"grad_accum_fp32": True, "path": "bf16"})]),
+        "rank_skips_apply": ("gradient_stabilizer", both),
+        "loss_scale_not_divided": ("gradient_stabilizer", fp16_scaled),
+        "map_on_scaled": ("value_clip", fp16_scaled),
+    }
+
+
+def mutant_matrix():
+    """Mutation controls, run at world 2 (each needs more than one rank)."""
+    out = []
+    for mutant, (sh, cells) in _mutant_cells().items():
+        for dt, st, extra in cells:
+            tag = "/bf16_optimizer" if extra.get("grad_accum_fp32") else ""
+            out.append(dict({"name": f"mutant:{mutant}/{sh}/z{st}/{dt}{tag}", "shaper": sh, "stage": st, "dtype": dt,
+                             "steps": STEPS, "shaping": SHAPERS[sh], "mutant": mutant}, **extra))
     return out

@@ -2,20 +2,51 @@
 
 For every shaper x ZeRO stage {0,1,2,3} x precision {fp32, bf16, fp16} x data-parallel world
 {1, 2, 4} (plus CPU offload, gradient accumulation, round-robin gradients, DeepSpeed's own
-clipping, loss-scale growth and overflow steps at world 2), the DeepSpeed run's per-layer
-statistics, shaping factors, shaper state and final parameters are compared with
-``GradientShaper`` on the whole batch in one process (see ds_worker.py). One ``deepspeed``
-launch per world size runs all its scenarios.
+clipping, BF16_Optimizer, loss-scale growth and overflow steps at world 2), two comparisons
+with ``GradientShaper`` run on **every rank** (ds_worker.py); each assertion reports the worst
+rank. One ``deepspeed`` launch per world size runs all its scenarios.
 
-Tolerances. fp32: relative 1e-5 (the issue's contract; observed ~1e-16, ~1e-7 with gradient
-accumulation, which sums micro-batches in another order). bf16 and fp16: the DeepSpeed model
-computes forward and backward in 16-bit while the reference is fp32, so gradients differ by
-rounding, not by sharding. bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3); a norm
-over a few hundred elements of gradients that went through a couple of rounded layers is off
-by a few units of roundoff: observed <= 1.4e-2, tolerance 6e-2 (~30 roundoffs). fp16 keeps 11
-bits (2^-12 = 2.4e-4): observed <= 2.3e-3, tolerance 1.5e-2. Threshold methods (zclip, agc,
-value_clip, spamp's projection) can switch on a 16-bit rounding near their threshold, so in
-16-bit only statistics and state are compared strictly and parameters with the same bound.
+1. Tight, every step: the reference shapes the very gradient the hook shapes (captured at the
+   hook boundary with DeepSpeed's ``safe_get_full_grad``, in its storage dtype, loss scale
+   divided out), and the shaped gradient DeepSpeed hands to its optimizer (read from its fp32
+   partitions inside the basic optimizer's step) must match element by element:
+
+   * gradient: within ``grad_tol_ulps`` ulps of the storage dtype. Both sides round the same
+     real product into the storage dtype; two correct roundings of one real differ by at most
+     one ulp. The two reals are not quite the same: the statistics are sums of fp32 partial sums
+     over differently cut slices (STATS_TOL below), so the factors may differ by FACTOR_AMP *
+     STATS_TOL relatively, which moves a product by FACTOR_AMP * STATS_TOL * 2^(p-1) ulps of a
+     p-bit significand (5e-4 ulp in bf16, 34 ulps in fp32). A second rounding (SPAMP's
+     projection after its map, a chain's second plan, DeepSpeed's clip) rounds a value already
+     off by that much again; a factor <= 1 can move it into the binade below, where it counts
+     twice: k roundings give at most (2^k - 1) (1 + drift) ulps. Observed: 0 ulps in bf16 and
+     fp16 (bit-identical), <= 4 ulps in fp32.
+   * statistics, factors, shaper state: relative STATS_TOL = 2e-6. The package adds fp32
+     partial sums of runs of <= 2048 entries in float64: each partial is off by at most about
+     log2(2048) * 2^-24 = 6.6e-7 (PyTorch's cascade summation), and the sharded run cuts the
+     runs elsewhere than the unsharded one: 1.3e-6 between the two, rounded up. Observed <= 4e-7.
+     Shaper state: EMAs of statistics, within the same bound, except zclip's variance, an EMA
+     of squared deviations (n - mean)^2 of a few norms: a relative error e of the norms becomes
+     about 2 e n / |n - mean| there, amplified by mean/std (up to ~5 in these short runs), hence
+     STATE_TOL = 10 x STATS_TOL (observed <= 1.9e-6, zclip in fp16).
+   * power: the shaping effect on DeepSpeed's own buffers (the shaped gradient vs the gradient
+     the hook received, in the same ulp units, the largest over steps and ranks) must be at
+     least 10x the gradient tolerance, so a path that skipped shaping could not pass.
+   * coverage: every gradient element reached the comparison once (sharded paths) or on every
+     rank (ZeRO-0's replicas).
+
+2. Whole training against the unsharded fp32 reference: the same model in one process on the
+   whole batch in fp32; per-layer statistics, factors, shaper state and final parameters after
+   the run, on every rank. fp32: relative 1e-5 (observed ~1e-7). bf16 and fp16: the DeepSpeed
+   model computes forward and backward in 16-bit while the reference is fp32, so gradients
+   differ by rounding, not by sharding: bf16 (8 significant bits, unit roundoff 2e-3) 6e-2,
+   fp16 (2.4e-4) 1.5e-2; this check guards whole runs (skips, loss-scale handling, the update),
+   the tight check above guards the shaping itself.
+
+Mutation controls (mutants.py, world 2): broken variants of the sharded path must be reported
+by the same comparisons at least 10x outside their tolerance. ``test_report`` prints the table
+(and the smallest effect/tolerance ratio and the worst differences) for README "Tests"; set
+``DS_EQUIVALENCE_REPORT=path`` to also write it to a file.
 """
 import json
 import os
@@ -28,7 +59,23 @@ from .launch import run_deepspeed
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ds_worker.py")
 TOL = {"fp32": 1e-5, "bf16": 6e-2, "fp16": 1.5e-2}
+STATS_TOL = 2e-6
+STATE_TOL = 10 * STATS_TOL   # zclip's variance amplifies the statistics' error (see above)
+FACTOR_AMP = 2.0        # a factor is a ratio of two statistics (a norm over a threshold)
+SIGNIFICAND = {"float32": 24, "bfloat16": 8, "float16": 11}
+POWER = 10.0            # effect / tolerance, and mutant error / tolerance, at least
+REPLICATED = ("plain", "fp16_optimizer")   # every DP rank's optimizer steps the whole gradient
+WORLDS = (1, 2, 4)
 _cache = {}
+
+
+def grad_tol_ulps(grad_dtype: str, roundings: int) -> float:
+    drift = FACTOR_AMP * STATS_TOL * 2.0 ** (SIGNIFICAND[grad_dtype] - 1)
+    return (2 ** roundings - 1) * (1.0 + drift)
+
+
+def roundings(sc) -> int:
+    return S.ROUNDINGS.get(sc["shaper"], 1) + (1 if sc.get("clip") else 0)
 
 
 def run_world(world, tmp_root):
@@ -49,10 +96,11 @@ def tmp_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("ds_equivalence"))
 
 
-def _cases():
-    for world in (1, 2, 4):
+def _cases(mutants):
+    for world in WORLDS:
         for sc in S.matrix(world):
-            yield pytest.param(world, sc, id=f"w{world}:{sc['name']}")
+            if bool(sc.get("mutant")) == mutants:
+                yield pytest.param(world, sc, id=f"w{world}:{sc['name']}")
 
 
 def _expected_collectives(sc):
@@ -64,40 +112,200 @@ def _expected_collectives(sc):
     return 1 + sum(1 for m in members if m["type"] in elementwise)
 
 
-@pytest.mark.parametrize("world,sc", list(_cases()))
-def test_sharded_equals_unsharded(world, sc, tmp_root):
+def _ranks(world, sc, tmp_root):
     r = run_world(world, tmp_root)[sc["name"]]
-    assert "error" not in r, r.get("trace", r.get("error"))
-    if "path" in sc:
-        assert r["path"] == sc["path"], f"DeepSpeed built the {r['path']} path, expected {sc['path']}"
+    ranks = r["ranks"]
+    assert len(ranks) == world, f"results from {len(ranks)} of {world} ranks"
+    for x in ranks:
+        assert "error" not in x, f"rank {x['rank']}: " + x.get("trace", x.get("error"))
+    return ranks
+
+
+def worst(ranks, key):
+    """(value, rank) of the largest ``key`` over the ranks."""
+    x = max(ranks, key=lambda x: x[key])
+    return x[key], x["rank"]
+
+
+def effect(ranks):
+    return max((max(x["tight_effect"]) if x["tight_effect"] else 0.0) for x in ranks)
+
+
+def tight_ratios(ranks, sc):
+    """Each tight comparison's worst value over its tolerance: {name: (ratio, rank)}."""
+    gt = grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc))
+    out = {}
+    for key, tol in (("tight_grad", gt), ("tight_stats", STATS_TOL), ("tight_factor", STATS_TOL),
+                     ("tight_state", STATE_TOL)):
+        v, rk = worst(ranks, key)
+        out[key] = (v / tol, rk)
+    return out
+
+
+@pytest.mark.parametrize("world,sc", list(_cases(mutants=False)))
+def test_sharded_equals_unsharded(world, sc, tmp_root):
+    ranks = _ranks(world, sc, tmp_root)
+    for x in ranks:
+        if "path" in sc:
+            assert x["path"] == sc["path"], f"DeepSpeed built the {x['path']} path, expected {sc['path']}"
     tol = TOL[sc["dtype"]]
     trap = sc.get("trap")
     if trap == "control":
         # Without our unscale fix, DeepSpeed's step uses the wrong loss scale on growth steps
         # (ZeRO 1/2/3: the post-growth scale; ZeRO-0 fp16: a scale backward never applied).
-        assert r["params"] > 10 * tol, f"negative control did not see the trap: {r['params']}"
+        # Both comparisons must see it.
+        p, rk = worst(ranks, "params")
+        assert p > POWER * tol, f"negative control not seen by the whole-training check: {p} (rank {rk})"
+        ratio, rk = tight_ratios(ranks, sc)["tight_grad"]
+        assert ratio > POWER, f"negative control not seen by the tight check: {ratio:.3g} x tol (rank {rk})"
         return
-    assert r["skipped"] == r["ref_skipped"], (r["skipped"], r["ref_skipped"])
-    assert r["stats"] <= tol, f"per-layer statistics differ: {r['stats']}"
+    tight = sc.get("tight", True)
+    for x in ranks:
+        assert x["skipped"] == x["ref_skipped"], (x["rank"], x["skipped"], x["ref_skipped"])
+        if tight:
+            assert x["tight_skipped"] == x["skipped"], (x["rank"], x["tight_skipped"], x["skipped"])
+
+    # ---- 1. tight: the same gradient through the reference, every step, every rank
+    if tight:
+        gt = grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc))
+        for key, t in (("tight_grad", gt), ("tight_stats", STATS_TOL), ("tight_factor", STATS_TOL),
+                       ("tight_state", STATE_TOL)):
+            v, rk = worst(ranks, key)
+            assert v <= t, f"{key} = {v:.3g} > {t:.3g} on rank {rk}"
+        eff = effect(ranks)
+        assert eff >= POWER * gt, (f"shaping effect {eff:.3g} ulps < {POWER:g} x tolerance {gt:.3g}: "
+                                   "the comparison could not tell shaped from unshaped")
+        expected = world if ranks[0]["path"] in REPLICATED else 1
+        for x in ranks:
+            assert x["coverage"] == [expected, expected], \
+                f"rank {x['rank']}: gradient elements compared {x['coverage']} times, expected {expected}"
+    else:
+        a, rk = max((x["active"], x["rank"]) for x in ranks)
+        assert a > 1e-3, "the shaper never changed the gradient: the comparison would prove nothing"
+
+    # ---- 2. whole training against the fp32 reference, every rank
+    v, rk = worst(ranks, "stats")
+    assert v <= tol, f"per-layer statistics differ: {v} (rank {rk})"
     # zclip's variance is the squared spread of a few norms: 16-bit rounding of the norms is
     # amplified by mean/std there, hence 3x the bound for state in 16-bit.
     state_tol = tol if sc["dtype"] == "fp32" else 3 * tol
-    assert r["state_equal"] <= state_tol, f"shaper state differs: {r['state_equal']}"
+    v, rk = worst(ranks, "state_equal")
+    assert v <= state_tol, f"shaper state differs: {v} (rank {rk})"
     if sc["dtype"] == "fp32" and not sc.get("clip"):
         # (with DeepSpeed's clip, our record covers shaping only and DeepSpeed clips after it;
         # the reference's chain factor includes the clip, so only parameters are comparable)
-        assert r["factor"] <= tol, f"shaping factors differ: {r['factor']}"
-    assert r["params"] <= tol, f"parameters after {sc['steps']} steps differ: {r['params']}"
-    assert r["active"] > 1e-3, "the shaper never changed the gradient: the comparison would prove nothing"
-    if trap == "overflow":
-        assert r["skipped"] == [2] and r["skipped_steps"] == 1
-    if trap == "growth":
-        scales = r["loss_scales"]
-        assert len(set(scales)) > 1 or sc["stage"] == 0, f"loss scale never grew: {scales}"
-    # One all-reduce per statistics pass: never more than the method's passes, a skipped step
-    # stops after the first, and one process needs none.
-    for i, c in enumerate(r["collectives_per_step"]):
-        if world == 1:
-            assert c == 0, r["collectives_per_step"]
+        v, rk = worst(ranks, "factor")
+        assert v <= tol, f"shaping factors differ: {v} (rank {rk})"
+    v, rk = worst(ranks, "params")
+    assert v <= tol, f"parameters after {sc['steps']} steps differ: {v} (rank {rk})"
+    for x in ranks:
+        if trap == "overflow":
+            assert x["skipped"] == [2] and x["skipped_steps"] == 1
+        if trap == "growth":
+            scales = x["loss_scales"]
+            assert len(set(scales)) > 1 or sc["stage"] == 0, f"loss scale never grew: {scales}"
+        # One all-reduce per statistics pass: never more than the method's passes, a skipped step
+        # stops after the first, and one process needs none.
+        for i, c in enumerate(x["collectives_per_step"]):
+            if world == 1:
+                assert c == 0, x["collectives_per_step"]
+            else:
+                assert 1 <= c <= (1 if i in x["skipped"] else _expected_collectives(sc)), x["collectives_per_step"]
+
+
+@pytest.mark.parametrize("world,sc", list(_cases(mutants=True)))
+def test_mutant_is_caught(world, sc, tmp_root):
+    """A broken sharded path must fail the tight comparisons by at least 10x their tolerance."""
+    ranks = _ranks(world, sc, tmp_root)
+    if "path" in sc:
+        assert ranks[0]["path"] == sc["path"], f"DeepSpeed built the {ranks[0]['path']} path, expected {sc['path']}"
+    ratios = tight_ratios(ranks, sc)
+    key, (ratio, rk) = max(ratios.items(), key=lambda kv: kv[1][0])
+    assert ratio >= POWER, f"mutant {sc['mutant']} not caught: worst comparison {key} at {ratio:.3g} x tolerance"
+
+
+# ------------------------------------------------------------------------------ report
+def _fmt(x):
+    return "inf" if x == float("inf") else f"{x:.3g}"
+
+
+def build_report(results):
+    """Markdown for README "Tests" from {world: {name: result}}."""
+    lines = []
+    cells = [(w, sc) for w in WORLDS for sc in S.matrix(w)
+             if not sc.get("mutant") and sc.get("trap") != "control" and sc.get("tight", True)]
+    ratios = []
+    worst_grad, worst_stats, worst_params = {}, {}, {}
+    for w, sc in cells:
+        ranks = results[w][sc["name"]]["ranks"]
+        if any("error" in x for x in ranks):
+            continue
+        gt = grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc))
+        ratios.append((effect(ranks) / gt, f"w{w}:{sc['name']}"))
+        key = sc["dtype"] + ("" if ranks[0]["grad_dtype"] == {"fp32": "float32", "bf16": "bfloat16",
+                                                                  "fp16": "float16"}[sc["dtype"]]
+                             else " (fp32 grads)")
+        g = max(x["tight_grad"] for x in ranks)
+        if g >= worst_grad.get(key, (-1, ""))[0]:
+            worst_grad[key] = (g, f"w{w}:{sc['name']}")
+        st = max(max(x["tight_stats"], x["tight_factor"]) for x in ranks)
+        if st >= worst_stats.get(key, (-1, ""))[0]:
+            worst_stats[key] = (st, f"w{w}:{sc['name']}")
+        p = max(x["params"] for x in ranks)
+        if p >= worst_params.get(sc["dtype"], (-1, ""))[0]:
+            worst_params[sc["dtype"]] = (p, f"w{w}:{sc['name']}")
+    ratios.sort()
+    lines.append(f"Smallest effect/tolerance ratio over {len(ratios)} cells: {_fmt(ratios[0][0])} "
+                 f"({ratios[0][1]})")
+    lines.append("")
+    lines.append("| precision | tight gradient, worst (ulps) | statistics/factors, worst (rel.) "
+                 "| whole-training parameters vs fp32, worst (rel.) |")
+    lines.append("|---|---|---|---|")
+    for key in sorted(worst_grad):
+        dt = key.split()[0]
+        lines.append(f"| {key} | {_fmt(worst_grad[key][0])} ({worst_grad[key][1]}) | {_fmt(worst_stats[key][0])} "
+                     f"| {_fmt(worst_params[dt][0])} ({worst_params[dt][1]}) |")
+    lines.append("")
+    # mutation table: mutant x precision -> per stage
+    rows = {}
+    for sc in S.matrix(2):
+        if sc.get("mutant"):
+            name, label = sc["mutant"], sc["dtype"] + ("/BF16_Optimizer" if sc.get("grad_accum_fp32") else "")
+        elif sc.get("trap") == "control":
+            name, label = "unscale_fix_disabled", sc["dtype"]
         else:
-            assert 1 <= c <= (1 if i in r["skipped"] else _expected_collectives(sc)), r["collectives_per_step"]
+            continue
+        ranks = results[2][sc["name"]]["ranks"]
+        if any("error" in x for x in ranks):
+            cell = "error"
+        else:
+            key, (ratio, rk) = max(tight_ratios(ranks, sc).items(), key=lambda kv: kv[1][0])
+            verdict = "caught" if ratio >= POWER else "MISSED"
+            # what the whole-training fp32 check alone would have said (parameters / tolerance)
+            whole = max(x["params"] for x in ranks) / TOL[sc["dtype"]]
+            cell = f"{verdict} {_fmt(ratio)}x ({key.replace('tight_', '')}, rank {rk}; fp32-run {_fmt(whole)}x)"
+        rows.setdefault((name, label, sc["shaper"]), {})[sc["stage"]] = cell
+    lines.append("| mutant (world 2) | precision | method | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for (name, label, sh), by_stage in rows.items():
+        lines.append(f"| {name} | {label} | {sh} | " + " | ".join(by_stage.get(s, "n/a") for s in S.STAGES) + " |")
+    lines.append("")
+    secs = {w: sum(max(x.get("seconds", 0.0) for x in r["ranks"]) for r in results[w].values()) for w in WORLDS}
+    cpu = {w: sum(sum(x.get("cpu", 0.0) for x in r["ranks"]) for r in results[w].values()) for w in WORLDS}
+    lines.append("Scenario time inside the workers, wall (CPU of all ranks), s: "
+                 + ", ".join(f"world {w}: {secs[w]:.0f} ({cpu[w]:.0f})" for w in WORLDS))
+    return "\n".join(lines)
+
+
+def test_report(tmp_root):
+    """The figures README "Tests" quotes, from this run (prints; DS_EQUIVALENCE_REPORT=path writes)."""
+    results = {w: run_world(w, tmp_root) for w in WORLDS}
+    text = build_report(results)
+    print("\n" + text)
+    with open(os.path.join(tmp_root, "report.md"), "w") as f:
+        f.write(text + "\n")
+    dest = os.environ.get("DS_EQUIVALENCE_REPORT")
+    if dest:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+    assert "MISSED" not in text
