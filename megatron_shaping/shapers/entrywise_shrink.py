@@ -67,8 +67,11 @@ class ShrinkMap(Elementwise):
             return g
         return self.apply_(g.clone(), T, p)
 
+    #: the driver may pass ``absmax`` (a bound on |g| per tensor) to skip needless clamps
+    uses_absmax = True
+
     @staticmethod
-    def is_identity(T: float, p: float) -> bool:
+    def is_identity(T: float, p: float, absmax: float = math.inf) -> bool:
         return math.isinf(T)
 
     @staticmethod
@@ -81,11 +84,45 @@ class ShrinkMap(Elementwise):
         maps to T * (1 + 1e-36)^(-1/p) = T, the limit of the map, as the far branch
         T / (1 + u^-p)^(1/p) of the two-branch form gives. Below the clamp the operations are
         those of that form's near branch; above T the two forms agree to rounding."""
-        bound = min(10.0 ** (36.0 / p), 1e30) * T
-        if bound < torch.finfo(g.dtype).max:      # else |g| / T < B already
-            g.clamp_(-bound, bound)
-        t = g.abs().div_(T).pow_(p).add_(1.0).pow_(-1.0 / p)
-        return g.mul_(t)
+        ShrinkMap.apply_foreach_([g], T=[T], p=[p])
+        return g
+
+    @staticmethod
+    def _bound(T: float, p: float, dtype) -> float:
+        b = min(10.0 ** (36.0 / p), 1e30) * T
+        return b if b < torch.finfo(dtype).max else math.inf      # else |g| / T < B already
+
+    @staticmethod
+    def apply_foreach_(gs, T, p, absmax=None) -> None:
+        """The map in place on every tensor of ``gs`` (group parameters per tensor), one
+        temporary per tensor, as multi-tensor operations. p = 2 with 1e-15 <= T <= 1e15:
+        1 + g * g * T^-2 (one addcmul) and its inverse square root; otherwise
+        1 + (|g| / T)^p to the power -1/p. ``absmax``: a bound on |g| per tensor (the group's
+        norm); tensors whose bound is below the clamp are not clamped (it would change nothing)."""
+        if not gs:
+            return
+        bounds = [ShrinkMap._bound(t, q, g.dtype) for g, t, q in zip(gs, T, p)]
+        clamp = [i for i, b in enumerate(bounds)
+                 if b < math.inf and (absmax is None or not absmax[i] * (1 + 1e-5) < b)]
+        if clamp:
+            torch._foreach_clamp_min_([gs[i] for i in clamp], [-bounds[i] for i in clamp])
+            torch._foreach_clamp_max_([gs[i] for i in clamp], [bounds[i] for i in clamp])
+        fast = [i for i, (t, q) in enumerate(zip(T, p)) if q == 2.0 and 1e-15 <= t <= 1e15]
+        if fast:
+            xs = [gs[i] for i in fast]
+            one = torch.ones((), dtype=xs[0].dtype, device=xs[0].device)
+            ts = torch._foreach_addcmul([one] * len(xs), xs, xs, [1.0 / (T[i] * T[i]) for i in fast])
+            torch._foreach_rsqrt_(ts)
+            torch._foreach_mul_(xs, ts)
+        slow = [i for i in range(len(gs)) if i not in set(fast)]
+        if slow:
+            xs = [gs[i] for i in slow]
+            ts = torch._foreach_abs(xs)
+            torch._foreach_div_(ts, [T[i] for i in slow])
+            torch._foreach_pow_(ts, [p[i] for i in slow])
+            torch._foreach_add_(ts, 1.0)
+            torch._foreach_pow_(ts, [-1.0 / p[i] for i in slow])
+            torch._foreach_mul_(xs, ts)
 
 
 class EntrywiseShrink(Shaper):

@@ -88,6 +88,18 @@ class PowerMap(Elementwise):
         t = g.abs().pow_(alpha).mul_(coef)
         return torch.copysign(t, g, out=g)
 
+    @staticmethod
+    def apply_foreach_(gs, alpha, coef) -> None:
+        """The map in place on every tensor of ``gs`` (group parameters per tensor), one
+        temporary per tensor, the same operations as :meth:`apply_` as multi-tensor calls."""
+        if not gs:
+            return
+        ts = torch._foreach_abs(gs)
+        torch._foreach_pow_(ts, list(alpha))
+        torch._foreach_mul_(ts, list(coef))
+        for t, g in zip(ts, gs):          # (no multi-tensor copysign in torch)
+            torch.copysign(t, g, out=g)
+
 
 class SPAMP(Shaper):
     name = "spamp"

@@ -48,6 +48,13 @@ class ClampMap(Elementwise):
         """The map in place on ``g`` (a tensor the caller owns), no temporary."""
         return g.clamp_(-clip, clip)
 
+    @staticmethod
+    def apply_foreach_(gs, clip) -> None:
+        """The map in place on every tensor of ``gs`` (one clip value per tensor), no temporary."""
+        if gs:
+            torch._foreach_clamp_min_(gs, [-c for c in clip])
+            torch._foreach_clamp_max_(gs, list(clip))
+
 
 class ValueClip(Shaper):
     name = "value_clip"

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import math
+
 import torch
 
 from ..shapers.base import (STAT_DTYPE, SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, Elementwise, GroupLayout,
@@ -29,6 +31,8 @@ WIDEN_BLOCK = 1 << 18
 #: genuine inf/nan, which the exact float64 pass keeps). 1e-13: a chunk of 2048 entries below
 #: it, scaled by 2^100, can neither overflow nor lose a normal fp32 square.
 _LOW = 1e-13
+#: Sums of |x| on the CPU go through a bounded fp32 buffer of this many elements.
+ABS_BLOCK = 1 << 16
 _UP = 2.0 ** 100
 
 
@@ -184,17 +188,29 @@ def _split_runs(runs, block: int):
 
 
 class _Partials:
-    """Runs of every counted tensor of one statistic and the output index of their partials."""
+    """Runs of every counted tensor of one statistic and the output index of their partials.
 
-    def __init__(self, runs_per_tensor: List[list], ids: List[int], size: int, device):
-        self.runs = runs_per_tensor
-        self.index = torch.tensor(ids, dtype=torch.long, device=device)
-        self.size = size
+    Tensors of at most CHUNK elements (biases, norm weights, small pieces at partition edges)
+    are reduced together by one multi-tensor call (``small``); the others run by run (``big``).
+    Partials are ordered small first, then big, and ``index`` / ``where`` follow that order."""
+
+    def __init__(self, runs_per_tensor: List[list], ids_per_tensor: List[List[int]], size: int, device):
+        self.small = [t for t, runs in enumerate(runs_per_tensor) if len(runs) == 1 and runs[0][:2] == (0, 1)]
+        small = set(self.small)
+        self.big = [(t, runs) for t, runs in enumerate(runs_per_tensor) if t not in small]
+        ids: List[int] = []
         # (tensor position, start, length) of every partial, for the exact recomputation
         self.where: List[Tuple[int, int, int]] = []
-        for t, runs in enumerate(runs_per_tensor):
+        for t in self.small:
+            ids += ids_per_tensor[t]
+            self.where.append((t, 0, runs_per_tensor[t][0][2]))
+        for t, runs in self.big:
+            ids += ids_per_tensor[t]
             for a, k, length in runs:
                 self.where += [(t, a + j * length, length) for j in range(k)]
+        self.index = torch.tensor(ids, dtype=torch.long, device=device)
+        self.size = size
+        self.max_run = max((k * length for _, runs in self.big for _, k, length in runs), default=0)
 
 
 def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) -> torch.Tensor:
@@ -208,15 +224,45 @@ def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) 
         return torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
     out = []
     cpu = tensors[0].device.type == "cpu"
-    for x, runs in zip(tensors, parts.runs):
+
+    def acc_dtype(x):
         if x.dtype == torch.float64 or not cpu:
-            dt = STAT_DTYPE
-        elif x.dtype == torch.float32:
-            dt = None
+            return STAT_DTYPE
+        return None if x.dtype == torch.float32 else torch.float32
+
+    if parts.small:
+        xs = [tensors[t] for t in parts.small]
+        dts = {acc_dtype(x) for x in xs}
+        if len(dts) == 1:
+            out.append(torch.stack(torch._foreach_norm(xs, p, dtype=dts.pop())).view(-1))
         else:
-            dt = torch.float32
+            out += [torch.linalg.vector_norm(x, p, dtype=acc_dtype(x)).view(1) for x in xs]
+    buf = None
+    for t, runs in parts.big:
+        x = tensors[t]
+        dt = acc_dtype(x)
         for a, k, length in runs:
-            out.append(torch.linalg.vector_norm(x.narrow(0, a, k * length).view(k, length), p, dim=1, dtype=dt))
+            seg = x.narrow(0, a, k * length)
+            if p == 1 and dt != STAT_DTYPE:
+                # sum |x| per chunk: vector_norm(ord=1) takes a slow generic path on the CPU;
+                # |x| into a bounded fp32 buffer and a native row sum are ~3x faster.
+                if buf is None:
+                    buf = torch.empty(max(min(ABS_BLOCK, parts.max_run), length), dtype=torch.float32,
+                                      device=x.device)
+                per = max(1, buf.numel() // length)
+                for j in range(0, k, per):
+                    kk = min(per, k - j)
+                    b = buf[:kk * length]
+                    if b.numel() < kk * length:
+                        b = torch.empty(kk * length, dtype=torch.float32, device=x.device)
+                    blk = seg.narrow(0, j * length, kk * length)
+                    if blk.dtype == torch.float32:
+                        torch.abs(blk, out=b)
+                    else:
+                        b.copy_(blk).abs_()
+                    out.append(b.view(kk, length).sum(1))
+                continue
+            out.append(torch.linalg.vector_norm(seg.view(k, length), p, dim=1, dtype=dt))
     vals = torch.cat(out) if len(out) > 1 else out[0]
     if vals.dtype != STAT_DTYPE:
         # CPU fp32 partials. nonzero() and numel() read no tensor value; the host reads below
@@ -287,14 +333,14 @@ class SliceMeta:
             n = s.grad.numel()
             r, ids = _group_runs(n, s.group)
             g_runs.append(r)
-            g_ids += ids
+            g_ids.append(ids)
             first, row_len = _unit_span(s)
             if row_len is None:
                 r, ids = _group_runs(n, first)
             else:
                 r, ids = _unit_runs(n, s.offset, row_len, first)
             u_runs.append(r)
-            u_ids += ids
+            u_ids.append(ids)
         wide = [s.grad.dtype in (torch.float16, torch.bfloat16) for s in counted]
         self.group_parts = _Partials([_split_runs(r, WIDEN_BLOCK) if w else r for r, w in zip(g_runs, wide)],
                                      g_ids, L, dev)
@@ -348,6 +394,9 @@ class SliceSet:
         self._counted_group = meta.counted_group
         self._counted_slices = [self.slices[i] for i in meta.counted]
         self._group_of = meta.group_of
+        #: group sums of squares of the gradient as it is now (None once it was changed):
+        #: a map that declares ``uses_absmax`` gets sqrt of it as a bound on every |g_i|.
+        self._fresh_sumsq: Optional[torch.Tensor] = None
 
     # -------------------------------------------------------------- statistics
     def compute(self, needs: frozenset) -> Stats:
@@ -380,6 +429,7 @@ class SliceSet:
                     out[k] = out[k] / (s * s)
             if SUMABS in out:
                 out[SUMABS] = out[SUMABS] / s
+        self._fresh_sumsq = out.get(SUMSQ)
         return Stats(**out)
 
     def _group_sum(self, p: int) -> torch.Tensor:
@@ -407,16 +457,28 @@ class SliceSet:
         multiplied by its own, a 0-d tensor); one for an elementwise plan, which needs its
         per-group parameters on the host anyway and reads the group factors in the same copy
         (slices whose factor is 1 or whose map is the identity are then left alone)."""
-        if elementwise is None:
+        fresh, self._fresh_sumsq = self._fresh_sumsq, None
+        if elementwise is None and unit_scale is not None:
+            # one pass: the group factor folded into the unit factors (AGC's group factor is 1)
+            unit_scale = unit_scale * scale.index_select(0, self.layout.unit_group.to(scale.device))
+            params = None
+        elif elementwise is None:
             self._scale_on_device(scale)
             params = None
         else:
             keys = list(elementwise.params)
-            host = torch.stack([scale.to(STAT_DTYPE)] + [elementwise.params[k].to(device=scale.device,
-                                                                                  dtype=STAT_DTYPE)
-                                                         for k in keys]).tolist()
-            params = dict(zip(keys, host[1:]))
+            rows = [scale.to(STAT_DTYPE)] + [elementwise.params[k].to(device=scale.device, dtype=STAT_DTYPE)
+                                             for k in keys]
+            absmax = getattr(elementwise, "uses_absmax", False) and fresh is not None and unit_scale is None
+            if absmax:
+                rows.append(fresh.to(device=scale.device, dtype=STAT_DTYPE))
+            host = torch.stack(rows).tolist()
+            params = dict(zip(keys, host[1:1 + len(keys)]))
             factors = host[0]
+            if absmax:
+                # |g_i| <= the group's L2 norm, times the factor applied just below
+                params["absmax"] = [math.sqrt(v) * abs(f) if v == v else math.inf
+                                    for v, f in zip(host[-1], factors)]
             tensors, scalars = [], []
             for s, grp in zip(self.slices, self._group_of):
                 f = factors[grp]
@@ -446,22 +508,42 @@ class SliceSet:
     def _map(self, fn: Elementwise, params: Optional[Dict[str, list]] = None) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
         (|g|^alpha of a bf16 value is not a bf16 operation; an fp64 gradient is not rounded to
-        fp32). Maps with an in-place form (``apply_``) run on the gradient itself when it is
-        fp32/fp64 and on one fp32 copy of a 16-bit slice (rounded once when written back)."""
+        fp32). Maps with an in-place multi-tensor form (``apply_foreach_``) run on the gradient
+        itself when it is fp32/fp64, and on fp32 copies of 16-bit slices (rounded once when
+        written back), in batches of at most WIDEN_BLOCK elements (large slices in pieces of
+        that size): the temporaries stay bounded and small slices cost one call per batch."""
         if params is None:
             params = fn.host_params()
         ls = float(self.loss_scale)
-        apply_ = getattr(fn, "apply_", None)
+        foreach = getattr(fn, "apply_foreach_", None)
         identity = getattr(fn, "is_identity", None)
+        keys = list(params)
+        batch: List[torch.Tensor] = []
+        batch_kw: Dict[str, list] = {k: [] for k in keys}
+        size = 0
+
+        def flush():
+            nonlocal batch, batch_kw, size
+            if batch:
+                wide = [x if x.dtype in (torch.float32, torch.float64) else x.float() for x in batch]
+                if ls != 1.0:
+                    torch._foreach_div_(wide, ls)
+                foreach(wide, **batch_kw)
+                if ls != 1.0:
+                    torch._foreach_mul_(wide, ls)
+                narrow = [(x, w) for x, w in zip(batch, wide) if w is not x]
+                if narrow:
+                    torch._foreach_copy_([x for x, _ in narrow], [w for _, w in narrow])
+            batch, batch_kw, size = [], {k: [] for k in keys}, 0
+
         for s, grp in zip(self.slices, self._group_of):
             if not s.grad.numel():
                 continue
             kw = {k: v[grp] for k, v in params.items()}
             if identity is not None and identity(**kw):
                 continue
-            wide = torch.promote_types(s.grad.dtype, torch.float32)
-            if apply_ is None:
-                g = s.grad.to(wide)
+            if foreach is None:
+                g = s.grad.to(torch.promote_types(s.grad.dtype, torch.float32))
                 if ls != 1.0:
                     g = g / ls
                 out = fn.apply(g, **kw)
@@ -469,14 +551,16 @@ class SliceSet:
                     out = out * ls
                 s.grad.copy_(out)
                 continue
-            g = s.grad if s.grad.dtype == wide else s.grad.to(wide)
-            if ls != 1.0:
-                g.div_(ls)
-            apply_(g, **kw)
-            if ls != 1.0:
-                g.mul_(ls)
-            if g is not s.grad:
-                s.grad.copy_(g)
+            n = s.grad.numel()
+            for a in range(0, n, WIDEN_BLOCK):
+                piece = s.grad if n <= WIDEN_BLOCK else s.grad.narrow(0, a, min(WIDEN_BLOCK, n - a))
+                if size + piece.numel() > WIDEN_BLOCK:
+                    flush()
+                batch.append(piece)
+                for k in keys:
+                    batch_kw[k].append(kw[k])
+                size += piece.numel()
+        flush()
 
 
 class SliceCache:

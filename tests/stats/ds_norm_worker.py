@@ -136,7 +136,7 @@ def run(sc, rank):
     for step in range(sc.get("steps", 4)):
         for i, (engine, calls) in enumerate(engines):
             x, y = batch(step, rank, dtype)
-            loss = engine(x, y)
+            loss = engine(x.to(engine.device), y.to(engine.device))
             engine.backward(loss)
             with calls:
                 engine.step()
@@ -152,7 +152,7 @@ def run(sc, rank):
                 out["norm_before"].append(None if last is None else float(last.stats_before.sumsq.sum().sqrt()))
     out["replaced"] = engines[1][0].gradient_shaping.adapter.norms_replaced
     out["replaced_off"] = engines[0][0].gradient_shaping.adapter.norms_replaced
-    pa, pb = full_params(engines[0][0]), full_params(engines[1][0])
+    pa, pb = full_params(engines[0][0]).cpu(), full_params(engines[1][0]).cpu()
     out["params"] = float(((pa - pb).abs() / pa.abs().clamp_min(1e-6)).max())
     out["moved"] = float((pa - full_params_of(ref)).abs().max())
     return out
@@ -170,10 +170,15 @@ def main():
     args = ap.parse_args()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    acc = get_accelerator()      # fp16 on the CPU accelerator (CPU fp16 arithmetic), as tests/distributed
-    acc.is_fp16_supported = lambda: True
-    acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
-    deepspeed.init_distributed(dist_backend="gloo")
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        # fp16 on the CPU accelerator (CPU fp16 arithmetic), as tests/distributed does
+        acc.is_fp16_supported = lambda: True
+        acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+    else:
+        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # tools/gpu_check.sh runs this worker on GPUs with NCCL
+    deepspeed.init_distributed(dist_backend=os.environ.get("MS_DIST_BACKEND", "gloo"))
     import deepspeed.comm as dist
     rank = dist.get_rank()
     import logging
