@@ -3,7 +3,7 @@
 # gradient shaping on. Prints loss, validation loss, lr, tokens/s, what the shaper did, and at the
 # end the wall time.
 #
-#   bash launch/run_demo.sh                    # GradientStabilizer, 150 iterations (~2 min on 2 idle cores, fp32)
+#   bash launch/run_demo.sh                    # GradientStabilizer, 150 iterations (~2 min on 2 cores, fp32)
 #   SHAPER=spamp bash launch/run_demo.sh       # SPAMP (or norm_clip, zclip, agc, adagc, ...; none: off)
 #   PRECISION=bf16 bash launch/run_demo.sh     # bf16 (default: auto, see below); PRECISION=fp32 forces fp32
 #   ITERS=50 bash launch/run_demo.sh --seq-length 64     # extra arguments go to launch/pretrain.py
