@@ -35,7 +35,7 @@ DEEPSPEED=deepspeed
 if [ "$PRECISION" = auto ]; then
     if [ "$DS_ACCELERATOR" != cpu ]; then
         PRECISION=bf16; why="accelerator $DS_ACCELERATOR"
-    elif grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null; then
+    elif grep -qw amx_bf16 "${CPUINFO:-/proc/cpuinfo}" 2>/dev/null; then
         PRECISION=bf16; why="CPU with AMX (amx_bf16)"
     else
         PRECISION=fp32; why="CPU without AMX: bf16 would be several times slower"
@@ -63,13 +63,18 @@ PY
 esac
 echo "run_demo: $PRECISION ($why), $ITERS iterations, $NPROC processes, config $CONFIG"
 
+CMD=("$DEEPSPEED" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" launch/pretrain.py
+    --deepspeed_config "$CONFIG" --model-preset llama-tiny
+    --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS"
+    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 15
+    --eval-interval 50 --eval-iters 4 --log-interval 10 "$@")
+if [ -n "${DRY_RUN:-}" ]; then       # print the command instead of running it (tests)
+    echo "${CMD[*]}"
+    exit 0
+fi
 start=$(date +%s)
 status=0
-"$DEEPSPEED" --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29500}" launch/pretrain.py \
-    --deepspeed_config "$CONFIG" --model-preset llama-tiny \
-    --micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS" \
-    --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 15 \
-    --eval-interval 50 --eval-iters 4 --log-interval 10 "$@" || status=$?
+"${CMD[@]}" || status=$?
 secs=$(( $(date +%s) - start ))
 printf 'run_demo: wall time %dm%02ds (%s, %s iterations, %s processes)%s\n' $((secs / 60)) $((secs % 60)) \
     "$PRECISION" "$ITERS" "$NPROC" "$([ "$status" -ne 0 ] && echo ", FAILED with status $status")"
