@@ -34,17 +34,28 @@ def config(shaping=SHAPING, **extra):
     return c
 
 
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
+
+
 @pytest.fixture(scope="module")
 def ds():
+    """A world of one (gloo; reused if another test made one). DeepSpeed reads the rank from the
+    environment: set for this module, restored after it (later tests launch subprocesses)."""
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", LOCAL_SIZE="1")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     import deepspeed
-    return deepspeed
+    yield deepspeed
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture
