@@ -86,8 +86,9 @@ def llama_config() -> LlamaConfig:
 
 
 torch.manual_seed(SEED)
-# One initial state for every run: built before any TrainingArguments exists (a ZeRO-3
-# TrainingArguments switches transformers' model construction to deepspeed.zero.Init).
+# One initial state for every run, built before any TrainingArguments exists (under a ZeRO-3
+# TrainingArguments, transformers' from_config/from_pretrained build inside deepspeed.zero.Init),
+# so every run starts from the same weights whatever the construction path.
 INIT = {k: v.clone() for k, v in LlamaForCausalLM(llama_config()).state_dict().items()}
 
 
