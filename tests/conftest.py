@@ -5,6 +5,7 @@ reproducible and a green one is not luck. Local runs keep hypothesis' random exp
 is where new counterexamples come from.
 """
 import os
+import time
 
 import pytest
 
@@ -21,6 +22,7 @@ if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
 # started and that no live process still maps (a running launch of a concurrent run keeps its own).
 _SHM_DIR = "/dev/shm"
 _SHM_PREFIX = "deepspeed_allreduce_buffer_"
+_SHM_MIN_AGE_S = 30.0
 
 
 def _shm_buffers() -> set:
@@ -57,8 +59,12 @@ def _unlink_leaked_deepspeed_shm(_shm_at_start):
     yield
     new = _shm_buffers() - _shm_at_start
     if new:
+        now = time.time()
         for name in new - _mapped_shm_buffers():
+            path = os.path.join(_SHM_DIR, name)
             try:
-                os.unlink(os.path.join(_SHM_DIR, name))
+                # A buffer a launch has just created may not be mapped yet: leave young ones.
+                if now - os.stat(path).st_mtime > _SHM_MIN_AGE_S:
+                    os.unlink(path)
             except OSError:
                 pass
