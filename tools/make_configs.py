@@ -12,8 +12,9 @@ One script, so that the 54 files differ only where they should. Choices made her
   ``lr`` is a placeholder that launch/pretrain.py overrides with --lr.
 - Batch sizes are placeholders too: pretrain.py sets them from --micro-batch-size and
   --global-batch-size.
-- Shaper params are the methods' published defaults (docs/SHAPERS.md gives the sources); every
-  section is validated against the shaper registry before it is written.
+- One config per method of the shaper registry (``megatron_shaping.shapers.REGISTRY``), with the
+  method's default granularity and every hyperparameter at its default, as its class declares
+  them (docs/SHAPERS.md gives the sources); every section is validated before it is written.
 """
 import argparse
 import json
@@ -26,17 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "configs" / "deepspeed"
 
-#: type -> (granularity or None for the method's default, params)
-SHAPERS = {
-    "gradient_stabilizer": ("tensor", {"beta1": 0.6, "beta2": 0.999}),
-    "spamp": ("tensor", {"beta": 0.99, "alpha_min": 0.7}),
-    "norm_clip": ("global", {"max_norm": 1.0}),
-    "value_clip": (None, {"clip_value": 1.0}),
-    "agc": ("tensor", {"clipping": 0.01}),
-    "zclip": ("global", {"alpha": 0.97, "z_thresh": 2.5}),
-    "adagc": ("tensor", {"lambda_rel": 1.04, "beta": 0.99}),
-    "entrywise_shrink": ("tensor", {"threshold": 10.0}),
-}
+from megatron_shaping.shapers import REGISTRY, build_shaper, default_section  # noqa: E402
+
 STAGES = (1, 2, 3)
 PRECISIONS = {
     "bf16": {"bf16": {"enabled": True}},
@@ -48,12 +40,7 @@ PRECISIONS = {
 def shaping_section(kind: str):
     if kind == "none":
         return None
-    granularity, params = SHAPERS[kind]
-    section = {"type": kind}
-    if granularity:
-        section["granularity"] = granularity
-    section["params"] = dict(params)
-    return section
+    return default_section(kind)
 
 
 def make_config(stage: int, precision: str, kind: str) -> dict:
@@ -85,13 +72,12 @@ def make_config(stage: int, precision: str, kind: str) -> dict:
 def all_configs():
     for stage in STAGES:
         for precision in PRECISIONS:
-            for kind in list(SHAPERS) + ["none"]:
+            for kind in list(REGISTRY) + ["none"]:
                 yield f"zero{stage}_{precision}_{kind}.json", make_config(stage, precision, kind)
 
 
 def validate(cfg: dict):
     if "gradient_shaping" in cfg:
-        from megatron_shaping.shapers import build_shaper
         s = cfg["gradient_shaping"]
         build_shaper(s["type"], s["params"])
 

@@ -5,21 +5,25 @@ No collectives and no DeepSpeed import here (tests/shapers/test_imports.py enfor
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Dict
 
 from .base import (ALL_STATS, Chain, Elementwise, GroupLayout, Plan, Shaper, Stats, StepRecord, as_chain, chain,
                    derive_stats, make_layout, run_shapers)
 
-#: config ``type`` -> (module, class). One module per method.
+#: config ``type`` -> (module, class). One module per method; a module name starting with a dot
+#: is relative to this package, any other is imported as it stands (a shaper outside the
+#: package). This is the one list of methods: configs, grids, analyses, test matrices and the
+#: docs check iterate over it, in this order (classic baselines first, then the adaptive ones).
 REGISTRY: Dict[str, tuple] = {
-    "gradient_stabilizer": ("gradient_stabilizer", "GradientStabilizer"),
-    "spamp": ("spamp", "SPAMP"),
-    "norm_clip": ("norm_clip", "NormClip"),
-    "value_clip": ("value_clip", "ValueClip"),
-    "agc": ("agc", "AGC"),
-    "zclip": ("zclip", "ZClip"),
-    "adagc": ("adagc", "AdaGC"),
-    "entrywise_shrink": ("entrywise_shrink", "EntrywiseShrink"),
+    "norm_clip": (".norm_clip", "NormClip"),
+    "value_clip": (".value_clip", "ValueClip"),
+    "agc": (".agc", "AGC"),
+    "zclip": (".zclip", "ZClip"),
+    "adagc": (".adagc", "AdaGC"),
+    "entrywise_shrink": (".entrywise_shrink", "EntrywiseShrink"),
+    "spamp": (".spamp", "SPAMP"),
+    "gradient_stabilizer": (".gradient_stabilizer", "GradientStabilizer"),
 }
 
 
@@ -28,7 +32,7 @@ def shaper_class(name: str):
         module, cls = REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown gradient shaper type {name!r}; allowed: {sorted(REGISTRY)}") from None
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return getattr(importlib.import_module(module, package=__name__), cls)
 
 
 def build_shaper(name: str, params: Dict[str, Any] = None) -> Shaper:
@@ -42,5 +46,18 @@ def build_shaper(name: str, params: Dict[str, Any] = None) -> Shaper:
     return cls(**params)
 
 
+def default_params(name: str) -> Dict[str, Any]:
+    """The method's hyperparameters and their defaults, in config order (its constructor's)."""
+    cls = shaper_class(name)
+    sig = inspect.signature(cls.__init__).parameters
+    return {k: sig[k].default for k in cls.hparams}
+
+
+def default_section(name: str) -> Dict[str, Any]:
+    """A ``gradient_shaping`` section that spells out the method's defaults."""
+    return {"type": name, "granularity": shaper_class(name).default_granularity, "params": default_params(name)}
+
+
 __all__ = ["ALL_STATS", "Chain", "Elementwise", "GroupLayout", "Plan", "Shaper", "Stats", "StepRecord", "as_chain",
-           "chain", "derive_stats", "make_layout", "run_shapers", "REGISTRY", "shaper_class", "build_shaper"]
+           "chain", "derive_stats", "make_layout", "run_shapers", "REGISTRY", "shaper_class", "build_shaper",
+           "default_params", "default_section"]

@@ -47,12 +47,13 @@ References:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Dict, NamedTuple
 
 import torch
 
 from . import _checks
-from .base import STAT_DTYPE, SUMSQ, GroupLayout, Plan, Shaper, Stats, finite_positive, keep_where
+from .base import (STAT, STAT_DTYPE, SUMSQ, THRESHOLD, GroupLayout, Plan, Shaper, Stats, finite_positive, keep_where,
+                   nan_where_not)
 
 
 class AdaGCState(NamedTuple):
@@ -104,3 +105,11 @@ class AdaGC(Shaper):
         gamma = torch.where(warm, gamma_warm, gamma_rel)
         new = keep_where(ok, AdaGCState(gamma, state.count + 1), state)
         return Plan(torch.where(finite, h, ones)), new
+
+    def diagnostics(self, prev: AdaGCState, new: AdaGCState) -> Dict[str, torch.Tensor]:
+        """stat: gamma before the step; threshold: lambda_rel * gamma once the group's step is
+        past the warmup (during the warmup the clip is global: no per-group threshold)."""
+        seen = prev.count > 0
+        per_layer = seen & (prev.count + 1 > self.warmup_steps)
+        return {STAT: nan_where_not(prev.gamma, seen),
+                THRESHOLD: nan_where_not(self.lambda_rel * prev.gamma, per_layer)}

@@ -130,9 +130,40 @@ class Shaper:
     def update(self, stats: Stats, state: NamedTuple) -> Tuple[Plan, NamedTuple]:  # pragma: no cover
         raise NotImplementedError
 
+    def diagnostics(self, prev: NamedTuple, new: NamedTuple) -> Dict[str, torch.Tensor]:
+        """What the monitors show of one step: named [L] series, NaN where a group has no value yet.
+
+        ``prev`` is the state before the step, ``new`` the state after it. Keys the monitors read
+        (:mod:`megatron_shaping.monitoring`), each optional:
+
+        ``stat``       the method's running statistic of the group norm as it stood before the
+                       step: the reference a spike of the incoming norm is measured against;
+        ``threshold``  the norm the method let through or steered the group to on this step
+                       (comparable with the norm after shaping).
+
+        A method without a per-group norm statistic returns ``{}``. This default reads the
+        first [L] state field named in :data:`GENERIC_STAT_FIELDS` (an EMA of the group norm
+        by convention) as ``stat``, NaN where a ``count`` field is 0; methods override it with
+        their own bias corrections and thresholds.
+        """
+        fields = prev._asdict() if hasattr(prev, "_asdict") else {}
+        count = fields.get("count")
+        for f in GENERIC_STAT_FIELDS:
+            x = fields.get(f)
+            if x is not None and x.dim() == 1:
+                return {STAT: x if count is None else nan_where_not(x, count > 0)}
+        return {}
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.hparams)
         return f"{type(self).__name__}({args})"
+
+
+#: Keys of :meth:`Shaper.diagnostics` the monitors read.
+STAT = "stat"
+THRESHOLD = "threshold"
+#: State fields that, in a shaper without its own ``diagnostics``, hold an EMA of the group norm.
+GENERIC_STAT_FIELDS = ("tau", "mean", "gamma")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +189,11 @@ def keep_where(mask: torch.Tensor, new: NamedTuple, old: NamedTuple) -> NamedTup
         else:
             out.append(torch.where(mask.any(), n, o))
     return type(new)(*out)
+
+
+def nan_where_not(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``valid``, NaN elsewhere (a diagnostic with no value yet)."""
+    return torch.where(valid, x, torch.full_like(x, float("nan")))
 
 
 def ones_like_groups(layout_or_stats: torch.Tensor) -> torch.Tensor:
@@ -216,6 +252,17 @@ class Chain(Shaper):
 
     def init(self, layout: GroupLayout) -> tuple:
         return tuple(s.init(layout) for s in self.shapers)
+
+    def diagnostics(self, prev: tuple, new: tuple) -> Dict[str, torch.Tensor]:
+        """``stat`` of the first member only (the only one that sees the incoming gradient whose
+        norm it is compared with); every other series from the last member that has it (for
+        ``threshold``: the last bound the gradient went through, comparable with norm_after)."""
+        out: Dict[str, torch.Tensor] = {}
+        for i, (member, p, n) in enumerate(zip(self.shapers, prev, new)):
+            for key, series in member.diagnostics(p, n).items():
+                if series is not None and (key != STAT or i == 0):
+                    out[key] = series
+        return out
 
     def __repr__(self) -> str:
         return "chain(" + ", ".join(map(repr, self.shapers)) + ")"

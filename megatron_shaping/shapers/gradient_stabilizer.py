@@ -32,11 +32,12 @@ References:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Dict, NamedTuple
 
 import torch
 
-from .base import STAT_DTYPE, SUMSQ, GroupLayout, Plan, Shaper, Stats, finite_positive, keep_where
+from .base import (STAT, STAT_DTYPE, SUMSQ, THRESHOLD, GroupLayout, Plan, Shaper, Stats, finite_positive, keep_where,
+                   nan_where_not)
 
 
 class GradientStabilizerState(NamedTuple):
@@ -76,6 +77,15 @@ class GradientStabilizer(Shaper):
         scale = target / n0.clamp_min(self.eps)
         new = keep_where(ok, GradientStabilizerState(m, v, t), state)
         return Plan(torch.where(ok, scale, torch.ones_like(scale))), new
+
+    def diagnostics(self, prev: GradientStabilizerState, new: GradientStabilizerState) -> Dict[str, torch.Tensor]:
+        """stat: the bias-corrected EMA of the norm m_hat before the step; threshold: the shaped
+        norm m_hat / (sqrt(v_hat) + eps) of the step. (count 0 divides by zero: masked.)"""
+        m_hat_prev = prev.m / (1 - torch.pow(self.beta1, prev.count))
+        m_hat = new.m / (1 - torch.pow(self.beta1, new.count))
+        v_hat = new.v / (1 - torch.pow(self.beta2, new.count))
+        return {STAT: nan_where_not(m_hat_prev, prev.count > 0),
+                THRESHOLD: nan_where_not(m_hat / (v_hat.sqrt() + self.eps), new.count > 0)}
 
     def norm_bound(self, t: int) -> float:
         """B_t: the largest shaped norm any gradient sequence can produce at update t (>= 1)."""

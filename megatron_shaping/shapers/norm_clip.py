@@ -22,12 +22,12 @@ References:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Dict, NamedTuple
 
 import torch
 
 from . import _checks
-from .base import STAT_DTYPE, SUMSQ, GroupLayout, Plan, Shaper, Stats, keep_where
+from .base import STAT_DTYPE, SUMSQ, THRESHOLD, GroupLayout, Plan, Shaper, Stats, keep_where
 
 #: The constant torch.nn.utils.clip_grad_norm_ adds to the norm (kept for bit-compatibility).
 TORCH_CLIP_EPS = 1e-6
@@ -60,3 +60,7 @@ class NormClip(Shaper):
         ok = torch.isfinite(n)
         scale = torch.where(ok, clip_coefficient(n, self.max_norm), torch.ones_like(n))
         return Plan(scale), keep_where(ok, NormClipState(state.count + 1), state)
+
+    def diagnostics(self, prev: NormClipState, new: NormClipState) -> Dict[str, torch.Tensor]:
+        """No running statistic; the threshold is max_norm."""
+        return {THRESHOLD: torch.full_like(new.count, float(self.max_norm))}

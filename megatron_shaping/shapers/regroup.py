@@ -9,7 +9,7 @@ expands its plan back: every tensor of a coarse group gets that group's factor.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
+from typing import Dict, NamedTuple
 
 import torch
 
@@ -50,6 +50,11 @@ class Regrouped(Shaper):
             inner_finish = plan.finish
             finish = (lambda s: inner_finish(self._coarse_stats(s))[idx])
         return Plan(plan.scale[idx], plan.unit_scale, elementwise, finish), state
+
+    def diagnostics(self, prev, new) -> Dict[str, torch.Tensor]:
+        """None per fine group: the inner shaper's numbers cover a block or the whole model,
+        not the group they would be compared with."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{self.inner!r}@{self.coarse.num_groups}groups"

@@ -46,12 +46,13 @@ References:
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
 from . import _checks
-from .base import STAT_DTYPE, SUMSQ, Elementwise, GroupLayout, Plan, Shaper, Stats, finite_positive, keep_where
+from .base import (STAT, STAT_DTYPE, SUMSQ, THRESHOLD, Elementwise, GroupLayout, Plan, Shaper, Stats, finite_positive,
+                   keep_where, nan_where_not)
 
 MODES = ("rms", "raw")
 THRESHOLD_FROM = ("previous", "current")
@@ -123,6 +124,13 @@ class SPAMP(Shaper):
         self._numel = layout.numel
         z = torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device)
         return SPAMPState(z, z.clone())
+
+    def diagnostics(self, prev: SPAMPState, new: SPAMPState) -> Dict[str, torch.Tensor]:
+        """stat: tau_{t-1}; threshold: the tau the step projected onto, tau_{t-1} ("previous")
+        or tau_t ("current"), which on a group's first step are both its first norm (new.tau)."""
+        seen = prev.count > 0
+        used = new.tau if self.threshold_from == "current" else torch.where(seen, prev.tau, new.tau)
+        return {STAT: nan_where_not(prev.tau, seen), THRESHOLD: nan_where_not(used, new.count > 0)}
 
     def update(self, stats: Stats, state: SPAMPState):
         n = stats.norm()

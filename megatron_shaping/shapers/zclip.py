@@ -42,12 +42,12 @@ References:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
 from . import _checks
-from .base import STAT_DTYPE, SUMSQ, GroupLayout, Plan, Shaper, Stats, keep_where
+from .base import STAT, STAT_DTYPE, SUMSQ, THRESHOLD, GroupLayout, Plan, Shaper, Stats, keep_where, nan_where_not
 from .norm_clip import TORCH_CLIP_EPS, clip_coefficient
 
 MODES = ("zscore", "percentile")
@@ -147,3 +147,16 @@ class ZClip(Shaper):
             return mean, spike
         eta = torch.where(spike, z, torch.ones_like(z)) / self.z_thresh
         return (mean + self.z_thresh * std / eta) * self.clip_factor, spike
+
+    def diagnostics(self, prev: ZClipState, new: ZClipState) -> Dict[str, torch.Tensor]:
+        """stat: the EMA mean before the step (once warm); threshold: where the spike test fires,
+        z > z_thresh, i.e. n > mean + z_thresh * (std + eps), capped by max_grad_norm (which is
+        also the threshold of the warmup)."""
+        ready = prev.count >= self.window
+        slack = prev.var.sqrt() if self.mode == "percentile" else prev.var.sqrt() + self.eps
+        thr = prev.mean + self.z_thresh * slack
+        if self.max_grad_norm is not None:
+            thr = torch.where(ready, thr.clamp(max=self.max_grad_norm), torch.full_like(thr, self.max_grad_norm))
+        else:
+            thr = nan_where_not(thr, ready)
+        return {STAT: nan_where_not(prev.mean, ready), THRESHOLD: thr}

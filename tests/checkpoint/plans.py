@@ -2,8 +2,8 @@
 
 Launch order (a launch costs far more than a job, so there are four):
 
-1. world 2: references and saves for exact resume (8 shapers x ZeRO 0-3), universal sources,
-   a checkpoint made without shaping, non-finite and fuzz runs, the ``latest`` race, LLaMA
+1. world 2: references and saves for exact resume (every shaper x ZeRO 1-3, two at ZeRO 0),
+   universal sources, a checkpoint made without shaping, non-finite and fuzz runs, the ``latest`` race, LLaMA
    PP2/TP2 saves, and last the fault drill's first run, killed in the middle of a save;
    then (pytest) universal conversion and hand-made bad checkpoints;
 2. world 4: resumes 2 -> 4 through universal checkpoints; saves for 4 -> 2;
@@ -14,16 +14,19 @@ Launch order (a launch costs far more than a job, so there are four):
 """
 import os
 
-SHAPERS = {
-    "gradient_stabilizer": {"type": "gradient_stabilizer", "params": {}},
-    "spamp": {"type": "spamp", "params": {"alpha_min": 0.7}},
-    "norm_clip": {"type": "norm_clip", "params": {"max_norm": 0.05}},
-    "value_clip": {"type": "value_clip", "params": {"clip_value": 0.002}},
-    "agc": {"type": "agc", "params": {"clipping": 0.01}},
-    "zclip": {"type": "zclip", "params": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5}},
-    "adagc": {"type": "adagc", "params": {"warmup_steps": 2, "warmup_max_norm": 0.05}},
-    "entrywise_shrink": {"type": "entrywise_shrink", "params": {}},
+from megatron_shaping.shapers import REGISTRY
+
+#: Params that make a method act within N steps on the tests' small models (defaults otherwise).
+TEST_PARAMS = {
+    "spamp": {"alpha_min": 0.7},
+    "norm_clip": {"max_norm": 0.05},
+    "value_clip": {"clip_value": 0.002},
+    "agc": {"clipping": 0.01},
+    "zclip": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5},
+    "adagc": {"warmup_steps": 2, "warmup_max_norm": 0.05},
 }
+#: Every registered method (registry order).
+SHAPERS = {name: {"type": name, "params": dict(TEST_PARAMS.get(name, {}))} for name in REGISTRY}
 GS = SHAPERS["gradient_stabilizer"]
 N, M = 3, 3                       # save after N steps, resume for M more
 EXACT_STAGES = (1, 2, 3)

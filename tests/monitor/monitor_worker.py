@@ -123,7 +123,7 @@ def _wiring(engine):
 def run_data_parallel(sc, world, rank, out_dir):
     import megatron_shaping
     from megatron_shaping import GradientShaper
-    from megatron_shaping.integrations.deepspeed.monitor import layer_stats
+    from megatron_shaping.monitoring import layer_stats
 
     steps, gas, mb, lr = sc.get("steps", 5), sc.get("gas", 1), sc.get("micro", 2), 0.05
     spike = {int(k): v for k, v in (sc.get("spike") or {}).items()}
@@ -181,7 +181,7 @@ def run_pipeline(sc, world, rank, out_dir):
     import megatron_shaping
     from deepspeed.pipe import PipelineModule
     from megatron_shaping import GradientShaper
-    from megatron_shaping.integrations.deepspeed.monitor import layer_stats
+    from megatron_shaping.monitoring import layer_stats
 
     steps, gas, mb, lr = sc.get("steps", 4), sc["gas"], sc.get("micro", 2), 0.05
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ import torch
 
 from megatron_shaping import GradientShaper
 from megatron_shaping.integrations.deepspeed import monitor as M
+from megatron_shaping import monitoring
 from megatron_shaping.shapers.base import STAT_DTYPE, Plan, Shaper, SUMSQ
 
 U = torch.tensor([0.6, 0.0, -0.8, 0.0])        # unit vector: norm(c * U) = c
@@ -26,7 +27,7 @@ def run(spec, norms, n_params=1, **kw):
             p.grad = (U * n * (i + 1)).clone()
         prev = gs.state
         rec = gs.apply_()
-        out.append(M.layer_stats(gs.shaper, prev, gs.state, rec))
+        out.append(monitoring.layer_stats(gs.shaper, prev, gs.state, rec))
     return out
 
 
@@ -136,7 +137,7 @@ class TauState(NamedTuple):
 
 
 class Unlisted(Shaper):
-    """A shaper the accessor table does not know: the generic field lookup finds ``tau``."""
+    """A shaper without its own diagnostics: the default of Shaper.diagnostics finds ``tau``."""
     name = "unlisted"
     needs = frozenset({SUMSQ})
 
@@ -159,15 +160,15 @@ def test_unknown_previous_state_gives_no_stat():
     gs = GradientShaper([("w", p)], "spamp")
     p.grad = U * 2.0
     rec = gs.apply_()
-    ls = M.layer_stats(gs.shaper, None, gs.state, rec)
+    ls = monitoring.layer_stats(gs.shaper, None, gs.state, rec)
     assert torch.isnan(ls.stat).all() and torch.isnan(ls.threshold).all()
     assert val(ls, "norm_before") == pytest.approx(2.0)
 
 
 def test_shaped_fraction():
     f = torch.tensor([1.0, 1.0 + 1e-7, 0.5, 1.0 - 2e-6], dtype=torch.float64)
-    assert M.shaped_fraction(f) == 0.5
-    assert math.isnan(M.shaped_fraction(None))
+    assert monitoring.shaped_fraction(f) == 0.5
+    assert math.isnan(monitoring.shaped_fraction(None))
 
 
 def test_plot_tool_names_match_monitor():

@@ -24,11 +24,16 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-SHAPERS = ["none", "norm_clip", "value_clip", "agc", "zclip", "adagc", "entrywise_shrink", "spamp",
-           "gradient_stabilizer"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_shaping.shapers import REGISTRY  # noqa: E402
+
+#: Table and plot order: the unshaped baseline, then every registered method (registry order).
+SHAPERS = ["none"] + list(REGISTRY)
 
 
 def num(x):

@@ -23,8 +23,9 @@ optimizer step s is written at ``engine.global_samples`` *after* that step, like
 name at ``block``, ``global`` at ``global``. ``stat`` is the method's running statistic of the
 group norm as it stood *before* the step (the reference a spike is measured against), ``ratio``
 is ``norm_before / stat`` and ``threshold`` the norm the method let through or steered to on the
-step; see :data:`ACCESSORS`, :func:`stat_and_threshold` (chains) and docs/MONITORING.md. A
-skipped step writes only the global counters and the loss scale.
+step: each shaper's own ``diagnostics`` method, read by :func:`megatron_shaping.monitoring.layer_stats`
+(DeepSpeed-free, like :func:`~megatron_shaping.monitoring.shaped_fraction` and the update-size
+sums; see docs/MONITORING.md). A skipped step writes only the global counters and the loss scale.
 
 Ranks. The statistics in a :class:`~megatron_shaping.shapers.base.StepRecord` are identical on
 every rank: the layout is built from the gathered parameter list of all pipeline stages, every
@@ -42,239 +43,21 @@ import math
 import os
 import time
 import weakref
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ...shapers.base import Chain, Shaper, StepRecord
-from ...shapers.regroup import Regrouped
+from ...monitoring import (LAYER_FIELDS, NAN, SHAPED_TOL, UPDATE_FIELDS, LayerStats, UpdateSize,  # noqa: F401
+                           UpdateSizeTracker, layer_stats, shaped_fraction)
+from ...shapers.base import StepRecord
 
 logger = logging.getLogger("megatron_shaping")
 
 TAG_PREFIX = "Train/Samples/gradient_shaping"
 GLOBAL_FIELDS = ("global_norm_before", "global_norm_after", "shaped_fraction", "max_ratio", "spikes",
                  "skipped_steps", "loss_scale", "spike_skips", "param_norm", "update_ratio")
-LAYER_FIELDS = ("norm_before", "norm_after", "factor", "stat", "threshold", "ratio")
-#: |factor - 1| above this counts a layer as shaped.
-SHAPED_TOL = 1e-6
 #: Layers listed in the end-of-run summary.
 SUMMARY_WORST = 5
-
-NAN = float("nan")
-
-
-# ----------------------------------------------------------------------------------------------
-# per-method running statistic and threshold (pure torch: usable without DeepSpeed)
-
-def _where_valid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return torch.where(valid, x, torch.full_like(x, NAN))
-
-
-def _spamp(sh, prev, new):
-    seen = prev.count > 0
-    # The threshold of this step: tau_{t-1} ("previous") or tau_t ("current"); on a group's
-    # first step both are the first norm, which is what new.tau holds then.
-    used = new.tau if sh.threshold_from == "current" else torch.where(seen, prev.tau, new.tau)
-    return _where_valid(prev.tau, seen), _where_valid(used, new.count > 0)
-
-
-def _gradient_stabilizer(sh, prev, new):
-    # stat: bias-corrected EMA of the norm; threshold: the shaped norm m_hat / sqrt(v_hat).
-    # (count 0 divides by zero; those entries are masked out.)
-    m_hat_prev = prev.m / (1 - torch.pow(sh.beta1, prev.count))
-    m_hat = new.m / (1 - torch.pow(sh.beta1, new.count))
-    v_hat = new.v / (1 - torch.pow(sh.beta2, new.count))
-    return _where_valid(m_hat_prev, prev.count > 0), _where_valid(m_hat / (v_hat.sqrt() + sh.eps), new.count > 0)
-
-
-def _zclip(sh, prev, new):
-    ready = prev.count >= sh.window
-    std = prev.var.sqrt()
-    # Where the spike test fires: z > z_thresh, i.e. n > mean + z_thresh * (std + eps).
-    slack = std if sh.mode == "percentile" else std + sh.eps
-    thr = prev.mean + sh.z_thresh * slack
-    if sh.max_grad_norm is not None:
-        thr = torch.where(ready, thr.clamp(max=sh.max_grad_norm), torch.full_like(thr, sh.max_grad_norm))
-        return _where_valid(prev.mean, ready), thr
-    return _where_valid(prev.mean, ready), _where_valid(thr, ready)
-
-
-def _adagc(sh, prev, new):
-    # Per-layer threshold lambda_rel * gamma after warmup; during warmup the clip is global.
-    seen = prev.count > 0
-    per_layer = seen & (prev.count + 1 > sh.warmup_steps)
-    return _where_valid(prev.gamma, seen), _where_valid(sh.lambda_rel * prev.gamma, per_layer)
-
-
-def _norm_clip(sh, prev, new):
-    return None, torch.full_like(new.count, float(sh.max_norm))
-
-
-def _none(sh, prev, new):
-    return None, None
-
-
-Accessor = Callable[[Shaper, Any, Any], Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
-
-#: shaper name -> f(shaper, state before the step, state after) -> (stat, threshold), [L] or None.
-#: ``entrywise_shrink`` tracks the mean |entry| (not a norm), ``agc`` and ``value_clip`` act per
-#: row / per entry: none of them has a per-group norm statistic. Methods not listed fall back to
-#: :func:`_generic`.
-ACCESSORS: Dict[str, Accessor] = {
-    "spamp": _spamp,
-    "gradient_stabilizer": _gradient_stabilizer,
-    "zclip": _zclip,
-    "adagc": _adagc,
-    "norm_clip": _norm_clip,
-    "entrywise_shrink": _none,
-    "agc": _none,
-    "value_clip": _none,
-}
-
-#: State fields that, in a shaper without an accessor, hold an EMA of the group norm.
-GENERIC_STAT_FIELDS = ("tau", "mean", "gamma")
-
-
-def _generic(sh, prev, new):
-    fields = prev._asdict() if hasattr(prev, "_asdict") else {}
-    count = fields.get("count")
-    for f in GENERIC_STAT_FIELDS:
-        x = fields.get(f)
-        if x is not None and x.dim() == 1:
-            return (x if count is None else _where_valid(x, count > 0)), None
-    return None, None
-
-
-def stat_and_threshold(shaper: Shaper, prev_state, new_state, num_groups: int
-                       ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Per-group running statistic (before the step) and threshold (of the step), NaN where the
-    method has none yet.
-
-    In a chain, the statistic comes from the first member only (the only one that sees the
-    incoming gradient whose norm it is compared with) and the threshold from the last member
-    that has one (the last bound the gradient went through, comparable with norm_after).
-    Members run at a coarser granularity (:class:`Regrouped`) are skipped: their numbers cover
-    a block or the whole model, not the group they would be compared with."""
-    if isinstance(shaper, Chain):
-        members = list(zip(shaper.shapers, prev_state, new_state))
-    else:
-        members = [(shaper, prev_state, new_state)]
-    stat = thr = None
-    for i, (sh, p, n) in enumerate(members):
-        if isinstance(sh, Regrouped):
-            continue
-        s, t = ACCESSORS.get(sh.name, _generic)(sh, p, n)
-        if i == 0 and s is not None and s.shape == (num_groups,):
-            stat = s
-        if t is not None and t.shape == (num_groups,):
-            thr = t
-    return stat, thr
-
-
-class LayerStats(NamedTuple):
-    """One step, per group ([L] float64 tensors; NaN where a method has no value)."""
-    norm_before: torch.Tensor
-    norm_after: torch.Tensor
-    factor: torch.Tensor
-    stat: torch.Tensor
-    threshold: torch.Tensor
-    ratio: torch.Tensor
-
-
-def layer_stats(shaper: Shaper, prev_state, new_state, record: StepRecord) -> LayerStats:
-    """Everything the monitor reports about one step, from the record and the two states
-    (``prev_state`` None: unknown, e.g. right after a checkpoint load: no stat that step)."""
-    before = record.stats_before.norm()
-    L = before.numel()
-    nan = torch.full_like(before, NAN)
-    stat, thr = (None, None) if prev_state is None else stat_and_threshold(shaper, prev_state, new_state, L)
-    stat = nan if stat is None else stat.to(before)
-    thr = nan if thr is None else thr.to(before)
-    ratio = torch.where(stat > 0, before / stat, nan)
-    return LayerStats(before, record.stats_after.norm(), record.factor, stat, thr, ratio)
-
-
-def shaped_fraction(record_or_factor) -> float:
-    """Fraction of groups whose factor differs from 1 by more than :data:`SHAPED_TOL`
-    (a StepRecord or its ``factor``); NaN for None (a skipped step)."""
-    if record_or_factor is None:
-        return NAN
-    f = record_or_factor.factor if isinstance(record_or_factor, StepRecord) else record_or_factor
-    return float(((f - 1).abs() > SHAPED_TOL).double().mean()) if f.numel() else 0.0
-
-
-class UpdateSize(NamedTuple):
-    """One logged step, per group ([L] float64): the parameters after the step and the step's
-    update, ``update_ratio = ||w_after - w_before|| / ||w_before||`` (NaN where ||w_before|| = 0)."""
-    param_norm: torch.Tensor
-    update_norm: torch.Tensor
-    update_ratio: torch.Tensor
-
-
-UPDATE_FIELDS = ("param_norm", "update_ratio")
-
-
-class UpdateSizeTracker:
-    """Per-group parameter norm and update/parameter norm ratio of the logged steps.
-
-    Runs on *every* rank (the sums span ZeRO partitions, TP shards and pipeline stages) when
-    ``log_interval > 0`` and ``log_update_size``; with ``log_interval: 0`` it does not exist.
-    On a logged step that is not skipped, :meth:`before` keeps a copy of this rank's *counted*
-    parameter slices (the values the optimizer updates: the fp32 master partition under ZeRO,
-    the model weights on ZeRO-0; replicas are not counted, as for the gradient statistics), and
-    :meth:`after` sums, per group, w_after^2, (w_after - w_before)^2 and w_before^2 over those
-    slices in float64 and all-reduces the three [L] vectors as one: one extra collective and one
-    copy of the local shard, on logged steps only."""
-
-    def __init__(self, num_groups: int, interval: int, device, reduce: Optional[Callable[[torch.Tensor], None]]):
-        self.L = int(num_groups)
-        self.interval = int(interval)
-        self.device = device
-        self.reduce = reduce
-        self._held: Optional[Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]] = None
-        #: The result of the last logged step, until :meth:`take` hands it over.
-        self.last: Optional[Tuple[UpdateSize, torch.Tensor]] = None
-
-    def due(self, global_steps: int) -> bool:
-        """Is the step with 0-based index ``global_steps`` a logged one?"""
-        return (int(global_steps) + 1) % self.interval == 0
-
-    def before(self, slices) -> None:
-        """``slices``: GradSlice-like objects with ``param`` (1-D live view), ``group``, ``counted``."""
-        live, groups = [], []
-        for s in slices:
-            if s.counted and s.param is not None and s.param.numel():
-                live.append(s.param)
-                groups.append(s.group)
-        copies = [w.detach().clone() for w in live]
-        self._held = (live, copies, torch.tensor(groups, dtype=torch.long, device=self.device))
-
-    def after(self) -> Optional[UpdateSize]:
-        """Reduce the sums of the step :meth:`before` saw (every rank calls it on the same steps)."""
-        if self._held is None:
-            return None
-        live, copies, groups = self._held
-        self._held = None
-        acc = torch.zeros(3, self.L, dtype=torch.float64, device=self.device)
-        if live:
-            deltas = [w.detach().to(torch.float64) - c.to(torch.float64) for w, c in zip(live, copies)]
-            for row, ts in enumerate((live, deltas, copies)):
-                norms = torch.stack(torch._foreach_norm([t.detach() for t in ts], 2, dtype=torch.float64))
-                acc[row].index_add_(0, groups, norms.to(acc.device).square())
-        flat = acc.view(-1)
-        if self.reduce is not None:
-            self.reduce(flat)
-        after2, delta2, before2 = acc.unbind(0)
-        before = before2.sqrt()
-        upd = delta2.sqrt()
-        ratio = torch.where(before > 0, upd / before.clamp_min(torch.finfo(torch.float64).tiny),
-                            torch.full_like(before, NAN))
-        self.last = (UpdateSize(after2.sqrt(), upd, ratio), before2)
-        return self.last[0]
-
-    def take(self) -> Optional[Tuple[UpdateSize, torch.Tensor]]:
-        out, self.last = self.last, None
-        return out
 
 
 def install_update_size(shaping) -> Optional[UpdateSizeTracker]:
