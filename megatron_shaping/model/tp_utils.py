@@ -2,7 +2,9 @@
 
 Megatron-core marks a TP-partitioned parameter with ``tensor_model_parallel=True``,
 ``partition_dim`` and ``partition_stride``; everything here reads those attributes only, so it
-works for any megatron-core layer, not just ours.
+works for any megatron-core layer, not just ours. The attribute readers themselves live in
+:mod:`megatron_shaping.stats.tp` (shared with the DeepSpeed integration); here they default the
+TP rank and size to megatron's ``parallel_state``.
 """
 from __future__ import annotations
 
@@ -10,6 +12,13 @@ import hashlib
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from ..stats.tp import full_shape as _full_shape
+from ..stats.tp import is_tp_duplicate as _is_tp_duplicate
+from ..stats.tp import is_tp_sharded
+
+__all__ = ["full_shape", "gather_full_tensor", "is_tp_duplicate", "is_tp_sharded", "mark_tp_replicated",
+           "param_seed", "seeded_normal_init"]
 
 
 def _tp_size(group=None) -> int:
@@ -30,28 +39,16 @@ def _tp_rank(group=None) -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 
 
-def is_tp_sharded(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
 def full_shape(param: torch.Tensor, tp_world_size: Optional[int] = None) -> Tuple[int, ...]:
     """Whole-model shape of a possibly TP-sharded parameter: the local shape with
     ``partition_dim`` multiplied by the TP world size (default: megatron parallel_state's)."""
-    shape = list(param.shape)
-    if is_tp_sharded(param):
-        tp = _tp_size() if tp_world_size is None else tp_world_size
-        shape[param.partition_dim] *= tp
-    return tuple(shape)
+    return _full_shape(param, _tp_size() if tp_world_size is None else tp_world_size)
 
 
 def is_tp_duplicate(param: torch.Tensor, tp_rank: Optional[int] = None) -> bool:
-    """True for a TP-replicated parameter on TP rank > 0 (its gradient equals rank 0's, so
-    statistics must count it once); the complement of megatron's
-    ``param_is_not_tensor_parallel_duplicate``."""
-    if is_tp_sharded(param):
-        return False
-    rank = _tp_rank() if tp_rank is None else tp_rank
-    return rank > 0
+    """True for a TP-replicated parameter on TP rank > 0 (default rank: megatron
+    parallel_state's); see :func:`megatron_shaping.stats.tp.is_tp_duplicate`."""
+    return _is_tp_duplicate(param, _tp_rank() if tp_rank is None else tp_rank)
 
 
 def mark_tp_replicated(param: torch.Tensor) -> torch.Tensor:

@@ -37,3 +37,22 @@ def test_seeded_init_depends_on_name_and_seed_only():
     assert not torch.equal(a, c) and not torch.equal(a, d)
     assert abs(a.std().item() - 0.02) < 0.01
     assert param_seed(1, "x") == param_seed(1, "x") != param_seed(1, "y")
+
+
+def test_one_copy_of_the_tp_attribute_readers():
+    """model.tp_utils and the DeepSpeed integration read TP attributes through megatron_shaping.stats.tp:
+    DeepSpeed's ``model_parallel`` flag counts as sharded, a ZeRO-3 parameter's shape is its ``ds_shape``."""
+    from megatron_shaping.integrations.deepspeed import engine
+    from megatron_shaping.model import tp_utils
+    from megatron_shaping.stats import tp
+    assert engine._full_shape is tp.full_shape and engine._is_tp_sharded is tp.is_tp_sharded
+    assert tp_utils.is_tp_sharded is tp.is_tp_sharded
+    ds_flag = torch.nn.Parameter(torch.zeros(4, 6))
+    ds_flag.model_parallel, ds_flag.partition_dim = True, 1
+    assert tp.is_tp_sharded(ds_flag) and full_shape(ds_flag, tp_world_size=3) == (4, 18)
+    assert not is_tp_duplicate(ds_flag, tp_rank=2)
+    zero3 = _sharded((32, 64), 0)
+    zero3.data = torch.empty(0)                 # ZeRO-3 leaves an empty tensor and keeps the shape aside
+    zero3.ds_shape = torch.Size((32, 64))
+    assert tp.local_shape(zero3) == (32, 64) and full_shape(zero3, tp_world_size=2) == (64, 64)
+    assert full_shape(_sharded((32, 64), 0)) == (32, 64)       # no parallel state: TP size 1

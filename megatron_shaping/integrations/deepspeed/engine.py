@@ -16,6 +16,9 @@ from ...core import ShapingSession, shaper_from_spec
 from ...spike_skip import NONFINITE, NO_LOSS, SpikeSkip, reasons
 from ...stats.layout import ParamInfo
 from ...stats.slices import GradSlice, SliceCache, SliceSet
+from ...stats.tp import full_shape as _full_shape
+from ...stats.tp import is_tp_sharded as _is_tp_sharded
+from ...stats.tp import local_shape as _local_shape
 from .adapters import Adapter, UnsupportedPath, _patched_method, select_adapter
 from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
 from .monitor import shaped_fraction as _shaped_fraction
@@ -42,26 +45,9 @@ def _tp_info(engine) -> Tuple[int, int]:
     return 0, 1
 
 
-def _is_tp_sharded(p) -> bool:
-    from deepspeed.runtime.utils import is_model_parallel_parameter
-    return is_model_parallel_parameter(p)
-
-
-def _full_shape(p, tp_world: int) -> Tuple[int, ...]:
-    shape = list(getattr(p, "ds_shape", None) or p.shape)
-    if tp_world > 1 and _is_tp_sharded(p):
-        dim = int(getattr(p, "partition_dim", 0))
-        shape[dim] *= tp_world
-    return tuple(shape)
-
-
 def _is_pipeline(engine) -> bool:
     from deepspeed.runtime.pipe.engine import PipelineEngine
     return isinstance(engine, PipelineEngine)
-
-
-def _local_shape(p) -> Tuple[int, ...]:
-    return tuple(getattr(p, "ds_shape", None) or p.shape)
 
 
 class DeepSpeedShaping:
