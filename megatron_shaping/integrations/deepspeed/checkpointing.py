@@ -30,16 +30,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
-from ...checkpoint import (STATE_FILE, ShaperStateCorrupt, ShaperStateError, ShaperStateMismatch, ShaperStateMissing,
-                           commit_session, hparam_changes, read_state_file, reset_session, restored_session,
-                           state_digest, write_bytes_atomic, write_state_file)
+from ...checkpoint import (STATE_FILE, ShaperStateError, ShaperStateMismatch, ShaperStateMissing, commit_session,
+                           hparam_changes, read_state_file, reset_session, restored_session, state_digest,
+                           write_bytes_atomic, write_state_file)
 
 logger = logging.getLogger("megatron_shaping")
 
-_ERRORS = {c.__name__: c for c in (ShaperStateError, ShaperStateMissing, ShaperStateMismatch, ShaperStateCorrupt,
-                                    FileNotFoundError)}
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One rank's reading of the shaper state, gathered from every rank before anything loads."""
+    tag: str
+    kind: str                       # "ok", "missing" (none usable), "error" (stop), "skip" (not wanted)
+    detail: str = ""                # the state's digest when ok, the message otherwise
+    error: Optional[type] = None    # the exception class to raise for "error"
+
+
+@dataclass
+class _Read:
+    """What this rank read: the outcome, and for "ok" the file and the session state restored from it."""
+    path: str
+    outcome: _Outcome
+    obj: Optional[Dict[str, Any]] = None
+    restored: Any = None
 
 
 class ShapingCheckpointing:
@@ -88,12 +104,11 @@ class ShapingCheckpointing:
 
     def _meta(self, tag: str) -> Dict[str, Any]:
         e, s = self.engine, self.shaping
-        import megatron_shaping
         return {"tag": tag, "global_steps": int(e.global_steps), "skipped_steps": int(e.skipped_steps),
                 "world_size": s.world, "dp_world_size": int(getattr(e, "dp_world_size", 1)),
                 "tp_world_size": s.tp_world, "zero_stage": int(e.zero_optimization_stage()),
                 "shaper": repr(self.session.shaper), "granularity": self.session.granularity,
-                "megatron_shaping_version": megatron_shaping.__version__}
+                "megatron_shaping_version": _version()}
 
     # ------------------------------------------------------------------ save
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False,
@@ -131,91 +146,111 @@ class ShapingCheckpointing:
         lets a checkpoint without usable shaper state load with a fresh shaper (logged loudly).
         With ``load_module_only`` or ``load_optimizer_states=False`` the shaper, like the
         optimizer, starts fresh. Same return value as DeepSpeed's."""
-        e = self.engine
         call = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
                     load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                     custom_load_fn=custom_load_fn, **kwargs)
-        universal = bool(e.load_universal_checkpoint())
+        universal = bool(self.engine.load_universal_checkpoint())
+        tag = self._resolve_tag(load_dir, tag, universal)
         if tag is None:
-            latest = os.path.join(load_dir, "latest_universal" if universal else "latest")
-            if not os.path.isfile(latest):
-                return self._orig_load(load_dir, None, **call)     # DeepSpeed's own message / None
-            with open(latest) as f:
-                tag = f.read().strip()
-        tag = str(tag)
+            return self._orig_load(load_dir, None, **call)     # DeepSpeed's own message / None
         want = load_optimizer_states and not load_module_only
         if allow_fresh_state is None:
             allow_fresh_state = bool(self.shaping.config.allow_fresh_state)
-        path = os.path.join(load_dir, tag, STATE_FILE)
-
-        restored, obj, outcome = None, None, ("skip", "", "")
-        tag_dir = os.path.join(load_dir, tag)
-        if not os.path.isdir(tag_dir):
-            # DeepSpeed itself would stop on a bare AssertionError here.
-            outcome = ("error", f"checkpoint directory {tag_dir} does not exist", "FileNotFoundError")
-        elif want:
-            try:
-                obj = read_state_file(path)
-                restored = restored_session(self.session, obj["state"], path)
-                self._check_skip_state(obj["state"], path)
-                outcome = ("ok", obj["digest"], "")
-            except ShaperStateError as err:
-                msg = str(err)
-                if universal and isinstance(err, ShaperStateMissing):
-                    msg += (f" Universal checkpoint: DeepSpeed's ds_to_universal does not copy {STATE_FILE}; "
-                            "convert with megatron_shaping.integrations.deepspeed.checkpointing."
-                            f"convert_to_universal, or copy {STATE_FILE} from the source tag directory into "
-                            f"{os.path.join(load_dir, tag)}.")
-                outcome = ("missing" if isinstance(err, ShaperStateMissing) else "error", msg, type(err).__name__)
+        read = self._read(load_dir, tag, want, universal)
         # Every rank decides from the same gathered outcomes, so all raise together (no hang).
-        outcomes = self._gather((tag,) + outcome)
-        tags = {o[0] for o in outcomes}
-        if len(tags) > 1:
-            raise ShaperStateError(f"ranks resolved different checkpoint tags in {load_dir}: {sorted(tags)}")
-        for r, o in enumerate(outcomes):
-            if o[1] == "error":
-                where = f" (read on rank {r})" if r != e.global_rank else ""
-                raise _ERRORS.get(o[3], ShaperStateError)(o[2] + where)
-        kinds = {o[1] for o in outcomes}
-        if kinds == {"ok"} and len({o[2] for o in outcomes}) > 1:
-            raise ShaperStateError(f"{path}: ranks read different shaper state (digests differ); "
-                                   "is the checkpoint directory the same on every node?")
-        fresh = False
-        if "missing" in kinds:
-            if kinds != {"missing"}:
-                raise ShaperStateError(f"{path}: the shaper state file is readable on some ranks only: "
-                                       f"{[o[1] for o in outcomes]}")
-            msg = next(o[2] for o in outcomes if o[1] == "missing")
-            if not allow_fresh_state:
-                raise ShaperStateMissing(msg)
-            self._warn("gradient_shaping: STARTING THE SHAPER FRESH while resuming from %s: %s "
-                       "(allow_fresh_state is set). Its statistics restart from zero as at step 0.", path, msg)
-            restored, fresh = None, True
-        if restored is not None:
-            for change in hparam_changes(self.session, obj["state"]):
-                self._warn("gradient_shaping: hyperparameter changed since %s: %s", path, change)
-
+        fresh = self._agree(self._gather(read.outcome), load_dir, read.path, allow_fresh_state)
+        if read.restored is not None:
+            for change in hparam_changes(self.session, read.obj["state"]):
+                self._warn("gradient_shaping: hyperparameter changed since %s: %s", read.path, change)
         result = self._orig_load(load_dir, tag, **call)
         if result is None or result[0] is None:
             return result
-        if restored is not None:
-            saved_steps = obj.get("meta", {}).get("global_steps")
+        self._commit(read)
+        if not want:
+            self._warn("gradient_shaping: %s loaded without optimizer states: the shaper starts fresh too", tag)
+        self.last_load = {"path": read.path, "tag": tag, "fresh": fresh or not want,
+                          "meta": dict(read.obj.get("meta", {})) if read.obj is not None else {}}
+        return result
+
+    def _resolve_tag(self, load_dir: str, tag, universal: bool) -> Optional[str]:
+        """The tag to load: the given one, or what ``latest`` (``latest_universal``) names;
+        None when there is no such file (DeepSpeed then says so itself)."""
+        if tag is not None:
+            return str(tag)
+        latest = os.path.join(load_dir, "latest_universal" if universal else "latest")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as f:
+            return f.read().strip()
+
+    def _read(self, load_dir: str, tag: str, want: bool, universal: bool) -> "_Read":
+        """Read and validate this rank's copy of the shaper state, without touching the session."""
+        path = os.path.join(load_dir, tag, STATE_FILE)
+        tag_dir = os.path.join(load_dir, tag)
+        if not os.path.isdir(tag_dir):
+            # DeepSpeed itself would stop on a bare AssertionError here.
+            return _Read(path, _Outcome(tag, "error", f"checkpoint directory {tag_dir} does not exist",
+                                        FileNotFoundError))
+        if not want:
+            return _Read(path, _Outcome(tag, "skip"))
+        try:
+            obj = read_state_file(path)
+            restored = restored_session(self.session, obj["state"], path)
+            self._check_skip_state(obj["state"], path)
+        except ShaperStateMissing as err:
+            msg = str(err)
+            if universal:
+                msg += (f" Universal checkpoint: DeepSpeed's ds_to_universal does not copy {STATE_FILE}; "
+                        "convert with megatron_shaping.integrations.deepspeed.checkpointing."
+                        f"convert_to_universal, or copy {STATE_FILE} from the source tag directory into "
+                        f"{tag_dir}.")
+            return _Read(path, _Outcome(tag, "missing", msg))
+        except ShaperStateError as err:
+            return _Read(path, _Outcome(tag, "error", str(err), type(err)))
+        return _Read(path, _Outcome(tag, "ok", obj["digest"]), obj, restored)
+
+    def _agree(self, outcomes: List["_Outcome"], load_dir: str, path: str, allow_fresh: bool) -> bool:
+        """Raise (on every rank alike) unless the ranks' outcomes allow the load; True when the
+        shaper is to start fresh (no usable state anywhere, and that is allowed)."""
+        tags = {o.tag for o in outcomes}
+        if len(tags) > 1:
+            raise ShaperStateError(f"ranks resolved different checkpoint tags in {load_dir}: {sorted(tags)}")
+        for r, o in enumerate(outcomes):
+            if o.kind == "error":
+                where = f" (read on rank {r})" if r != self.engine.global_rank else ""
+                raise o.error(o.detail + where)
+        kinds = {o.kind for o in outcomes}
+        if kinds == {"ok"} and len({o.detail for o in outcomes}) > 1:
+            raise ShaperStateError(f"{path}: ranks read different shaper state (digests differ); "
+                                   "is the checkpoint directory the same on every node?")
+        if "missing" not in kinds:
+            return False
+        if kinds != {"missing"}:
+            raise ShaperStateError(f"{path}: the shaper state file is readable on some ranks only: "
+                                   f"{[o.kind for o in outcomes]}")
+        msg = next(o.detail for o in outcomes if o.kind == "missing")
+        if not allow_fresh:
+            raise ShaperStateMissing(msg)
+        self._warn("gradient_shaping: STARTING THE SHAPER FRESH while resuming from %s: %s "
+                   "(allow_fresh_state is set). Its statistics restart from zero as at step 0.", path, msg)
+        return True
+
+    def _commit(self, read: "_Read") -> None:
+        """After DeepSpeed loaded: install the read state, or reset the shaper when there is none."""
+        e = self.engine
+        if read.restored is not None:
+            saved_steps = read.obj.get("meta", {}).get("global_steps")
             if saved_steps is not None and int(saved_steps) != int(e.global_steps):
-                raise ShaperStateMismatch(f"{path}: shaper state was saved at global step {saved_steps} but the "
-                                          f"checkpoint's model is at step {e.global_steps}: files from different saves")
-            commit_session(self.session, restored)
-            self._commit_skip_state(obj["state"], path)
+                raise ShaperStateMismatch(f"{read.path}: shaper state was saved at global step {saved_steps} but "
+                                          f"the checkpoint's model is at step {e.global_steps}: files from "
+                                          "different saves")
+            commit_session(self.session, read.restored)
+            self._commit_skip_state(read.obj["state"], read.path)
         else:
             reset_session(self.session)
             if self.shaping.skip is not None:
                 self.shaping.skip.reset()
         self.shaping.last_skipped, self.shaping.last_norm_before, self.shaping.last_skip_reasons = False, None, ()
-        if not want:
-            self._warn("gradient_shaping: %s loaded without optimizer states: the shaper starts fresh too", tag)
-        self.last_load = {"path": path, "tag": tag, "fresh": fresh or not want,
-                          "meta": dict(obj.get("meta", {})) if obj is not None else {}}
-        return result
-
 
     # ------------------------------------------------------------------ spike rule
     def _check_skip_state(self, sd: Dict[str, Any], path: str) -> None:
@@ -241,6 +276,16 @@ class ShapingCheckpointing:
             self._warn("gradient_shaping: %s has no spike-skip window (saved before spike skipping or with it off): "
                        "the rule starts with an empty window and acts after %d steps", path, rule.min_history)
         rule.load_state_dict(saved, path)
+
+
+def _version() -> str:
+    """The installed distribution's version; "unknown" when running from a source tree that is
+    not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("megatron-shaping")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def install_checkpoint_hooks(shaping) -> ShapingCheckpointing:
