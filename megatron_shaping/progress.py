@@ -8,7 +8,7 @@
                         shaped_fraction=shaped_fraction(engine.gradient_shaping.session.last))
     progress.close()
 
-(``shaped_fraction`` is in :mod:`megatron_shaping.integrations.deepspeed.monitor`.) Disabled
+(``shaped_fraction`` is in :mod:`megatron_shaping.monitoring`.) Disabled
 (other ranks) every method returns at once. On a terminal the bar shows the latest values as a
 postfix; when the output is a file or pipe (batch jobs, ``deepspeed`` launcher logs) a line like
 
