@@ -12,7 +12,8 @@ import torch
 from megatron_shaping import GradientShaper
 from megatron_shaping.integrations.deepspeed import monitor as M
 from megatron_shaping import monitoring
-from megatron_shaping.shapers.base import STAT_DTYPE, Plan, Shaper, SUMSQ
+from megatron_shaping.shapers import REGISTRY
+from megatron_shaping.shapers.base import STAT, STAT_DTYPE, THRESHOLD, Plan, Shaper, SUMSQ
 
 U = torch.tensor([0.6, 0.0, -0.8, 0.0])        # unit vector: norm(c * U) = c
 
@@ -181,3 +182,19 @@ def test_plot_tool_names_match_monitor():
     assert mod.GLOBAL_FIELDS == M.GLOBAL_FIELDS and mod.LAYER_FIELDS == M.LAYER_FIELDS + M.UPDATE_FIELDS
     assert M.LAYER_FIELDS == M.LayerStats._fields
     assert mod.CSV_PREFIX == M.TAG_PREFIX.replace("/", "_") + "_"
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_registered_shaper_reports_only_keys_the_monitor_reads(name):
+    """A misspelt key (``treshold``) would silently vanish from the monitors: every registered
+    method's diagnostics use the monitor's names and are one float64 value per group."""
+    ps = [torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(4))]
+    gs = GradientShaper([("w", ps[0]), ("b", ps[1])], name, granularity="tensor")
+    for k in (1.0, 2.0, 50.0):
+        for p in ps:
+            p.grad = torch.full_like(p, 0.1 * k)
+        prev = gs.state
+        gs.apply_()
+        series = gs.shaper.diagnostics(prev, gs.state)
+        assert set(series) <= {STAT, THRESHOLD}, series.keys()
+        assert all(t.shape == (2,) and t.dtype == STAT_DTYPE for t in series.values())
