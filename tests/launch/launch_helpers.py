@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import socket
@@ -7,15 +6,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script(rel):
-    """Scripts are not a package: load one by path."""
-    path = ROOT / rel
-    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def free_port() -> int:

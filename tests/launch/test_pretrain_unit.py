@@ -1,13 +1,15 @@
-"""pretrain.py's pieces in-process: schedule, DeepSpeed config overrides and errors, arguments."""
+"""pretrain.py's pieces in-process (they live in megatron_shaping.training): schedule, DeepSpeed
+config overrides and errors, arguments."""
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
-from launch_helpers import ROOT, load_script
+from launch_helpers import ROOT
 
-pretrain = load_script("launch/pretrain.py")
-make_configs = load_script("tools/make_configs.py")
+from megatron_shaping import training as pretrain
 
 
 def args_for(*extra):
@@ -66,7 +68,9 @@ def test_ds_config_errors(tmp_path):
 
 
 def test_generated_configs_up_to_date_and_valid():
-    assert make_configs.main(["--check"]) == 0
+    check = subprocess.run([sys.executable, "tools/make_configs.py", "--check"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
     files = sorted((ROOT / "configs/deepspeed").glob("*.json"))
     assert len(files) == 3 * 2 * 9
     try:
@@ -94,7 +98,7 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path):
     ]
     for extra, match in cases:
         with pytest.raises(SystemExit, match=match) as e:
-            pretrain.main(["--deepspeed_config", str(ROOT / "configs/deepspeed/zero1_bf16_spamp.json"), *extra])
+            pretrain.pretrain(args_for(*extra))
         assert str(e.value).startswith("pretrain.py: error:")
 
 

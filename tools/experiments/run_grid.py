@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -42,30 +41,31 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 import torch  # noqa: E402
 
-from megatron_shaping.shapers import REGISTRY, default_section  # noqa: E402
+from megatron_shaping.training import log0  # noqa: E402
 
-#: Every registered method (registry order: classic baselines first), after the unshaped baseline.
-SHAPERS = ["none"] + list(REGISTRY)
+SHAPERS = ["none", "norm_clip", "value_clip", "agc", "zclip", "adagc", "entrywise_shrink", "spamp",
+           "gradient_stabilizer"]
 
-#: Deviations from a method's documented defaults (docs/SHAPERS.md), where a default would silently
-#: turn the method into something else on our short runs; each is said here.
-GRID_PARAMS = {
+#: Shaper sections. Defaults are the documented ones (docs/SHAPERS.md) except where a default
+#: would silently turn the method into something else; each deviation is said here.
+SHAPER_SECTIONS = {
+    "norm_clip": {"type": "norm_clip", "granularity": "global", "params": {"max_norm": 1.0}},
+    "value_clip": {"type": "value_clip", "params": {"clip_value": 1.0}},
+    "agc": {"type": "agc", "granularity": "tensor", "params": {"clipping": 0.01, "eps": 0.001, "unitwise": True}},
     # max_grad_norm null: purely adaptive ZClip (the package default 1.0 would add a norm clip).
     # warmup 10 (package: 25) because our runs are short.
-    "zclip": {"max_grad_norm": None, "warmup_steps": 10},
+    "zclip": {"type": "zclip", "granularity": "global",
+              "params": {"alpha": 0.97, "z_thresh": 2.5, "max_grad_norm": None, "warmup_steps": 10}},
     # warmup_steps 10 (default 100 = longer than some of our runs).
-    "adagc": {"warmup_steps": 10},
+    "adagc": {"type": "adagc", "granularity": "tensor",
+              "params": {"lambda_rel": 1.04, "beta": 0.99, "warmup_steps": 10, "warmup_max_norm": 1.0}},
+    "entrywise_shrink": {"type": "entrywise_shrink", "granularity": "tensor",
+                         "params": {"threshold": 10.0, "power": 2.0, "beta": 0.0}},
+    "spamp": {"type": "spamp", "granularity": "tensor",
+              "params": {"beta": 0.99, "alpha_min": 0.7, "mode": "rms", "threshold_from": "previous"}},
+    "gradient_stabilizer": {"type": "gradient_stabilizer", "granularity": "tensor",
+                            "params": {"beta1": 0.6, "beta2": 0.999}},
 }
-
-
-def _section(name: str) -> dict:
-    section = default_section(name)
-    section["params"].update(GRID_PARAMS.get(name, {}))
-    return section
-
-
-#: Shaper sections: every method at its defaults, except GRID_PARAMS.
-SHAPER_SECTIONS = {name: _section(name) for name in REGISTRY}
 
 SIZES = {
     # name: model overrides, steps, global batch, micro batch, eval iters
@@ -77,10 +77,6 @@ SIZES = {
 }
 
 
-def log0(*a):
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, flush=True)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -200,12 +196,34 @@ def spike_count(losses, factor=1.5, window=20):
 
 
 # ---------------------------------------------------------------------------- one run
-def train_one(run, size, ctx, data, args):
-    import torch.distributed as dist
-    from megatron_shaping.integrations.deepspeed import initialize
-    from megatron_shaping.model import LlamaModel, load_preset
+class _Record:
+    """The grid's per-iteration hook for Trainer.fit: the gradient norm before shaping, and the
+    early stop of a run that has clearly diverged (saves the budget for the rest of the grid):
+    5 consecutive non-finite losses, or 10 consecutive losses above the initial one after the
+    first 20 % of training."""
 
-    pretrain = data["pretrain"]
+    def __init__(self, engine, steps: int):
+        self.engine, self.steps, self.grad_norms = engine, steps, []
+
+    def __call__(self, it, loss, history):
+        rec = getattr(getattr(self.engine, "gradient_shaping", None), "session", None)
+        last = getattr(rec, "last", None) if rec is not None else None
+        try:
+            self.grad_norms.append(float(last.stats_before.global_norm()) if last is not None else None)
+        except Exception:
+            self.grad_norms.append(None)
+        losses = history.losses
+        tail = losses[-10:]
+        if len(losses) >= 5 and not any(math.isfinite(x) for x in losses[-5:]):
+            return "nonfinite"
+        if it >= self.steps // 5 and len(tail) == 10 and all(x > losses[0] for x in tail if math.isfinite(x)):
+            return "above_initial"
+        return None
+
+
+def _engine_for(run, size, ctx, data):
+    from megatron_shaping import training
+    from megatron_shaping.model import LlamaModel, load_preset
     steps, warmup = size["steps"], size["warmup"]
     lr_args = argparse.Namespace(lr=run["lr"], min_lr=run["lr"] / 10, lr_warmup_iters=warmup,
                                  lr_decay_iters=steps, train_iters=steps)
@@ -215,83 +233,51 @@ def train_one(run, size, ctx, data, args):
     torch.manual_seed(run["seed"])
     model = LlamaModel(model_cfg, seed=run["seed"])
     cfg = ds_config(run, size, ctx.dp)
-    engine, _, _, _ = initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg,
-        mpu=ctx.mpu, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda it: pretrain.lr_at(it, lr_args) / run["lr"]))
-    shaping_log = pretrain.ShapingLog(engine)
-    schedule, dp_group = data["schedule"], ctx.mpu.get_data_parallel_group()
-    spikes = spike_steps(run["spikes"], steps, run["seed"], warmup)
+    return training.build_engine(model, cfg, ctx, training.lr_scheduler(lr_args)), model_cfg, cfg
 
-    def evaluate():
-        engine.eval()
-        with torch.no_grad():
-            total = torch.stack([engine(mb["tokens"], mb["labels"], mb["loss_mask"]).float()
-                                 for b in data["valid_batches"] for mb in b]).mean()
-        engine.train()
-        dist.all_reduce(total, group=dp_group)
-        return float(total) / ctx.dp
 
-    t0 = time.time()
-    losses, grad_norms, stopped_early = [], [], None
-    for it in range(steps):
-        batches = schedule.micro_batches(data["train_ds"], it)
-        k = spikes.get(it, 1.0)
-        step_losses = []
-        for mb in batches:
-            loss = engine(mb["tokens"], mb["labels"], mb["loss_mask"])
-            engine.backward(loss * k if k != 1.0 else loss)
-            engine.step()
-            step_losses.append(loss.detach().float())
-        loss = torch.stack(step_losses).mean()
-        dist.all_reduce(loss, group=dp_group)
-        losses.append(float(loss) / ctx.dp)
-        rec = getattr(getattr(engine, "gradient_shaping", None), "session", None)
-        last = getattr(rec, "last", None) if rec is not None else None
-        try:
-            grad_norms.append(float(last.stats_before.global_norm()) if last is not None else None)
-        except Exception:
-            grad_norms.append(None)
-        # Early stop of a run that has clearly diverged (saves the budget for the rest of the
-        # grid): 5 consecutive non-finite losses, or 10 consecutive losses above the initial one
-        # after the first 20 % of training.
-        tail = losses[-10:]
-        if len(losses) >= 5 and not any(math.isfinite(x) for x in losses[-5:]):
-            stopped_early = "nonfinite"
-        elif it >= steps // 5 and len(tail) == 10 and all(x > losses[0] for x in tail if math.isfinite(x)):
-            stopped_early = "above_initial"
-        if stopped_early:
-            break
-    train_time = time.time() - t0
-    val = evaluate()
-    skipped = int(getattr(engine, "skipped_steps", 0))
-    summary = shaping_log.summary()
-    finite = [x for x in losses if math.isfinite(x)]
-    last10 = losses[-10:]
-    final_train = sum(last10) / len(last10) if last10 else float("nan")
-    diverged = (stopped_early is not None or not math.isfinite(val) or not math.isfinite(final_train)
-                or final_train > losses[0] or val > data["initial_val"])
-    out = dict(run, steps=steps, steps_done=len(losses), tokens_per_step=size["global_batch"] * data["seq"],
-               train_loss=[round(x, 5) if math.isfinite(x) else str(x) for x in losses],
-               grad_norm_before_shaping=[round(x, 5) if x is not None and math.isfinite(x) else None
-                                         for x in grad_norms],
-               spike_steps=sorted(spikes), initial_train_loss=losses[0], final_train_loss=final_train,
-               final_val_loss=val, final_val_ppl=math.exp(val) if math.isfinite(val) and val < 700 else float("inf"),
-               initial_val_loss=data["initial_val"], loss_spikes=spike_count(losses),
-               loss_spikes_1p2=spike_count(losses, 1.2), diverged=bool(diverged), stopped_early=stopped_early,
-               nonfinite_losses=len(losses) - len(finite), skipped_steps=skipped,
-               shaping_skipped=summary.get("shaping_skipped", 0),
-               steps_with_scaled_groups=summary.get("steps_with_scaled_groups", 0),
-               loss_scale=float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None,
-               wall_time_s=round(train_time, 2), model=model_cfg.name, params=model_cfg.num_parameters(),
+def train_one(run, size, ctx, data, args):
+    from megatron_shaping import training
+    steps = size["steps"]
+    engine, model_cfg, cfg = _engine_for(run, size, ctx, data)
+    trainer = training.Trainer(engine, ctx, data["data"], steps, size["global_batch"] * data["seq"],
+                               training.Intervals(log=0, eval=0, eval_at_start=False),
+                               log=lambda *a: None, progress=False)
+    spikes = spike_steps(run["spikes"], steps, run["seed"], size["warmup"])
+    record = _Record(engine, steps)
+    h = trainer.fit(loss_factors=spikes, on_step=record)
+    out = _result(run, size, data, h, record.grad_norms, spikes, trainer.shaping_log.summary(), engine)
+    out.update(wall_time_s=round(h.train_time_s, 2), model=model_cfg.name, params=model_cfg.num_parameters(),
                ds_config=cfg)
-    del engine, model, shaping_log
+    del engine, trainer, record
     gc.collect()
     return out
 
 
+def _result(run, size, data, h, grad_norms, spikes, summary, engine) -> dict:
+    """One line of results.jsonl."""
+    losses, val = h.losses, h.val[-1][1]
+    finite = [x for x in losses if math.isfinite(x)]
+    last10 = losses[-10:]
+    final_train = sum(last10) / len(last10) if last10 else float("nan")
+    diverged = (h.stopped_early is not None or not math.isfinite(val) or not math.isfinite(final_train)
+                or final_train > losses[0] or val > data["initial_val"])
+    return dict(run, steps=size["steps"], steps_done=len(losses), tokens_per_step=size["global_batch"] * data["seq"],
+                train_loss=[round(x, 5) if math.isfinite(x) else str(x) for x in losses],
+                grad_norm_before_shaping=[round(x, 5) if x is not None and math.isfinite(x) else None
+                                          for x in grad_norms],
+                spike_steps=sorted(spikes), initial_train_loss=losses[0], final_train_loss=final_train,
+                final_val_loss=val, final_val_ppl=math.exp(val) if math.isfinite(val) and val < 700 else float("inf"),
+                initial_val_loss=data["initial_val"], loss_spikes=spike_count(losses),
+                loss_spikes_1p2=spike_count(losses, 1.2), diverged=bool(diverged), stopped_early=h.stopped_early,
+                nonfinite_losses=len(losses) - len(finite), skipped_steps=int(getattr(engine, "skipped_steps", 0)),
+                shaping_skipped=summary.get("shaping_skipped", 0),
+                steps_with_scaled_groups=summary.get("steps_with_scaled_groups", 0),
+                loss_scale=float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None)
+
+
 # ---------------------------------------------------------------------------- main
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/grid")
     p.add_argument("--plan", choices=["grid", "smoke"], default="grid")
@@ -309,21 +295,15 @@ def main(argv=None):
                    help="exit after this many runs (0: no limit); run_grid.sh relaunches until OUT/DONE exists. "
                         "Each run leaks ~10 MB per rank inside DeepSpeed/torch, so long grids are cut into launches")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def setup(args):
+    """Distributed start-up (quiet loggers, fp16 allowed on CPU) and the shared data: (ctx, size, data)."""
     import logging
 
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from megatron_shaping.data import BatchSchedule, SentencePieceTokenizer, build_gpt_datasets, prepare_stdlib_corpus
+    from megatron_shaping import training
     from megatron_shaping.model import load_preset
-    from megatron_shaping.model.parallel import init_parallel
-
-    spec = importlib.util.spec_from_file_location("ms_pretrain", ROOT / "launch" / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
 
     patch_cpu_fp16()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -331,29 +311,23 @@ def main(argv=None):
     ds_logger.setLevel(logging.WARNING)
     logging.getLogger("megatron_shaping").setLevel(logging.ERROR)
 
-    on_cpu = get_accelerator().device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else get_accelerator().communication_backend_name())
-    ctx = init_parallel(tp=1, pp=1)
+    ctx = training.init_distributed(1, 1, args.local_rank)
     size = dict(SIZES[args.plan])
     if args.steps:
         size["steps"] = args.steps
     if args.preset:
         size["preset"] = args.preset
-
-    corpus = prepare_stdlib_corpus(vocab_size=4096, log=log0)
-    tokenizer = SentencePieceTokenizer(corpus.tokenizer_model)
+    corpus = training.open_corpus(vocab_size=4096)
+    tokenizer = corpus.tokenizer
     seq = load_preset(size["preset"], vocab_size=tokenizer.vocab_size).seq_length
-    schedule = BatchSchedule(size["global_batch"], size["micro_batch"], ctx.mpu.get_data_parallel_rank(), ctx.dp)
-    train_ds, valid_ds = build_gpt_datasets(
-        [corpus.data_prefix], tokenizer, seq, 1234, train_samples=size["steps"] * size["global_batch"],
-        valid_samples=size["eval_iters"] * size["global_batch"], cache_dir=str(corpus.directory / "index-cache"))
-    data = dict(pretrain=pretrain, tokenizer=tokenizer, schedule=schedule, train_ds=train_ds, seq=seq,
-                valid_batches=[schedule.micro_batches(valid_ds, i) for i in range(size["eval_iters"])],
-                initial_val=math.log(tokenizer.vocab_size))
+    train_data = training.build_data(corpus, ctx, seq, 1234, size["steps"], size["global_batch"], size["micro_batch"],
+                                     size["eval_iters"])
+    data = dict(tokenizer=tokenizer, data=train_data, seq=seq, initial_val=math.log(tokenizer.vocab_size))
+    return ctx, size, data
 
-    out_dir = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = out_dir / "results.jsonl"
+
+def plan_todo(args, results: Path):
+    """(plan, runs still to do in this launch, runs still to do in all)."""
     done = set()
     if results.exists():
         for line in results.read_text().splitlines():
@@ -368,37 +342,61 @@ def main(argv=None):
     remaining = len(todo)
     if args.max_runs:
         todo = todo[:args.max_runs]
+    return plan, todo, remaining
+
+
+def write_meta(out_dir: Path, args, size, plan, head: str) -> None:
+    import deepspeed
+    import torch.distributed as dist
+    (out_dir / "meta.json").write_text(json.dumps(dict(
+        commit=head, plan=args.plan, size=size, seeds=args.seeds, base_lr=args.base_lr, sweep=args.sweep,
+        sweep_extra_seeds=args.sweep_extra_seeds, shapers=args.shapers, shaper_sections=SHAPER_SECTIONS,
+        world_size=dist.get_world_size(), torch=torch.__version__, deepspeed=deepspeed.__version__,
+        runs_planned=len(plan)), indent=1))
+
+
+def run_and_record(i, n, run, size, ctx, data, args, results: Path, head: str, tree_diff: str, t_grid: float):
+    """Train one run and append its line to results.jsonl (an error is recorded, not raised)."""
+    import torch.distributed as dist
+    t = time.time()
+    try:
+        res = train_one(run, size, ctx, data, args)
+    except Exception as e:      # record and go on: one broken configuration must not stop the grid
+        import traceback
+        traceback.print_exc()
+        res = dict(run, error=f"{type(e).__name__}: {e}")
+        gc.collect()
+    res["commit"] = head
+    res["tree_diff_sha1"] = tree_diff
+    if dist.get_rank() == 0:
+        with open(results, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    log0(f"[grid] {i + 1}/{n} {run['id']}: "
+         + (f"ERROR {res['error']}" if "error" in res else
+            f"val {res['final_val_loss']:.4f} train {res['final_train_loss']:.4f} spikes {res['loss_spikes']} "
+            f"diverged {res['diverged']} skipped {res['skipped_steps']}")
+         + f" | {time.time() - t:.1f}s (grid {time.time() - t_grid:.0f}s)")
+
+
+def main(argv=None):
+    import torch.distributed as dist
+    args = parse_args(argv)
+    ctx, size, data = setup(args)
+    out_dir = ROOT / args.out if not os.path.isabs(args.out) else Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.jsonl"
+    plan, todo, remaining = plan_todo(args, results)
     dist.barrier()
     if dist.get_rank() == 0 and todo and (out_dir / "DONE").exists():
         (out_dir / "DONE").unlink()      # the plan grew (new arguments): not done any more
     head, tree_diff = subprocess_head(), tree_diff_sha1()
     if dist.get_rank() == 0:
-        (out_dir / "meta.json").write_text(json.dumps(dict(
-            commit=head, plan=args.plan, size=size, seeds=args.seeds, base_lr=args.base_lr, sweep=args.sweep,
-            sweep_extra_seeds=args.sweep_extra_seeds, shapers=args.shapers, shaper_sections=SHAPER_SECTIONS, world_size=dist.get_world_size(),
-            torch=torch.__version__, deepspeed=deepspeed.__version__, runs_planned=len(plan)), indent=1))
+        write_meta(out_dir, args, size, plan, head)
     log0(f"[grid] {len(plan)} runs planned, {len(plan) - len(todo)} already done, {len(todo)} to run; "
          f"size {size}; world {dist.get_world_size()}; commit {head}")
     t_grid = time.time()
     for i, run in enumerate(todo):
-        t = time.time()
-        try:
-            res = train_one(run, size, ctx, data, args)
-        except Exception as e:      # record and go on: one broken configuration must not stop the grid
-            import traceback
-            traceback.print_exc()
-            res = dict(run, error=f"{type(e).__name__}: {e}")
-            gc.collect()
-        res["commit"] = head
-        res["tree_diff_sha1"] = tree_diff
-        if dist.get_rank() == 0:
-            with open(results, "a") as f:
-                f.write(json.dumps(res) + "\n")
-        log0(f"[grid] {i + 1}/{len(todo)} {run['id']}: "
-             + (f"ERROR {res['error']}" if "error" in res else
-                f"val {res['final_val_loss']:.4f} train {res['final_train_loss']:.4f} spikes {res['loss_spikes']} "
-                f"diverged {res['diverged']} skipped {res['skipped_steps']}")
-             + f" | {time.time() - t:.1f}s (grid {time.time() - t_grid:.0f}s)")
+        run_and_record(i, len(todo), run, size, ctx, data, args, results, head, tree_diff, t_grid)
         dist.barrier()
     if len(todo) == remaining and dist.get_rank() == 0:
         (out_dir / "DONE").write_text(f"{len(plan)} runs\n")
@@ -407,11 +405,11 @@ def main(argv=None):
 
 def tree_diff_sha1() -> str:
     """sha1 of the uncommitted changes to the code the runs import (other engineers share the
-    tree): '' when megatron_shaping/ and launch/pretrain.py are clean at launch time."""
+    tree): '' when megatron_shaping/ (the training loop included) is clean at launch time."""
     import hashlib
     import subprocess
     try:
-        d = subprocess.run(["git", "diff", "HEAD", "--", "megatron_shaping", "launch/pretrain.py"], cwd=ROOT,
+        d = subprocess.run(["git", "diff", "HEAD", "--", "megatron_shaping"], cwd=ROOT,
                            capture_output=True, text=True).stdout
     except OSError:
         return "unknown"
