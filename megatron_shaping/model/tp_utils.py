@@ -21,22 +21,23 @@ __all__ = ["full_shape", "gather_full_tensor", "is_tp_duplicate", "is_tp_sharded
            "param_seed", "seeded_normal_init"]
 
 
-def _tp_size(group=None) -> int:
+def _tp_value(group, of_group: Callable, of_state: str, default: int) -> int:
+    """``of_group(group)`` for an explicit group, else megatron parallel_state's value (``default``
+    before model parallelism is initialised)."""
     from megatron.core import parallel_state
     if group is not None:
-        return torch.distributed.get_world_size(group)
+        return of_group(group)
     if not parallel_state.model_parallel_is_initialized():
-        return 1
-    return parallel_state.get_tensor_model_parallel_world_size()
+        return default
+    return getattr(parallel_state, of_state)()
+
+
+def _tp_size(group=None) -> int:
+    return _tp_value(group, torch.distributed.get_world_size, "get_tensor_model_parallel_world_size", 1)
 
 
 def _tp_rank(group=None) -> int:
-    from megatron.core import parallel_state
-    if group is not None:
-        return torch.distributed.get_rank(group)
-    if not parallel_state.model_parallel_is_initialized():
-        return 0
-    return parallel_state.get_tensor_model_parallel_rank()
+    return _tp_value(group, torch.distributed.get_rank, "get_tensor_model_parallel_rank", 0)
 
 
 def full_shape(param: torch.Tensor, tp_world_size: Optional[int] = None) -> Tuple[int, ...]:
