@@ -36,8 +36,13 @@ import sys
 import time
 import traceback
 
+import warnings
+
 import torch
 import torch.nn as nn
+
+# DeepSpeed's deprecation warnings would flood the output a failed launch reports.
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
@@ -508,8 +513,12 @@ def main():
                  "trace": traceback.format_exc()[-3000:]}
         r["seconds"] = time.time() - t0
         r["cpu"] = time.process_time() - c0
+        if "error" in r:
+            print(f"rank {rank}: scenario {sc['name']} failed:\n{r['trace']}", file=sys.stderr, flush=True)
         gathered = [None] * world
         if world > 1:
+            # (a scenario that failed on one rank only leaves the ranks out of step: this
+            # collective then fails and the launch reports the traceback printed above)
             dist.all_gather_object(gathered, r)
         else:
             gathered = [r]

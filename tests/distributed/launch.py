@@ -20,4 +20,20 @@ def run_deepspeed(world: int, script: str, *args: str, timeout: int = 1800) -> N
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"deepspeed launch ({world} processes) failed rc={p.returncode}:\n"
-                           f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+                           f"{_tracebacks(p.stdout + p.stderr)}\n--- output tail ---\n"
+                           f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+
+
+def _tracebacks(text: str, limit: int = 3) -> str:
+    """The last few Python tracebacks in ``text`` (warnings usually flood the tail)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+    out = []
+    for i in starts[-limit:]:
+        block = [lines[i]]
+        for line in lines[i + 1:i + 80]:
+            block.append(line)
+            if line and not line.startswith((" ", "\t")) and ("Error" in line or "Exception" in line):
+                break
+        out.append("\n".join(block))
+    return "\n\n".join(out) if out else "(no Python traceback in the output)"
