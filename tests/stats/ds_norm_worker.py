@@ -48,8 +48,10 @@ def make_model():
 
 
 def batch(step, rank, dtype):
+    """Targets growing with the step: gradient norms rise, so SPAMP shapes after its first step
+    whatever the number of processes."""
     g = torch.Generator().manual_seed(1000 + 10 * step + rank)
-    return torch.randn(4, IN, generator=g).to(dtype), torch.randn(4, OUT, generator=g)
+    return torch.randn(4, IN, generator=g).to(dtype), torch.randn(4, OUT, generator=g) * (1 + step)
 
 
 def ds_config(sc):
