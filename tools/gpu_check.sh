@@ -260,7 +260,7 @@ def train(backend, steps=20):
     return losses, norms
 
 
-runs = {"bf16/fp32 (no FP8)": train(None), "FP8 simulated": train("sim")}
+runs = {"no FP8 (fp32)": train(None), "FP8 simulated": train("sim")}
 if te_available():
     runs["FP8 Transformer Engine"] = train("te")
 else:
