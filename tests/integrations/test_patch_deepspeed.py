@@ -101,31 +101,44 @@ def test_unpatched_deepspeed_ignores_the_section(ds):
     assert getattr(engine, "gradient_shaping", None) is None
 
 
-def test_every_config_form(patched, tmp_path):
-    ds = patched
+def config_forms(init, tmp_path):
+    """Every way a ``deepspeed.initialize``-like ``init`` can be handed its config."""
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config()))
     b64 = base64.urlsafe_b64encode(json.dumps(config()).encode()).decode()
-    forms = {
-        "config=dict": lambda m: ds.initialize(model=m, config=config()),
-        "config=path": lambda m: ds.initialize(model=m, config=str(path)),
-        "config=base64": lambda m: ds.initialize(model=m, config=b64),
-        "config_params=dict": lambda m: ds.initialize(model=m, config_params=config()),
-        "config_params=path": lambda m: ds.initialize(model=m, config_params=str(path)),
-        "args.deepspeed_config": lambda m: ds.initialize(argparse.Namespace(deepspeed_config=str(path), local_rank=0),
+    return {
+        "config=dict": lambda m: init(model=m, config=config()),
+        "config=path": lambda m: init(model=m, config=str(path)),
+        "config=base64": lambda m: init(model=m, config=b64),
+        "config_params=dict": lambda m: init(model=m, config_params=config()),
+        "config_params=path": lambda m: init(model=m, config_params=str(path)),
+        "args.deepspeed_config": lambda m: init(argparse.Namespace(deepspeed_config=str(path), local_rank=0),
                                                          m),
-        "args.deepscale_config": lambda m: ds.initialize(
+        "args.deepscale_config": lambda m: init(
             args=argparse.Namespace(deepscale_config=str(path), deepspeed_config=None, local_rank=0), model=m),
         # Megatron-DeepSpeed: args (deepspeed_config cleared) and the dict in config=
-        "megatron-deepspeed": lambda m: ds.initialize(model=m, args=argparse.Namespace(deepspeed_config=None),
+        "megatron-deepspeed": lambda m: init(model=m, args=argparse.Namespace(deepspeed_config=None),
                                                       model_parameters=m.parameters(), config=config()),
     }
-    for name, call in forms.items():
-        engine, *_ = call(model())
-        try:
-            assert_shaping(engine)
-        except AssertionError as e:
-            raise AssertionError(f"{name}: {e}") from None
+
+
+@pytest.mark.parametrize("front", ["patched deepspeed.initialize", "megatron_shaping.initialize"])
+def test_every_config_form(ds, front, tmp_path):
+    if front == "megatron_shaping.initialize":
+        init = megatron_shaping.initialize
+    else:
+        megatron_shaping.patch_deepspeed()
+        init = ds.initialize
+    try:
+        forms = config_forms(init, tmp_path)
+        for name, call in forms.items():
+            engine, *_ = call(model())
+            try:
+                assert_shaping(engine)
+            except AssertionError as e:
+                raise AssertionError(f"{front}, {name}: {e}") from None
+    finally:
+        megatron_shaping.unpatch_deepspeed()
 
 
 def test_absent_or_disabled_section_builds_a_plain_engine(patched):

@@ -404,26 +404,8 @@ def attach(engine, config: Optional[Dict[str, Any]] = None) -> Optional[DeepSpee
 
 def initialize(*args, **kwargs):
     """``deepspeed.initialize`` plus :func:`attach` when the config has a gradient_shaping
-    section. Same arguments and return values as ``deepspeed.initialize``."""
-    from .patch import original_initialize     # unpatched: attach once even after patch_deepspeed()
-    config = kwargs.get("config", kwargs.get("config_params"))
-    if isinstance(config, str):
-        import json
-        with open(config) as f:
-            config = json.load(f)
-    if config is None and kwargs.get("args") is not None:
-        path = getattr(kwargs["args"], "deepspeed_config", None)
-        if path:
-            import json
-            with open(path) as f:
-                config = json.load(f)
-    section = None
-    if isinstance(config, dict) and GRADIENT_SHAPING in config:
-        # Validate before DeepSpeed spends time building the engine; DeepSpeed itself ignores
-        # the unknown top-level section.
-        section = get_gradient_shaping_config(config)
-    out = original_initialize()(*args, **kwargs)
-    engine = out[0]
-    if section is not None:
-        attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
-    return out
+    section. Same arguments and return values as ``deepspeed.initialize``; the config is found
+    as DeepSpeed finds it (``config``/``config_params`` as dict, path or base64, positional or
+    keyword, ``args.deepspeed_config``)."""
+    from .patch import original_initialize, shaped_initialize   # unpatched: attach once after patch_deepspeed()
+    return shaped_initialize(original_initialize(), args, kwargs)

@@ -103,23 +103,30 @@ def engine_for_module(module) -> Any:
     return ref() if ref is not None else None
 
 
+def shaped_initialize(original: Callable, args: tuple, kwargs: dict):
+    """``original(*args, **kwargs)`` (an unpatched ``deepspeed.initialize``) with the shaper of
+    the call's ``gradient_shaping`` section validated before the engine is built and attached
+    before it is returned. Used by :func:`megatron_shaping.initialize` and the patch alike."""
+    config = config_of_call(args, kwargs)
+    section = None
+    if isinstance(config, dict) and GRADIENT_SHAPING in config:
+        # Validate before DeepSpeed spends time building the engine.
+        section = get_gradient_shaping_config(config)
+    out = original(*args, **kwargs)
+    engine = _engine_of(out)
+    if section is not None and getattr(engine, "gradient_shaping", None) is None:
+        from .engine import attach
+        attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
+    register_engine(engine)
+    return out
+
+
 def _make_wrapper(original: Callable) -> Callable:
     @functools.wraps(original)
     def initialize(*args, **kwargs):
         if not _active:
             return original(*args, **kwargs)
-        config = config_of_call(args, kwargs)
-        section = None
-        if isinstance(config, dict) and GRADIENT_SHAPING in config:
-            # Validate before DeepSpeed spends time building the engine.
-            section = get_gradient_shaping_config(config)
-        out = original(*args, **kwargs)
-        engine = _engine_of(out)
-        if section is not None and getattr(engine, "gradient_shaping", None) is None:
-            from .engine import attach
-            attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
-        register_engine(engine)
-        return out
+        return shaped_initialize(original, args, kwargs)
 
     initialize.__megatron_shaping_patch__ = True
     return initialize
