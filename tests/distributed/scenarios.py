@@ -10,22 +10,27 @@ uses threshold 3 (the default 10 moves the largest bf16 entries by ~20 ulps only
 path, in fp32 and bf16 over ZeRO 0-3 (fp16 for the loss-scale mutants), inside the domain where
 it can change a result.
 """
-SHAPERS = {
-    "gradient_stabilizer": {"type": "gradient_stabilizer", "params": {}},
-    "spamp": {"type": "spamp", "params": {"alpha_min": 0.7}},
+from megatron_shaping.shapers import REGISTRY
+
+#: Params that make a method act strongly within STEPS steps (defaults otherwise).
+TEST_PARAMS = {
+    "spamp": {"alpha_min": 0.7},
+    "norm_clip": {"max_norm": 0.05},
+    "value_clip": {"clip_value": 0.002},
+    "agc": {"clipping": 0.01},
+    "zclip": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5},
+    "adagc": {"warmup_steps": 2, "warmup_max_norm": 0.05},
+    "entrywise_shrink": {"threshold": 3.0},
+}
+#: Every registered method, then other modes, a chain and block granularity.
+SHAPERS = {name: {"type": name, "params": dict(TEST_PARAMS.get(name, {}))} for name in REGISTRY}
+SHAPERS.update({
     "spamp_raw": {"type": "spamp", "params": {"mode": "raw", "threshold_from": "current"}},
-    "norm_clip": {"type": "norm_clip", "params": {"max_norm": 0.05}},
-    "value_clip": {"type": "value_clip", "params": {"clip_value": 0.002}},
-    "agc": {"type": "agc", "params": {"clipping": 0.01}},
-    "zclip": {"type": "zclip", "params": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5}},
-    "adagc": {"type": "adagc", "params": {"warmup_steps": 2, "warmup_max_norm": 0.05}},
-    "entrywise_shrink": {"type": "entrywise_shrink", "params": {"threshold": 3.0}},
     "chain_agc_clip": {"type": "chain", "shapers": [{"type": "agc", "params": {"clipping": 0.01}},
                                                     {"type": "norm_clip", "params": {"max_norm": 0.05}}]},
     "block_gs": {"type": "gradient_stabilizer", "granularity": "block", "params": {}},
-}
-MATRIX_SHAPERS = ["gradient_stabilizer", "spamp", "spamp_raw", "norm_clip", "value_clip", "agc", "zclip", "adagc",
-                  "entrywise_shrink", "chain_agc_clip", "block_gs"]
+})
+MATRIX_SHAPERS = list(SHAPERS)
 #: 16-bit roundings of each gradient element on the way through the hook: a pure-scale plan or
 #: an elementwise map rounds once; SPAMP's map and projection, and a chain of two plans, twice.
 ROUNDINGS = {"spamp": 2, "spamp_raw": 2, "chain_agc_clip": 2}
