@@ -43,29 +43,30 @@ import torch  # noqa: E402
 
 from megatron_shaping.training import log0  # noqa: E402
 
-SHAPERS = ["none", "norm_clip", "value_clip", "agc", "zclip", "adagc", "entrywise_shrink", "spamp",
-           "gradient_stabilizer"]
+from megatron_shaping.shapers import REGISTRY, default_section  # noqa: E402
 
-#: Shaper sections. Defaults are the documented ones (docs/SHAPERS.md) except where a default
-#: would silently turn the method into something else; each deviation is said here.
-SHAPER_SECTIONS = {
-    "norm_clip": {"type": "norm_clip", "granularity": "global", "params": {"max_norm": 1.0}},
-    "value_clip": {"type": "value_clip", "params": {"clip_value": 1.0}},
-    "agc": {"type": "agc", "granularity": "tensor", "params": {"clipping": 0.01, "eps": 0.001, "unitwise": True}},
+#: Every registered method (registry order: classic baselines first), after the unshaped baseline.
+SHAPERS = ["none"] + list(REGISTRY)
+
+#: Deviations from a method's documented defaults (docs/SHAPERS.md), where a default would silently
+#: turn the method into something else on our short runs; each is said here.
+GRID_PARAMS = {
     # max_grad_norm null: purely adaptive ZClip (the package default 1.0 would add a norm clip).
     # warmup 10 (package: 25) because our runs are short.
-    "zclip": {"type": "zclip", "granularity": "global",
-              "params": {"alpha": 0.97, "z_thresh": 2.5, "max_grad_norm": None, "warmup_steps": 10}},
+    "zclip": {"max_grad_norm": None, "warmup_steps": 10},
     # warmup_steps 10 (default 100 = longer than some of our runs).
-    "adagc": {"type": "adagc", "granularity": "tensor",
-              "params": {"lambda_rel": 1.04, "beta": 0.99, "warmup_steps": 10, "warmup_max_norm": 1.0}},
-    "entrywise_shrink": {"type": "entrywise_shrink", "granularity": "tensor",
-                         "params": {"threshold": 10.0, "power": 2.0, "beta": 0.0}},
-    "spamp": {"type": "spamp", "granularity": "tensor",
-              "params": {"beta": 0.99, "alpha_min": 0.7, "mode": "rms", "threshold_from": "previous"}},
-    "gradient_stabilizer": {"type": "gradient_stabilizer", "granularity": "tensor",
-                            "params": {"beta1": 0.6, "beta2": 0.999}},
+    "adagc": {"warmup_steps": 10},
 }
+
+
+def _section(name: str) -> dict:
+    section = default_section(name)
+    section["params"].update(GRID_PARAMS.get(name, {}))
+    return section
+
+
+#: Shaper sections: every method at its defaults, except GRID_PARAMS.
+SHAPER_SECTIONS = {name: _section(name) for name in REGISTRY}
 
 SIZES = {
     # name: model overrides, steps, global batch, micro batch, eval iters
