@@ -455,7 +455,7 @@ class Trainer:
     def _update_bar(self, bar, done: int, loss: float) -> None:
         shaping, extra = getattr(self.engine, "gradient_shaping", None), {}
         if shaping is not None:
-            from .integrations.deepspeed.monitor import shaped_fraction
+            from .monitoring import shaped_fraction
             extra = dict(loss_scale=shaping.last_loss_scale, shaped_fraction=shaped_fraction(shaping.session.last))
         bar.update(done, loss=loss, lr=self.engine.get_lr()[0], tokens=self.tokens_per_iter, **extra)
 

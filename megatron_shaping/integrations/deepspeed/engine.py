@@ -21,7 +21,7 @@ from ...stats.tp import is_tp_sharded as _is_tp_sharded
 from ...stats.tp import local_shape as _local_shape
 from .adapters import Adapter, UnsupportedPath, _patched_method, select_adapter
 from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
-from .monitor import shaped_fraction as _shaped_fraction
+from ...monitoring import shaped_fraction as _shaped_fraction
 
 logger = logging.getLogger("megatron_shaping")
 
