@@ -213,6 +213,75 @@ class _Partials:
         self.max_run = max((k * length for _, runs in self.big for _, k, length in runs), default=0)
 
 
+def _acc_dtype(x: torch.Tensor, cpu: bool):
+    """Accumulation dtype of a partial: float64 off the CPU and for float64 data; on the CPU
+    fp32 (None: the tensor's own fp32), 16-bit widened to fp32."""
+    if x.dtype == torch.float64 or not cpu:
+        return STAT_DTYPE
+    return None if x.dtype == torch.float32 else torch.float32
+
+
+def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor) -> List[torch.Tensor]:
+    """Sums of |x| of the k chunks of ``length`` elements in ``seg``, through the bounded fp32
+    ``buf``: vector_norm(ord=1) takes a slow generic path on the CPU; |x| into a buffer and a
+    native row sum are ~3x faster."""
+    out = []
+    per = max(1, buf.numel() // length)
+    for j in range(0, k, per):
+        kk = min(per, k - j)
+        b = buf[:kk * length]
+        if b.numel() < kk * length:
+            b = torch.empty(kk * length, dtype=torch.float32, device=seg.device)
+        blk = seg.narrow(0, j * length, kk * length)
+        if blk.dtype == torch.float32:
+            torch.abs(blk, out=b)
+        else:
+            b.copy_(blk).abs_()
+        out.append(b.view(kk, length).sum(1))
+    return out
+
+
+def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu: bool) -> List[torch.Tensor]:
+    """The partials of every run, small tensors first (one multi-tensor call), in parts' order."""
+    out = []
+    if parts.small:
+        xs = [tensors[t] for t in parts.small]
+        dts = {_acc_dtype(x, cpu) for x in xs}
+        if len(dts) == 1:
+            out.append(torch.stack(torch._foreach_norm(xs, p, dtype=dts.pop())).view(-1))
+        else:
+            out += [torch.linalg.vector_norm(x, p, dtype=_acc_dtype(x, cpu)).view(1) for x in xs]
+    buf = None
+    for t, runs in parts.big:
+        x = tensors[t]
+        dt = _acc_dtype(x, cpu)
+        for a, k, length in runs:
+            seg = x.narrow(0, a, k * length)
+            if p == 1 and dt != STAT_DTYPE:
+                if buf is None:
+                    buf = torch.empty(max(min(ABS_BLOCK, parts.max_run), length), dtype=torch.float32,
+                                      device=x.device)
+                out += _abs_run_sums(seg, k, length, buf)
+            else:
+                out.append(torch.linalg.vector_norm(seg.view(k, length), p, dim=1, dtype=dt))
+    return out
+
+
+def _exact_where_needed(vals: torch.Tensor, tensors, parts: _Partials, p: int) -> torch.Tensor:
+    """fp32 CPU partials to float64, with the ones that may have over- or underflowed fp32 (and
+    genuine inf/nan) recomputed exactly. nonzero() and numel() read no tensor value; the host
+    reads happen only when a partial needs the exact pass (a zero or tiny chunk, an overflow)."""
+    finite = torch.isfinite(vals)
+    redo_big = (~finite).nonzero().view(-1)
+    redo_small = ((vals < _LOW) & finite).nonzero().view(-1) if p == 2 else None
+    vals = vals.to(STAT_DTYPE)
+    if redo_big.numel():
+        _exact_partials(tensors, parts, vals, redo_big, p, scaled=False)
+    if redo_small is not None and redo_small.numel():
+        _exact_partials(tensors, parts, vals, redo_small, p, scaled=True)
+    return vals
+
+
 def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) -> torch.Tensor:
     """float64 vector of ``parts.size`` sums: sum of x^2 (p=2) or |x| (p=1) per output id.
 
@@ -222,59 +291,10 @@ def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) 
     recomputed exactly. Other devices: the same runs reduced with ``dtype=float64``."""
     if not tensors:
         return torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
-    out = []
-    cpu = tensors[0].device.type == "cpu"
-
-    def acc_dtype(x):
-        if x.dtype == torch.float64 or not cpu:
-            return STAT_DTYPE
-        return None if x.dtype == torch.float32 else torch.float32
-
-    if parts.small:
-        xs = [tensors[t] for t in parts.small]
-        dts = {acc_dtype(x) for x in xs}
-        if len(dts) == 1:
-            out.append(torch.stack(torch._foreach_norm(xs, p, dtype=dts.pop())).view(-1))
-        else:
-            out += [torch.linalg.vector_norm(x, p, dtype=acc_dtype(x)).view(1) for x in xs]
-    buf = None
-    for t, runs in parts.big:
-        x = tensors[t]
-        dt = acc_dtype(x)
-        for a, k, length in runs:
-            seg = x.narrow(0, a, k * length)
-            if p == 1 and dt != STAT_DTYPE:
-                # sum |x| per chunk: vector_norm(ord=1) takes a slow generic path on the CPU;
-                # |x| into a bounded fp32 buffer and a native row sum are ~3x faster.
-                if buf is None:
-                    buf = torch.empty(max(min(ABS_BLOCK, parts.max_run), length), dtype=torch.float32,
-                                      device=x.device)
-                per = max(1, buf.numel() // length)
-                for j in range(0, k, per):
-                    kk = min(per, k - j)
-                    b = buf[:kk * length]
-                    if b.numel() < kk * length:
-                        b = torch.empty(kk * length, dtype=torch.float32, device=x.device)
-                    blk = seg.narrow(0, j * length, kk * length)
-                    if blk.dtype == torch.float32:
-                        torch.abs(blk, out=b)
-                    else:
-                        b.copy_(blk).abs_()
-                    out.append(b.view(kk, length).sum(1))
-                continue
-            out.append(torch.linalg.vector_norm(seg.view(k, length), p, dim=1, dtype=dt))
+    out = _run_partials(tensors, parts, p, tensors[0].device.type == "cpu")
     vals = torch.cat(out) if len(out) > 1 else out[0]
     if vals.dtype != STAT_DTYPE:
-        # CPU fp32 partials. nonzero() and numel() read no tensor value; the host reads below
-        # happen only when a partial needs the exact pass (a zero or tiny chunk, an overflow).
-        finite = torch.isfinite(vals)
-        redo_big = (~finite).nonzero().view(-1)
-        redo_small = ((vals < _LOW) & finite).nonzero().view(-1) if p == 2 else None
-        vals = vals.to(STAT_DTYPE)
-        if redo_big.numel():
-            _exact_partials(tensors, parts, vals, redo_big, p, scaled=False)
-        if redo_small is not None and redo_small.numel():
-            _exact_partials(tensors, parts, vals, redo_small, p, scaled=True)
+        vals = _exact_where_needed(vals, tensors, parts, p)
     if p == 2:
         vals = vals.square()
     acc = torch.zeros(parts.size, dtype=STAT_DTYPE, device=vals.device)
