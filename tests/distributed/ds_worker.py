@@ -493,11 +493,9 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
     if args.fake_fp16:
-        acc = get_accelerator()
-        acc.is_fp16_supported = lambda: True
-        acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+        from fp16_on_cpu import report_fp16_support
+        report_fp16_support()
     deepspeed.init_distributed(dist_backend="gloo")
     import deepspeed.comm as dist
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "monitor"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))   # fp16_on_cpu
 
 from monitor_worker import IN, OUT, batch, make_model  # noqa: E402
 
@@ -225,12 +226,8 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    # DeepSpeed's CPU accelerator refuses fp16; report support so that its real fp16 loss-scaler
-    # paths run (CPU fp16 arithmetic), as tests/distributed/ds_worker.py --fake-fp16 does
-    acc = get_accelerator()
-    acc.is_fp16_supported = lambda: True
-    acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+    from fp16_on_cpu import report_fp16_support
+    report_fp16_support()
     deepspeed.init_distributed(dist_backend="gloo")
     import deepspeed.comm as dist
     world, rank = dist.get_world_size(), dist.get_rank()

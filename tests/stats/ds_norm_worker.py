@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "distributed")))  # fp16_on_cpu
 
 IN, OUT = 13, 3
 
@@ -172,12 +173,10 @@ def main():
     args = ap.parse_args()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+    from fp16_on_cpu import report_fp16_support
+    report_fp16_support()
     acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        # fp16 on the CPU accelerator (CPU fp16 arithmetic), as tests/distributed does
-        acc.is_fp16_supported = lambda: True
-        acc.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
-    else:
+    if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # tools/gpu_check.sh runs this worker on GPUs with NCCL
     deepspeed.init_distributed(dist_backend=os.environ.get("MS_DIST_BACKEND", "gloo"))
