@@ -5,6 +5,7 @@ reproducible and a green one is not luck. Local runs keep hypothesis' random exp
 is where new counterexamples come from.
 """
 import os
+import socket
 import time
 
 import pytest
@@ -68,3 +69,23 @@ def _unlink_leaked_deepspeed_shm(_shm_at_start):
                     os.unlink(path)
             except OSError:
                 pass
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A world of one (gloo) for building a DeepSpeed engine in the test process; reuses a process
+    group someone else already initialised. The environment DeepSpeed reads is set for the
+    module only (later launches must not inherit it)."""
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+    with pytest.MonkeyPatch.context() as mp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        for k, v in dict(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                         WORLD_SIZE="1", LOCAL_RANK="0").items():
+            if k not in os.environ:
+                mp.setenv(k, v)
+        yield

@@ -12,9 +12,7 @@ the refusal reads. Each refusal has a control: the same engine without the featu
 """
 from __future__ import annotations
 
-import os
 import re
-import socket
 
 import pytest
 import torch
@@ -24,24 +22,6 @@ pytest.importorskip("deepspeed")
 import megatron_shaping  # noqa: E402
 
 SECTION = {"type": "norm_clip", "params": {"max_norm": 1.0}}
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A world of one (gloo); reuses a process group someone else already initialised. The
-    environment DeepSpeed reads is set for this module only (later launches must not inherit it)."""
-    import torch.distributed as dist
-    with pytest.MonkeyPatch.context() as mp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        for k, v in dict(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                         WORLD_SIZE="1", LOCAL_RANK="0").items():
-            if k not in os.environ:
-                mp.setenv(k, v)
-        yield
 
 
 def config(stage=0, optimizer="AdamW", shaping=True, **extra):

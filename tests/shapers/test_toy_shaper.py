@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 import textwrap
 
@@ -199,22 +198,6 @@ def test_toy_state_round_trips_through_the_state_file(toy, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- DeepSpeed
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A world of one (gloo), as tests/integrations/test_refusals.py builds it."""
-    pytest.importorskip("deepspeed")
-    import torch.distributed as dist
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    for k, v in dict(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                     WORLD_SIZE="1", LOCAL_RANK="0").items():
-        if k not in os.environ:
-            monkeypatch.setenv(k, v)
-
-
 STEPS = 4
 LR = 1e-2
 
