@@ -39,43 +39,39 @@ def megatron_groups(tp: int, pp: int, dp: int) -> Dict[str, List[List[int]]]:
     return {axis: sorted(sorted(g) for g in gen.get_ranks(tok)) for axis, tok in AXIS_TO_TOKEN.items()}
 
 
+#: DeepSpeed's ``mpu`` method -> the megatron-core ``parallel_state`` function it answers with.
+#: DeepSpeed calls the TP group "slice" parallel in its pipeline grid, and PP "pipe" parallel.
+MPU_FORWARDS = {
+    **{f"get_{dim}_{what}": f"get_{dim}_{what}"
+       for dim in ("tensor_model_parallel", "data_parallel", "pipeline_model_parallel")
+       for what in ("rank", "world_size", "group")},
+    "get_tensor_model_parallel_src_rank": "get_tensor_model_parallel_src_rank",
+    **{f"get_slice_parallel_{what}": f"get_tensor_model_parallel_{what}" for what in ("rank", "world_size", "group")},
+    **{f"get_pipe_parallel_{what}": f"get_pipeline_model_parallel_{what}" for what in ("rank", "world_size", "group")},
+}
+
+
 class MPU:
     """The ``mpu`` object DeepSpeed takes: megatron-core's groups under the names DeepSpeed
-    calls. "Model parallel" here is the TP x PP group, as in megatron."""
+    calls (:data:`MPU_FORWARDS`). "Model parallel" here is the TP x PP group, as in megatron."""
 
     def __init__(self, topo):
         from megatron.core import parallel_state as ps
         self.ps = ps
         self.topology = topo
 
-    # tensor parallel
-    def get_tensor_model_parallel_rank(self): return self.ps.get_tensor_model_parallel_rank()
-    def get_tensor_model_parallel_world_size(self): return self.ps.get_tensor_model_parallel_world_size()
-    def get_tensor_model_parallel_group(self): return self.ps.get_tensor_model_parallel_group()
-    def get_tensor_model_parallel_src_rank(self): return self.ps.get_tensor_model_parallel_src_rank()
-    # DeepSpeed's names for the TP group ("slice" parallel in its pipeline grid)
-    get_slice_parallel_rank = get_tensor_model_parallel_rank
-    get_slice_parallel_world_size = get_tensor_model_parallel_world_size
-    get_slice_parallel_group = get_tensor_model_parallel_group
+    def __getattr__(self, name):
+        # Only reached for names the class does not define: the forwarded getters.
+        if name in MPU_FORWARDS:
+            return getattr(self.ps, MPU_FORWARDS[name])
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     # model parallel = TP x PP
     def get_model_parallel_rank(self): return self.ps.get_model_parallel_group().rank()
     def get_model_parallel_world_size(self): return self.ps.get_model_parallel_group().size()
     def get_model_parallel_group(self): return self.ps.get_model_parallel_group()
 
-    # data parallel
-    def get_data_parallel_rank(self): return self.ps.get_data_parallel_rank()
-    def get_data_parallel_world_size(self): return self.ps.get_data_parallel_world_size()
-    def get_data_parallel_group(self): return self.ps.get_data_parallel_group()
     def get_data_parallel_group_ranks(self): return dist.get_process_group_ranks(self.get_data_parallel_group())
-
-    # pipeline parallel
-    def get_pipeline_model_parallel_rank(self): return self.ps.get_pipeline_model_parallel_rank()
-    def get_pipeline_model_parallel_world_size(self): return self.ps.get_pipeline_model_parallel_world_size()
-    def get_pipeline_model_parallel_group(self): return self.ps.get_pipeline_model_parallel_group()
-    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
-    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
-    get_pipe_parallel_group = get_pipeline_model_parallel_group
 
 
 @dataclass
