@@ -6,23 +6,33 @@ them round-robin, so machine noise falls on every configuration alike:
 
 * ``none``            DeepSpeed, no clipping (``gradient_clipping: 0``);
 * ``ds_clip``         DeepSpeed's built-in ``gradient_clipping`` (the baseline of the ratios);
-* one per shaper      the ``gradient_shaping`` section, DeepSpeed clipping off;
+* one per method of the shaper registry (``megatron_shaping.shapers.REGISTRY``), its
+                      ``default_section`` with the overrides of ``OVERRIDES`` (so that every
+                      shaper changes the gradient on every step), DeepSpeed clipping off;
 * ``user_full_grad``  what users do today: ``deepspeed.utils.safe_get_full_grad`` per parameter
                       for per-layer norms, then ``safe_set_full_grad`` to scale (DS clipping off).
 
-Per configuration it reports, on the step only (``engine.step()`` at the accumulation boundary,
-which runs our pre-step hook; forward and backward are not timed):
+What is measured, per configuration (a :class:`Config` holds its engine and its :class:`Round`
+records; rank 0 turns them into one :class:`Result`):
 
-* the median step time over the measured rounds, and the median over rounds of the paired ratio
-  step / ds_clip step of the same round, against the targets (``TARGETS``); the same for the
-  whole iteration (forward + backward + step, target 1.01x);
-* host synchronisations (``.item()``, ``.tolist()``, ``bool()``/``float()``/``int()`` of a
-  tensor, ``.cpu()``, ``.numpy()``) made inside the hook and inside the whole step;
-* the hook's own time and DeepSpeed's own gradient-norm time (``optimizer.scaled_global_norm``);
-* every collective issued during one step (``deepspeed.comm`` backend wrapped), the ones our
-  hook issues, their sizes, and ``engine.gradient_shaping.collectives``;
-* the peak extra memory of the hook and of the whole step (torch profiler memory events; Python
-  heap by tracemalloc), set against the largest local gradient slice.
+* ``engine.step()`` at the accumulation boundary (it runs our pre-step hook) and forward +
+  backward, wall and process CPU time; the median over rounds and the median of the paired
+  ratio to ds_clip in the same round, against ``TARGETS`` (the iteration against 1.01x);
+* named regions inside the step: ``hook``, ``stats`` and ``apply`` are the package's own
+  markers (:mod:`megatron_shaping.profiling`, recorded by :class:`Clock` while a step is timed;
+  ``hook`` of ``user_full_grad`` is its loop), ``dsnorm`` and ``dsclip`` are DeepSpeed's
+  ``scaled_global_norm`` / ``_get_norm_groups`` and ``unscale_and_clip_grads`` /
+  ``clip_fp32_gradients``, wrapped on the engine's own optimizer and engine objects;
+* in one extra step: host synchronisations (``torch.Tensor.item``, ``tolist``, ``cpu``,
+  ``numpy``, ``bool()``/``float()``/``int()``/``__index__`` of a tensor) and every collective
+  (the ``deepspeed.comm`` backend object), inside the hook and in the whole step, and the tensor
+  memory of the hook, of DeepSpeed's norm and of the step (torch profiler); in another, the
+  hook's Python heap (tracemalloc).
+
+The counters wrap those torch methods and the DeepSpeed comm backend for the one counted step
+and restore them after it: that is measurement of the whole process, not a change to
+megatron_shaping, whose code runs unpatched (its regions are reported through the recorder
+hook it offers).
 
 Run it from the repository root (it starts the ``deepspeed`` launcher itself)::
 
@@ -35,6 +45,7 @@ Results: docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -45,10 +56,15 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+from megatron_shaping import profiling  # noqa: E402
+from megatron_shaping.profiling import APPLY, HOOK, STATS  # noqa: E402
+from megatron_shaping.shapers import REGISTRY, default_params, default_section  # noqa: E402
 
 #: Step-time targets vs DeepSpeed's gradient_clipping (CPU time, issue 11): the hook's
 #: statistics pass replaces DeepSpeed's own norm pass, so a norm-based shaper costs nothing.
@@ -58,19 +74,22 @@ ITERATION_TARGET = 1.01     # forward + backward + step, every method
 ACCELERATOR = ["cpu"]       # --accelerator (the launcher's DS_ACCELERATOR)
 _SYNC: List[Callable] = [lambda: None]   # torch.cuda.synchronize on CUDA, before reading a clock
 
-#: shaper -> (params, kind). Parameters are chosen so that every shaper does its work on every
-#: step of this benchmark (a clip that never fires would skip its multiply pass).
-SHAPERS: Dict[str, tuple] = {
-    "gradient_stabilizer": ({}, "norm"),
-    "spamp": ({}, "elementwise"),
-    "norm_clip": ({"max_norm": None}, "norm"),             # max_norm = --clip
-    "value_clip": ({"clip_value": 1e-4}, "elementwise"),
-    "agc": ({"clipping": 0.01}, "norm"),
-    "zclip": ({"warmup_steps": 2, "max_grad_norm": None}, "norm"),  # max_grad_norm = --clip
-    "adagc": ({"warmup_steps": 0}, "norm"),
-    "entrywise_shrink": ({"threshold": 3.0}, "elementwise"),
+CLIP = "--clip"             # an override taking the value of --clip
+#: Method -> the parameters changed from its defaults so that it shapes on every step of this
+#: benchmark (a clip that never fires would skip its multiply pass); other methods of the
+#: registry run at their defaults.
+OVERRIDES: Dict[str, Dict[str, Any]] = {
+    "norm_clip": {"max_norm": CLIP},
+    "value_clip": {"clip_value": 1e-4},
+    "agc": {"clipping": 0.01},
+    "zclip": {"warmup_steps": 2, "max_grad_norm": CLIP},
+    "adagc": {"warmup_steps": 0},
+    "entrywise_shrink": {"threshold": 3.0},
 }
 BASELINES = ("none", "ds_clip", "user_full_grad")
+DSNORM, DSCLIP = "dsnorm", "dsclip"
+#: The timed regions of a step, in report order.
+REGIONS = (HOOK, STATS, APPLY, DSNORM, DSCLIP)
 
 # ---------------------------------------------------------------------------------- launcher
 
@@ -162,27 +181,45 @@ class Data:
 # ---------------------------------------------------------------------------------- probes
 
 
-class Timed:
-    """Wraps a callable; accumulates its wall time in ``total`` and the CPU time of the whole
-    process (all threads, user + system) in ``cpu`` (both reset per step)."""
+class Clock:
+    """The recorder of named regions: :mod:`megatron_shaping.profiling`'s (installed while a
+    step is timed) and the benchmark's own (DeepSpeed's norm and clip, the user loop). Wall and
+    process CPU seconds per region since :meth:`reset`. ``around[name]`` (for one extra step)
+    makes a context entered around each visit of that region: memory markers, the heap."""
 
-    def __init__(self, fn: Callable):
-        self.fn = fn
-        self.total = 0.0
-        self.cpu = 0.0
+    def __init__(self):
+        self.wall: Dict[str, float] = {}
+        self.cpu: Dict[str, float] = {}
+        self.depth: Dict[str, int] = {}
+        self.around: Dict[str, Callable[[], ContextManager]] = {}
 
-    def reset(self):
-        self.total = self.cpu = 0.0
+    def reset(self) -> None:
+        self.wall, self.cpu = {}, {}
 
-    def __call__(self, *a, **k):
-        _SYNC[0]()
-        t, c = time.perf_counter(), time.process_time()
-        try:
-            return self.fn(*a, **k)
-        finally:
+    def inside(self, name: str) -> bool:
+        return self.depth.get(name, 0) > 0
+
+    @contextlib.contextmanager
+    def region(self, name: str):
+        around = self.around.get(name)
+        with around() if around is not None else contextlib.nullcontext():
+            self.depth[name] = self.depth.get(name, 0) + 1
             _SYNC[0]()
-            self.total += time.perf_counter() - t
-            self.cpu += time.process_time() - c
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                yield
+            finally:
+                _SYNC[0]()
+                self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - t
+                self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+                self.depth[name] -= 1
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        """``fn`` run inside region ``name`` (for DeepSpeed's own functions)."""
+        def in_region(*a, **k):
+            with self.region(name):
+                return fn(*a, **k)
+        return in_region
 
 
 COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce", "all_gather", "all_gather_into_tensor",
@@ -200,89 +237,80 @@ def _tensors(x, out):
     return out
 
 
+@contextlib.contextmanager
+def _wrapped(obj, names, wrap):
+    """Replace ``obj.<name>`` by ``wrap(name, original)`` for the block, then restore it."""
+    saved = []
+    for name in names:
+        fn = getattr(obj, name, None)
+        if fn is not None:
+            saved.append((name, name in obj.__dict__, fn))
+            setattr(obj, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, had, fn in reversed(saved):
+            if had:
+                setattr(obj, name, fn)
+            else:
+                delattr(obj, name)
+
+
+@dataclass
+class Call:
+    """One collective: its op, whether our hook (or the user loop) issued it, its largest tensor."""
+    op: str
+    hook: bool
+    numel: int
+    bytes: int
+    dtype: str
+
+
 class CommCounter:
     """Counts every collective that goes through deepspeed.comm (its backend object, which every
-    ``deepspeed.comm.<op>`` calls), and which of them our hook issued. Bytes of a call = the
-    largest tensor argument (the buffer reduced or gathered into)."""
+    ``deepspeed.comm.<op>`` calls) while active, and which were issued inside region ``hook``.
+    Bytes of a call = the largest tensor argument (the buffer reduced or gathered into)."""
 
-    def __init__(self):
-        self.calls: List[Dict[str, Any]] = []
-        self.in_hook = False
-        self._saved = []
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.calls: List[Call] = []
 
-    @contextmanager
-    def active(self):
+    def active(self) -> ContextManager:
         from deepspeed.comm import comm as dscomm
-        cdb = dscomm.cdb
-        for name in COLLECTIVES:
-            fn = getattr(cdb, name, None)
-            if fn is None:
-                continue
-            self._saved.append((cdb, name, name in cdb.__dict__, fn))
-            setattr(cdb, name, self._wrap(name, fn))
-        try:
-            yield self
-        finally:
-            for obj, name, had, fn in reversed(self._saved):
-                if had:
-                    setattr(obj, name, fn)
-                else:
-                    delattr(obj, name)
-            self._saved.clear()
+        return _wrapped(dscomm.cdb, COLLECTIVES, self._wrap)
 
     def _wrap(self, name, fn):
         def counted(*a, **k):
             ts = _tensors(list(a) + list(k.values()), [])
             big = max(ts, key=lambda t: t.numel() * t.element_size()) if ts else None
-            self.calls.append({"op": name, "hook": self.in_hook,
-                               "numel": int(big.numel()) if big is not None else 0,
-                               "bytes": int(big.numel() * big.element_size()) if big is not None else 0,
-                               "dtype": str(big.dtype).replace("torch.", "") if big is not None else ""})
+            self.calls.append(Call(name, self.clock.inside(HOOK), int(big.numel()) if big is not None else 0,
+                                   int(big.numel() * big.element_size()) if big is not None else 0,
+                                   str(big.dtype).replace("torch.", "") if big is not None else ""))
             return fn(*a, **k)
         return counted
 
 
 class SyncCounter:
-    """Counts device-to-host reads of tensor values: ``Tensor.item``, ``tolist``, ``cpu``,
-    ``numpy`` and ``bool()``/``float()``/``int()``/``index`` of a tensor, by wrapping those
-    methods of ``torch.Tensor`` while active. On a GPU each of them waits for the device; on
-    this CPU run the count is what carries over. ``hook`` / ``step``: counts inside our hook
-    and inside the whole ``engine.step()``."""
+    """Counts device-to-host reads of tensor values while active: ``Tensor.item``, ``tolist``,
+    ``cpu``, ``numpy`` and ``bool()``/``float()``/``int()``/``index`` of a tensor, by wrapping
+    those methods of ``torch.Tensor``. On a GPU each of them waits for the device; on this CPU
+    run the count is what carries over. ``hook`` / ``step``: inside region ``hook`` / in all."""
 
     METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
-    def __init__(self):
+    def __init__(self, clock: Clock):
+        self.clock = clock
         self.hook = 0
         self.step = 0
-        self.in_hook = False
-        self._saved = []
 
-    @contextmanager
-    def active(self):
+    def active(self) -> ContextManager:
         import torch
-        for name in self.METHODS:
-            fn = getattr(torch.Tensor, name, None)
-            if fn is None:
-                continue
-            self._saved.append((name, name in torch.Tensor.__dict__, fn))
-            setattr(torch.Tensor, name, self._wrap(fn))
-        try:
-            yield self
-        finally:
-            for name, had, fn in reversed(self._saved):
-                if had:
-                    setattr(torch.Tensor, name, fn)
-                else:
-                    delattr(torch.Tensor, name)
-            self._saved.clear()
+        return _wrapped(torch.Tensor, self.METHODS, self._wrap)
 
-    def _wrap(self, fn):
-        counter = self
-
+    def _wrap(self, name, fn):
         def counted(t, *a, **k):
-            counter.step += 1
-            if counter.in_hook:
-                counter.hook += 1
+            self.step += 1
+            self.hook += self.clock.inside(HOOK)
             return fn(t, *a, **k)
         return counted
 
@@ -300,7 +328,7 @@ class MemoryRecorder:
     def __init__(self):
         self.results: Dict[str, Dict[str, int]] = {}
 
-    @contextmanager
+    @contextlib.contextmanager
     def session(self):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -319,26 +347,75 @@ class MemoryRecorder:
                     largest = max(largest, b)
             self.results[e.name()[len(self.PREFIX):]] = {"peak": peak, "largest": largest}
 
-    @contextmanager
-    def region(self, name: str):
+    def region(self, name: str) -> ContextManager:
         import torch
-        with torch.profiler.record_function(self.PREFIX + name):
+        return torch.profiler.record_function(self.PREFIX + name)
+
+
+class HeapPeak:
+    """Peak Python heap (tracemalloc) above the start of the region, of its last visit."""
+
+    def __init__(self):
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def measure(self):
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        try:
             yield
-
-
-@contextmanager
-def python_heap(out: Dict[str, int], key: str):
-    """Peak Python heap (tracemalloc) above the start of the block."""
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    try:
-        yield
-    finally:
-        out[key] = tracemalloc.get_traced_memory()[1] - base
-        tracemalloc.stop()
+        finally:
+            self.peak = tracemalloc.get_traced_memory()[1] - base
+            tracemalloc.stop()
 
 
 # ---------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class SliceInfo:
+    """The gradient slices the hook sees on rank 0 (sizes only: holding the views would keep
+    the gradient storage alive past the step)."""
+    count: int
+    largest: int
+    total: int
+    dtype: str
+    L: int
+    U: int
+    granularity: str
+
+
+@dataclass
+class Round:
+    """One measured round of one configuration: forward + backward, then ``engine.step()``."""
+    step_wall: float
+    step_cpu: float
+    region_wall: Dict[str, float]
+    region_cpu: Dict[str, float]
+    collectives: int = 0                # gradient_shaping.collectives during the step
+    active: Optional[bool] = None       # the shaper changed the gradient
+    fb_wall: float = 0.0
+    fb_cpu: float = 0.0
+
+
+@dataclass
+class Config:
+    """One configuration: its DeepSpeed config, engine and what was measured on it (this rank)."""
+    name: str
+    kind: str                           # baseline, user or shaper
+    ds: Dict[str, Any]
+    engine: Any = None
+    rounds: List[Round] = field(default_factory=list)
+    calls: List[Call] = field(default_factory=list)
+    syncs_hook: int = 0
+    syncs_step: int = 0
+    slices: Optional[SliceInfo] = None
+    memory: Dict[str, Dict[str, int]] = field(default_factory=dict)   # region -> peak, largest
+    heap: HeapPeak = field(default_factory=HeapPeak)
+
+    @property
+    def shaping(self):
+        return getattr(self.engine, "gradient_shaping", None)
 
 
 def ds_config(args, clip: float, shaping: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -370,31 +447,34 @@ def ds_config(args, clip: float, shaping: Optional[Dict[str, Any]]) -> Dict[str,
     return cfg
 
 
-def shaper_params(name: str, args) -> Dict[str, Any]:
-    params = dict(SHAPERS[name][0])
-    for k, v in params.items():
-        if v is None:
-            params[k] = args.clip
-    return params
+def shaping_section(name: str, clip: float) -> Dict[str, Any]:
+    """The registry's default section of ``name`` with this benchmark's overrides."""
+    over = OVERRIDES.get(name, {})
+    unknown = sorted(set(over) - set(default_params(name)))
+    if unknown:
+        raise SystemExit(f"OVERRIDES[{name!r}]: {unknown} are not parameters of {name}")
+    section = default_section(name)
+    section["params"].update({k: clip if v == CLIP else v for k, v in over.items()})
+    return section
 
 
-def build_configs(args) -> List[Dict[str, Any]]:
-    names = args.configs.split(",") if args.configs else list(BASELINES) + list(SHAPERS)
+def known_configs() -> List[str]:
+    return list(BASELINES) + list(REGISTRY)
+
+
+def build_configs(args) -> List[Config]:
+    names = args.configs.split(",") if args.configs else known_configs()
     if "ds_clip" not in names:
         names = ["ds_clip"] + names
     out = []
     for n in names:
-        if n == "none":
-            out.append({"name": n, "kind": "baseline", "ds": ds_config(args, 0.0, None)})
-        elif n == "ds_clip":
-            out.append({"name": n, "kind": "baseline", "ds": ds_config(args, args.clip, None)})
-        elif n == "user_full_grad":
-            out.append({"name": n, "kind": "user", "ds": ds_config(args, 0.0, None)})
-        elif n in SHAPERS:
-            out.append({"name": n, "kind": SHAPERS[n][1],
-                        "ds": ds_config(args, 0.0, {"type": n, "params": shaper_params(n, args)})})
+        if n in BASELINES:
+            clip = args.clip if n == "ds_clip" else 0.0
+            out.append(Config(n, "user" if n == "user_full_grad" else "baseline", ds_config(args, clip, None)))
+        elif n in REGISTRY:
+            out.append(Config(n, "shaper", ds_config(args, 0.0, shaping_section(n, args.clip))))
         else:
-            raise SystemExit(f"unknown configuration {n!r}; known: {list(BASELINES) + list(SHAPERS)}")
+            raise SystemExit(f"unknown configuration {n!r}; known: {known_configs()}")
     return out
 
 
@@ -431,98 +511,85 @@ def _unlink_shm_buffer(dist, rank: int) -> None:
         pass
 
 
-def worker(args) -> None:
+def setup_process(args):
+    """Distributed init, threads, logging, megatron-core for LLaMA; returns deepspeed.comm."""
     import faulthandler
+    import logging
     faulthandler.enable()
     import torch
     import deepspeed
     import deepspeed.comm as dist
-    import megatron_shaping
 
     deepspeed.init_distributed(dist_backend=args.backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
     if args.accelerator == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _SYNC[0] = torch.cuda.synchronize
-    _unlink_shm_buffer(dist, rank)
+    _unlink_shm_buffer(dist, dist.get_rank())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    import logging
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("megatron_shaping").setLevel(logging.WARNING)
-
-    llama_cfg = None
     if args.model == "llama":
         from megatron.core import parallel_state as ps
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    return dist
 
-    # The statistics passes (local sums + all-reduce) and the application, timed apart. Patched
-    # on the class, so no per-step SliceSet is referenced from here.
-    from megatron_shaping.stats.slices import SliceSet
-    part_t = {"stats": Timed(SliceSet.compute), "apply": Timed(SliceSet.apply)}
-    SliceSet.compute = lambda self, *a, **k: part_t["stats"](self, *a, **k)
-    SliceSet.apply = lambda self, *a, **k: part_t["apply"](self, *a, **k)
 
-    configs = build_configs(args)
-    for c in configs:
-        if args.model == "llama":
-            model, llama_cfg = make_llama(args, seed=1234)
-        else:
-            model = make_mlp(args.width, args.layers, seed=1234)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, foreach=True)
-        engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=c["ds"])
-        c["engine"] = engine
-        c["shaping"] = getattr(engine, "gradient_shaping", None)
-        c["hook"] = None
-        if c["shaping"] is not None:
-            sh = c["shaping"]
-            c["hook"] = sh.shape = Timed(sh.shape)
-            c["want_slices"] = False
+def start_engine(args, c: Config, clock: Clock):
+    """The engine of ``c`` with DeepSpeed's norm and clip functions in the clock's regions
+    (instance attributes of this engine's optimizer / engine); returns the LLaMA config or None."""
+    import torch
+    import megatron_shaping
+    llama_cfg = None
+    if args.model == "llama":
+        model, llama_cfg = make_llama(args, seed=1234)
+    else:
+        model = make_mlp(args.width, args.layers, seed=1234)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, foreach=True)
+    c.engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=c.ds)
+    dsopt = c.engine.optimizer
+    for norm_fn in ("scaled_global_norm", "_get_norm_groups"):      # ZeRO 1/2, ZeRO-3
+        if hasattr(dsopt, norm_fn):
+            setattr(dsopt, norm_fn, clock.wrap(DSNORM, getattr(dsopt, norm_fn)))
+            break
+    if hasattr(dsopt, "unscale_and_clip_grads"):
+        dsopt.unscale_and_clip_grads = clock.wrap(DSCLIP, dsopt.unscale_and_clip_grads)
+    elif hasattr(c.engine, "clip_fp32_gradients"):
+        # ZeRO-0 fp32: DeepSpeed clips with clip_grad_norm_ (its norm and multiply together)
+        c.engine.clip_fp32_gradients = clock.wrap(DSCLIP, c.engine.clip_fp32_gradients)
+    return llama_cfg
 
-            def capture(orig=sh._slice_set, c=c):
-                ss, pieces = orig()
-                if c["want_slices"]:
-                    # Sizes only: holding the SliceSet would keep the gradient storage alive
-                    # past the hook and inflate the step's memory.
-                    sizes = [x.grad.numel() for x in ss.slices]
-                    c["slices"] = {"count": len(sizes), "largest": max(sizes), "total": sum(sizes),
-                                   "dtype": str(ss.slices[0].grad.dtype).replace("torch.", ""),
-                                   "L": ss.layout.num_groups, "U": int(ss.layout.unit_group.numel()),
-                                   "granularity": c["shaping"].session.granularity}
-                return ss, pieces
-            sh._slice_set = capture
-        c["dsnorm"] = None
-        for norm_fn in ("scaled_global_norm", "_get_norm_groups"):      # ZeRO 1/2, ZeRO-3
-            if hasattr(engine.optimizer, norm_fn):
-                c["dsnorm"] = Timed(getattr(engine.optimizer, norm_fn))
-                setattr(engine.optimizer, norm_fn, c["dsnorm"])
-                break
-        c["dsclip"] = None
-        if hasattr(engine.optimizer, "unscale_and_clip_grads"):
-            c["dsclip"] = engine.optimizer.unscale_and_clip_grads = Timed(engine.optimizer.unscale_and_clip_grads)
-        elif hasattr(engine, "clip_fp32_gradients"):
-            # ZeRO-0 fp32: DeepSpeed clips with clip_grad_norm_ (its norm and multiply together)
-            c["dsclip"] = engine.clip_fp32_gradients = Timed(engine.clip_fp32_gradients)
-        c["user"] = Timed(user_per_layer_clip) if c["kind"] == "user" else None
-        c["rows"] = []
-    data = Data(args, llama_cfg)
 
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in configs[0]["engine"].module.parameters())
-    n_tensors = sum(1 for p in configs[0]["engine"].module.parameters() if p.requires_grad)
-    first_shaped = next((c for c in configs if c["shaping"] is not None), None)
-    adapter = first_shaped["shaping"].adapter.name if first_shaped else "-"
-    if rank == 0:
-        print(f"[bench] model {args.model}: {n_params / 1e6:.1f}M parameters in {n_tensors} tensors; world {world}, "
-              f"ZeRO-{args.stage}, {args.dtype}, adapter {adapter}, {len(configs)} engines, "
-              f"{args.warmup}+{args.steps} rounds, torch threads {torch.get_num_threads()}; megatron_shaping from "
-              f"{os.path.dirname(os.path.dirname(os.path.abspath(megatron_shaping.__file__)))}", flush=True)
+def slice_info(c: Config) -> Optional[SliceInfo]:
+    """The slices the hook will see in this step (call between backward and the step)."""
+    sh = c.shaping
+    if sh is None:
+        return None
+    sizes, dtype = [], ""
+    for _, g, _, _ in sh.adapter.pieces(False):
+        sizes.append(g.numel())
+        dtype = str(g.dtype).replace("torch.", "")
+    if not sizes:
+        return None
+    layout = sh.session.layout
+    return SliceInfo(len(sizes), max(sizes), sum(sizes), dtype, layout.num_groups, int(layout.unit_group.numel()),
+                     sh.session.granularity)
 
-    def fwd_bwd(c, step):
+
+class Runner:
+    """The measurement loop of one rank over the configurations."""
+
+    def __init__(self, args, dist, configs: List[Config], data: Data, clock: Clock):
+        import torch
+        self.args, self.dist, self.configs, self.data, self.clock = args, dist, configs, data, clock
+        self.rank = dist.get_rank()
+        self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    def fwd_bwd(self, c: Config, step: int) -> Tuple[float, float]:
         """Forward and backward; returns their (wall, CPU) seconds."""
-        eng = c["engine"]
-        batch = tuple(t.to(eng.device) for t in data.batch(step, rank, dtype))
-        dist.barrier()
+        eng = c.engine
+        batch = tuple(t.to(eng.device) for t in self.data.batch(step, self.rank, self.dtype))
+        self.dist.barrier()
         _SYNC[0]()
         t0, c0 = time.perf_counter(), time.process_time()
         loss = eng(*batch)
@@ -530,211 +597,318 @@ def worker(args) -> None:
         _SYNC[0]()
         return time.perf_counter() - t0, time.process_time() - c0
 
-    def timed_step(c, counter: Optional[CommCounter] = None, syncs: Optional[SyncCounter] = None):
-        eng = c["engine"]
-        probes = {"hook": c["hook"] or c["user"], "dsnorm": c["dsnorm"], "dsclip": c["dsclip"],
-                  "stats": part_t["stats"], "apply": part_t["apply"]}
-        for t in probes.values():
-            if t is not None:
-                t.reset()
-        sh = c["shaping"]
+    def step(self, c: Config, *counters) -> Round:
+        """``engine.step()`` (after the user loop for user_full_grad), timed with its regions;
+        ``counters`` (CommCounter, SyncCounter) are active during it."""
+        sh = c.shaping
         coll0 = sh.collectives if sh is not None else 0
-        dist.barrier()
-        with counter.active() if counter is not None else _nullcontext(), \
-                syncs.active() if syncs is not None else _nullcontext():
+        self.clock.reset()
+        self.dist.barrier()
+        with contextlib.ExitStack() as stack:
+            for counter in counters:
+                stack.enter_context(counter.active())
+            stack.enter_context(profiling.recording(self.clock))
             _SYNC[0]()
             t0, c0 = time.perf_counter(), time.process_time()
-            if c["user"] is not None:
-                c["user"](eng, args.clip)
-            eng.step()
+            if c.kind == "user":
+                with self.clock.region(HOOK):
+                    user_per_layer_clip(c.engine, self.args.clip)
+            c.engine.step()
             _SYNC[0]()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        row = {"step": dt, "step_cpu": dc, "collectives": (sh.collectives - coll0) if sh is not None else 0}
-        for k, t in probes.items():
-            row[k] = t.total if t is not None else 0.0
-            row[k + "_cpu"] = t.cpu if t is not None else 0.0
-        if sh is not None and sh.session.last is not None:
-            row["active"] = float((sh.session.last.factor - 1).abs().max()) > 1e-6 or row["collectives"] > 1
-        return row
+        rnd = Round(dt, dc, dict(self.clock.wall), dict(self.clock.cpu))
+        if sh is not None:
+            rnd.collectives = sh.collectives - coll0
+            if sh.session.last is not None:
+                rnd.active = float((sh.session.last.factor - 1).abs().max()) > 1e-6 or rnd.collectives > 1
+        return rnd
 
-    # ------------------------------------------------------------------ timed rounds
-    n = len(configs)
-    t_start = time.time()
-    gc.collect()
-    gc.disable()
-    for r in range(args.warmup + args.steps):
-        order = [configs[(r + i) % n] for i in range(n)]     # rotate: no fixed position in the round
-        for c in order:
-            fb, fb_cpu = fwd_bwd(c, r)
-            row = timed_step(c)
-            row["iter"], row["iter_cpu"] = fb + row["step"], fb_cpu + row["step_cpu"]
-            if r >= args.warmup:
-                c["rows"].append(row)
+    def rounds(self) -> None:
+        """Warm-up and measured rounds, round-robin with a rotating start."""
+        args, n = self.args, len(self.configs)
+        total, t_start = args.warmup + args.steps, time.time()
         gc.collect()
-        if rank == 0 and (r + 1) % max(1, (args.warmup + args.steps) // 5) == 0:
-            print(f"[bench] round {r + 1}/{args.warmup + args.steps} ({time.time() - t_start:.0f} s)", flush=True)
-    gc.enable()
+        gc.disable()
+        for r in range(total):
+            for c in [self.configs[(r + i) % n] for i in range(n)]:   # no fixed position in the round
+                fb, fb_cpu = self.fwd_bwd(c, r)
+                rnd = self.step(c)
+                rnd.fb_wall, rnd.fb_cpu = fb, fb_cpu
+                if r >= args.warmup:
+                    c.rounds.append(rnd)
+            gc.collect()
+            if self.rank == 0 and (r + 1) % max(1, total // 5) == 0:
+                print(f"[bench] round {r + 1}/{total} ({time.time() - t_start:.0f} s)", flush=True)
+        gc.enable()
 
-    # ------------------------------------------------------------------ extra, untimed steps
-    # Step A counts every collective of the step and profiles the tensor memory of the step and
-    # of the hook (or the user loop) inside it; step B measures the hook's Python heap.
-    r_extra = args.warmup + args.steps
-    recorder = MemoryRecorder()
+    def counted_steps(self, r: int) -> None:
+        """One extra step per configuration: collectives, host syncs and tensor memory (hook,
+        DeepSpeed's norm, the whole step); then one more for the hook's Python heap."""
+        recorder = MemoryRecorder()
+        with recorder.session():
+            for c in self.configs:
+                self.fwd_bwd(c, r)
+                c.slices = slice_info(c)
+                comm, syncs = CommCounter(self.clock), SyncCounter(self.clock)
+                self.clock.around = {k: (lambda k=k, c=c: recorder.region(f"{c.name}:{k}")) for k in (HOOK, DSNORM)}
+                try:
+                    with recorder.region(f"{c.name}:step"):
+                        self.step(c, comm, syncs)
+                finally:
+                    self.clock.around = {}
+                c.calls, c.syncs_hook, c.syncs_step = comm.calls, syncs.hook, syncs.step
+        for c in self.configs:
+            c.memory = {k: recorder.results.get(f"{c.name}:{k}", {}) for k in (HOOK, DSNORM, "step")}
+            self.fwd_bwd(c, r + 1)
+            self.clock.around = {HOOK: c.heap.measure}
+            try:
+                self.step(c)
+            finally:
+                self.clock.around = {}
 
-    def wrap_probe(c, make, probe=None):
-        probe = probe or c["hook"] or c["user"]
-        if probe is None:
-            return lambda: None
-        inner = probe.fn
-        probe.fn = make(inner)
-
-        def restore():
-            probe.fn = inner
-        return restore
-
-    with recorder.session():
-        for c in configs:
-            fwd_bwd(c, r_extra)
-            counter = CommCounter()
-            syncs = SyncCounter()
-            c["want_slices"] = True
-
-            def make(inner, c=c, counter=counter, syncs=syncs):
-                def probed(*a):
-                    counter.in_hook = syncs.in_hook = True
-                    try:
-                        with recorder.region(c["name"] + ":hook"):
-                            return inner(*a)
-                    finally:
-                        counter.in_hook = syncs.in_hook = False
-                return probed
-            restore = wrap_probe(c, make)
-
-            def make_ds(inner, c=c):
-                def probed(*a, **k):
-                    with recorder.region(c["name"] + ":dsnorm"):
-                        return inner(*a, **k)
-                return probed
-            restore_ds = wrap_probe(c, make_ds, c["dsnorm"]) if c["dsnorm"] is not None else (lambda: None)
-            with recorder.region(c["name"] + ":step"):
-                timed_step(c, counter, syncs)
-            restore()
-            restore_ds()
-            c["comm"] = counter.calls
-            c["syncs"] = (syncs.hook, syncs.step)
-            c["want_slices"] = False
-    py_heap: Dict[str, int] = {}
-    for c in configs:
-        fwd_bwd(c, r_extra + 1)
-
-        def make(inner, c=c):
-            def probed(*a):
-                with python_heap(py_heap, c["name"]):
-                    return inner(*a)
-            return probed
-        restore = wrap_probe(c, make)
-        timed_step(c)
-        restore()
-    for c in configs:
-        c["mem_hook"] = dict(recorder.results.get(c["name"] + ":hook", {}), python_peak=py_heap.get(c["name"], 0))
-        c["mem_step"] = recorder.results.get(c["name"] + ":step", {})
-        c["mem_dsnorm"] = recorder.results.get(c["name"] + ":dsnorm", {})
-    if args.profile:
+    def profile(self, names: List[str], r: int) -> None:
+        """cProfile one more step of each named configuration (printed on rank 0)."""
         import cProfile
         import io
         import pstats
-        for c in configs:
-            if c["name"] not in args.profile.split(","):
+        for c in self.configs:
+            if c.name not in names:
                 continue
-            fwd_bwd(c, r_extra + 2)
+            self.fwd_bwd(c, r)
             pr = cProfile.Profile()
             pr.enable()
-            timed_step(c)
+            self.step(c)
             pr.disable()
-            if rank == 0:
+            if self.rank == 0:
                 buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats(args.profile_sort).print_stats(*([args.profile_filter] if args.profile_filter else []), args.profile_top)
-                print(f"\n== cProfile of one engine.step() of {c['name']} (rank 0, by {args.profile_sort})\n" + buf.getvalue())
+                pstats.Stats(pr, stream=buf).sort_stats(self.args.profile_sort).print_stats(
+                    *([self.args.profile_filter] if self.args.profile_filter else []), self.args.profile_top)
+                print(f"\n== cProfile of one engine.step() of {c.name} (rank 0, by {self.args.profile_sort})\n"
+                      + buf.getvalue())
 
-    # ------------------------------------------------------------------ gather and report
-    keys = ("step", "iter", "hook", "stats", "apply", "dsnorm", "dsclip")
-    per = {}
-    for k in keys:
-        wall = torch.tensor([[row[k] for row in c["rows"]] for c in configs], dtype=torch.float64)
-        cpu = torch.tensor([[row[k + "_cpu"] for row in c["rows"]] for c in configs], dtype=torch.float64)
-        dist.all_reduce(wall, op=dist.ReduceOp.MAX)     # a step lasts as long as its slowest rank
-        dist.all_reduce(cpu, op=dist.ReduceOp.SUM)      # the work of all ranks ...
-        per[k], per[k + "_cpu"] = wall, cpu / world     # ... reported per rank
-    mem = torch.tensor([[c["mem_hook"].get("peak", 0), c["mem_hook"].get("largest", 0),
-                         c["mem_hook"].get("python_peak", 0), c["mem_step"].get("peak", 0),
-                         c["mem_step"].get("largest", 0), c["mem_dsnorm"].get("peak", 0)] for c in configs],
-                       dtype=torch.float64)
+
+# ---------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Paired:
+    """Median over rounds of a time (ms) and of its ratio to ds_clip's in the same round, with
+    the interquartile ranges."""
+    ms: float
+    iqr_ms: List[float]
+    ratio: float
+    ratio_iqr: List[float]
+
+    @classmethod
+    def of(cls, xs: List[float], base: List[float]) -> "Paired":
+        paired = [x / b for x, b in zip(xs, base)]
+        return cls(1e3 * statistics.median(xs), [1e3 * q for q in _quartiles(xs)], statistics.median(paired),
+                   _quartiles(paired))
+
+
+@dataclass
+class Collectives:
+    """The collectives of the counted step (all of deepspeed.comm) and ours among them."""
+    step: int
+    bytes_step: int
+    ops_step: str
+    hook: int                           # issued inside our hook (or the user loop)
+    bytes_hook: int
+    hook_vectors: List[Tuple[str, int, str]]     # (op, numel, dtype) of the first four of ours
+    per_step: float                     # median of gradient_shaping.collectives per measured step
+
+    @classmethod
+    def of(cls, c: Config) -> "Collectives":
+        ours = [x for x in c.calls if x.hook]
+        per_step = statistics.median([r.collectives for r in c.rounds]) if c.rounds else 0
+        return cls(len(c.calls), sum(x.bytes for x in c.calls), _op_summary(c.calls), len(ours),
+                   sum(x.bytes for x in ours), [(x.op, x.numel, x.dtype) for x in ours][:4], per_step)
+
+
+@dataclass
+class Memory:
+    """Bytes, max over ranks: peak of live tensor bytes above the region's start and the largest
+    single allocation (torch profiler), the hook's Python heap peak (tracemalloc)."""
+    hook_peak: int
+    hook_largest: int
+    hook_python: int
+    step_peak: int
+    step_largest: int
+    dsnorm_peak: int
+
+    @staticmethod
+    def row(c: Config) -> List[int]:
+        m = c.memory
+        return [m[HOOK].get("peak", 0), m[HOOK].get("largest", 0), c.heap.peak, m["step"].get("peak", 0),
+                m["step"].get("largest", 0), m[DSNORM].get("peak", 0)]
+
+
+@dataclass
+class Result:
+    """What the benchmark reports for one configuration (rank 0, all ranks gathered)."""
+    name: str
+    kind: str
+    target: Optional[float]             # step CPU ratio target (TARGETS)
+    iter_target: Optional[float]
+    step: Paired                        # engine.step() wall time, slowest rank
+    step_cpu: Paired                    # engine.step() CPU time per rank
+    iter: Paired                        # forward + backward + step
+    iter_cpu: Paired
+    region_ms: Dict[str, float]         # median wall ms per region of REGIONS
+    region_cpu_ms: Dict[str, float]     # median CPU ms per rank
+    syncs_hook: int
+    syncs_step: int
+    active_steps: Optional[int]         # rounds where the shaper changed the gradient
+    collectives: Collectives
+    memory: Memory
+    slices: Optional[SliceInfo]
+    slice_rebuilds: Optional[int]
+    storage_changes: Optional[int]
+    norms_replaced: Optional[int]       # steps whose DeepSpeed norm pass was replaced
+    est_ratio: float = math.nan         # see estimate()
+
+
+@dataclass
+class Meta:
+    """The run: model, parallel layout, versions, host."""
+    accelerator: str
+    backend: str
+    ds_skip_norm: bool
+    model: str
+    params: int
+    tensors: int
+    world: int
+    stage: int
+    dtype: str
+    adapter: str
+    rounds: int
+    warmup: int
+    clip: float
+    width: Optional[int]
+    layers: Optional[int]
+    micro_batch: int
+    torch: str
+    deepspeed: str
+    threads_per_rank: int
+    cpus: Optional[int]
+    wall_s: float = 0.0
+    loadavg: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def gather_times(dist, configs: List[Config], world: int) -> Dict[str, Tuple[Any, Any]]:
+    """Per quantity (step, iter, each region): [configs x rounds] seconds, wall (slowest rank)
+    and CPU (the work of all ranks, per rank)."""
+    import torch
+    get: Dict[str, Callable[[Round], Tuple[float, float]]] = {
+        "step": lambda r: (r.step_wall, r.step_cpu),
+        "iter": lambda r: (r.fb_wall + r.step_wall, r.fb_cpu + r.step_cpu)}
+    for k in REGIONS:
+        get[k] = lambda r, k=k: (r.region_wall.get(k, 0.0), r.region_cpu.get(k, 0.0))
+    out = {}
+    for k, fn in get.items():
+        pairs = [[fn(r) for r in c.rounds] for c in configs]
+        wall = torch.tensor([[p[0] for p in row] for row in pairs], dtype=torch.float64)
+        cpu = torch.tensor([[p[1] for p in row] for row in pairs], dtype=torch.float64)
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+        dist.all_reduce(cpu, op=dist.ReduceOp.SUM)
+        out[k] = (wall, cpu / world)
+    return out
+
+
+def gather_memory(dist, configs: List[Config]) -> List[Memory]:
+    import torch
+    mem = torch.tensor([Memory.row(c) for c in configs], dtype=torch.float64)
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    return [Memory(*(int(v) for v in row)) for row in mem.tolist()]
+
+
+def summarise(c: Config, i: int, bi: int, times, memory: Memory) -> Result:
+    """The :class:`Result` of configuration ``i`` (``bi``: ds_clip's index)."""
+    def paired(k, which):
+        t = times[k][which]
+        return Paired.of(t[i].tolist(), t[bi].tolist())
+
+    def med(k, which):
+        return 1e3 * statistics.median(times[k][which][i].tolist())
+    sh = c.shaping
+    cache = getattr(sh, "_slice_cache", None)
+    return Result(
+        name=c.name, kind=c.kind, target=TARGETS.get(c.name),
+        iter_target=ITERATION_TARGET if c.name in TARGETS else None,
+        step=paired("step", 0), step_cpu=paired("step", 1), iter=paired("iter", 0), iter_cpu=paired("iter", 1),
+        region_ms={k: med(k, 0) for k in REGIONS}, region_cpu_ms={k: med(k, 1) for k in REGIONS},
+        syncs_hook=c.syncs_hook, syncs_step=c.syncs_step,
+        active_steps=sum(1 for r in c.rounds if r.active) if sh is not None else None,
+        collectives=Collectives.of(c), memory=memory, slices=c.slices,
+        slice_rebuilds=getattr(cache, "rebuilds", None), storage_changes=getattr(cache, "storage_changes", None),
+        norms_replaced=getattr(getattr(sh, "adapter", None), "norms_replaced", None))
+
+
+def estimate(results: List[Result], base: Result) -> None:
+    """est.: the baseline step with DeepSpeed's norm and clip multiply replaced by this
+    configuration's hook, norm and clip multiply (small, directly timed pieces, so far less
+    noisy than the difference of two whole steps)."""
+    b = base.region_cpu_ms
+    for r in results:
+        x = r.region_cpu_ms
+        r.est_ratio = 1 + (x[HOOK] + x[DSNORM] + x[DSCLIP] - b[DSNORM] - b[DSCLIP]) / base.step_cpu.ms
+
+
+def describe_run(args, configs: List[Config], world: int) -> Meta:
+    import torch
+    import deepspeed
+    module = configs[0].engine.module
+    shaped = next((c for c in configs if c.shaping is not None), None)
+    return Meta(accelerator=args.accelerator, backend=args.backend, ds_skip_norm=bool(args.ds_skip_norm),
+                model=args.model, params=sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()),
+                tensors=sum(1 for p in module.parameters() if p.requires_grad), world=world, stage=args.stage,
+                dtype=args.dtype, adapter=shaped.shaping.adapter.name if shaped else "-", rounds=args.steps,
+                warmup=args.warmup, clip=args.clip, width=args.width, layers=args.layers,
+                micro_batch=args.micro_batch, torch=torch.__version__, deepspeed=deepspeed.__version__,
+                threads_per_rank=torch.get_num_threads(), cpus=os.cpu_count())
+
+
+def worker(args) -> None:
+    """One rank: engines, measured rounds, the counted steps, then the report on rank 0."""
+    import megatron_shaping
+    dist = setup_process(args)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    clock = Clock()
+    configs = build_configs(args)
+    llama_cfg = [start_engine(args, c, clock) for c in configs][0]
+    meta = describe_run(args, configs, world)
+    if rank == 0:
+        print(f"[bench] model {args.model}: {meta.params / 1e6:.1f}M parameters in {meta.tensors} tensors; world "
+              f"{world}, ZeRO-{args.stage}, {args.dtype}, adapter {meta.adapter}, {len(configs)} engines, "
+              f"{args.warmup}+{args.steps} rounds, torch threads {meta.threads_per_rank}; megatron_shaping from "
+              f"{os.path.dirname(os.path.dirname(os.path.abspath(megatron_shaping.__file__)))}", flush=True)
+    runner = Runner(args, dist, configs, Data(args, llama_cfg), clock)
+    t_start = time.time()
+    runner.rounds()
+    extra = args.warmup + args.steps
+    runner.counted_steps(extra)
+    if args.profile:
+        runner.profile(args.profile.split(","), extra + 2)
+    times, memory = gather_times(dist, configs, world), gather_memory(dist, configs)
     if rank != 0:
         return
-    bi = [c["name"] for c in configs].index("ds_clip")
-    results = []
-    med = lambda t: 1e3 * statistics.median(t.tolist())   # noqa: E731
-    for i, c in enumerate(configs):
-        calls = c["comm"]
-        hook_calls = [x for x in calls if x["hook"]]
-        target = TARGETS.get(c["name"])
-        res = {"name": c["name"], "kind": c["kind"], "target": target,
-               "iter_target": ITERATION_TARGET if c["name"] in TARGETS else None}
-        for k in ("step", "step_cpu", "iter", "iter_cpu"):
-            paired = per[k][i] / per[k][bi]
-            res[k + "_ms"] = med(per[k][i])
-            res[k + "_iqr_ms"] = [1e3 * q for q in _quartiles(per[k][i].tolist())]
-            res[k + "_ratio"] = statistics.median(paired.tolist())
-            res[k + "_ratio_iqr"] = _quartiles(paired.tolist())
-        for k in ("hook", "hook_cpu", "stats", "stats_cpu", "apply", "apply_cpu", "dsnorm", "dsnorm_cpu", "dsclip",
-                  "dsclip_cpu"):
-            res[k + "_ms"] = med(per[k][i])
-        res.update({
-            "collectives_step": len(calls),
-            "bytes_step": sum(x["bytes"] for x in calls),
-            "ops_step": _op_summary(calls),
-            "collectives_hook": len(hook_calls),
-            "bytes_hook": sum(x["bytes"] for x in hook_calls),
-            "hook_vectors": [(x["op"], x["numel"], x["dtype"]) for x in hook_calls][:4],
-            "shaping_collectives_per_step": statistics.median([row["collectives"] for row in c["rows"]]),
-            "active_steps": sum(1 for row in c["rows"] if row.get("active")) if c["shaping"] is not None else None,
-            "mem_hook_peak": int(mem[i, 0]), "mem_hook_largest": int(mem[i, 1]), "mem_hook_python": int(mem[i, 2]),
-            "mem_step_peak": int(mem[i, 3]), "mem_step_largest": int(mem[i, 4]), "mem_dsnorm_peak": int(mem[i, 5]),
-            "slices": c.get("slices"),
-            "syncs_hook": c["syncs"][0], "syncs_step": c["syncs"][1],
-            "slice_rebuilds": getattr(getattr(c["shaping"], "_slice_cache", None), "rebuilds", None),
-            "storage_changes": getattr(getattr(c["shaping"], "_slice_cache", None), "storage_changes", None),
-            "norms_replaced": getattr(getattr(c["shaping"], "adapter", None), "norms_replaced", None),
-        })
-        results.append(res)
-    # Component estimate: the baseline step with DeepSpeed's norm and clip multiply replaced by
-    # this configuration's hook, norm and clip multiply (small, directly timed pieces, so far
-    # less noisy than the difference of two whole steps).
-    b = results[bi]
-    for r in results:
-        r["est_ratio"] = 1 + (r["hook_cpu_ms"] + r["dsnorm_cpu_ms"] + r["dsclip_cpu_ms"]
-                              - b["dsnorm_cpu_ms"] - b["dsclip_cpu_ms"]) / b["step_cpu_ms"]
-    meta = {"accelerator": args.accelerator, "backend": args.backend, "ds_skip_norm": bool(args.ds_skip_norm), "model": args.model, "params": n_params, "tensors": n_tensors, "world": world, "stage": args.stage,
-            "dtype": args.dtype, "adapter": adapter, "rounds": args.steps, "warmup": args.warmup,
-            "clip": args.clip, "width": args.width, "layers": args.layers, "micro_batch": args.micro_batch,
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "threads_per_rank": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "wall_s": time.time() - t_start, "loadavg": os.getloadavg()}
+    bi = [c.name for c in configs].index("ds_clip")
+    results = [summarise(c, i, bi, times, memory[i]) for i, c in enumerate(configs)]
+    estimate(results, results[bi])
+    meta.wall_s, meta.loadavg = time.time() - t_start, os.getloadavg()
+    write_outputs(args, meta, results)
+
+
+def write_outputs(args, meta: Meta, results: List[Result]) -> None:
     print_report(meta, results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+            json.dump({"meta": asdict(meta), "results": [asdict(r) for r in results]}, f, indent=1)
         print(f"[bench] wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown_report(meta, results))
         print(f"[bench] wrote {args.markdown}")
-
-
-@contextmanager
-def _nullcontext():
-    yield
 
 
 def _quartiles(xs: List[float]) -> List[float]:
@@ -744,12 +918,12 @@ def _quartiles(xs: List[float]) -> List[float]:
     return [q[0], q[2]]
 
 
-def _op_summary(calls) -> str:
+def _op_summary(calls: List[Call]) -> str:
     agg: Dict[str, List[int]] = {}
     for x in calls:
-        a = agg.setdefault(x["op"], [0, 0])
+        a = agg.setdefault(x.op, [0, 0])
         a[0] += 1
-        a[1] += x["bytes"]
+        a[1] += x.bytes
     return ", ".join(f"{op} x{n} ({_fmt_bytes(b)})" for op, (n, b) in agg.items())
 
 
@@ -761,12 +935,33 @@ def _fmt_bytes(b: float) -> str:
     return str(b)
 
 
-def print_report(meta, results) -> None:
+# ---------------------------------------------------------------------------------- reports
+
+
+def _slice_bytes(s: SliceInfo) -> Tuple[int, int]:
+    """(largest slice, all slices of the rank) in bytes."""
+    esz = {"bfloat16": 2, "float16": 2, "float64": 8}.get(s.dtype, 4)
+    return s.largest * esz, s.total * esz
+
+
+def _active(r: Result, meta: Meta) -> str:
+    return "-" if r.active_steps is None else f"{r.active_steps}/{meta.rounds}"
+
+
+def print_report(meta: Meta, results: List[Result]) -> None:
     print()
-    print(f"== optimizer step: {meta['model']} {meta['params'] / 1e6:.1f}M params / {meta['tensors']} tensors, "
-          f"world {meta['world']}, ZeRO-{meta['stage']}, {meta['dtype']} ({meta['adapter']}); "
-          f"{meta['rounds']} interleaved rounds after {meta['warmup']} warm-up"
-          + ("; DeepSpeed's norm pass off where nothing clips (--ds-skip-norm)" if meta["ds_skip_norm"] else ""))
+    print(f"== optimizer step: {meta.model} {meta.params / 1e6:.1f}M params / {meta.tensors} tensors, "
+          f"world {meta.world}, ZeRO-{meta.stage}, {meta.dtype} ({meta.adapter}); "
+          f"{meta.rounds} interleaved rounds after {meta.warmup} warm-up"
+          + ("; DeepSpeed's norm pass off where nothing clips (--ds-skip-norm)" if meta.ds_skip_norm else ""))
+    print_step_table(results)
+    print_inside_table(meta, results)
+    print_collectives(results)
+    print_memory(results)
+    print(f"\n[bench] wall {meta.wall_s:.0f} s, load average {meta.loadavg[0]:.1f} on {meta.cpus} CPUs")
+
+
+def print_step_table(results: List[Result]) -> None:
     print("   wall = engine.step() wall time (slowest rank); CPU = process CPU time of engine.step() per rank "
           "(user+system, all threads: insensitive to waiting for a core on a busy host)")
     print("   ratio = median over rounds of (step / ds_clip step of the same round), [interquartile range]; "
@@ -778,15 +973,18 @@ def print_report(meta, results) -> None:
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        tgt = f"{r['target']:.2f}x" if r["target"] else "-"
-        ok = "-" if not r["target"] else "/".join("yes" if v <= r["target"] else "NO"
-                                                   for v in (r["step_cpu_ratio"], r["est_ratio"]))
-        iok = "-" if not r["iter_target"] else ("yes" if r["iter_cpu_ratio"] <= r["iter_target"] else "NO")
-        wq, cq, iq = r["step_ratio_iqr"], r["step_cpu_ratio_iqr"], r["iter_cpu_ratio_iqr"]
-        print(f"{r['name']:20s} {r['step_ms']:8.1f} {r['step_ratio']:10.3f} [{wq[0]:5.3f},{wq[1]:5.3f}] "
-              f"{r['step_cpu_ms']:8.1f} {r['step_cpu_ratio']:9.3f} [{cq[0]:5.3f},{cq[1]:5.3f}] {r['est_ratio']:6.3f} "
-              f"{tgt:>7s} {ok:>7s} {r['iter_cpu_ms']:11.1f} {r['iter_cpu_ratio']:10.3f} [{iq[0]:5.3f},{iq[1]:5.3f}] "
+        tgt = f"{r.target:.2f}x" if r.target else "-"
+        ok = "-" if not r.target else "/".join("yes" if v <= r.target else "NO"
+                                               for v in (r.step_cpu.ratio, r.est_ratio))
+        iok = "-" if not r.iter_target else ("yes" if r.iter_cpu.ratio <= r.iter_target else "NO")
+        wq, cq, iq = r.step.ratio_iqr, r.step_cpu.ratio_iqr, r.iter_cpu.ratio_iqr
+        print(f"{r.name:20s} {r.step.ms:8.1f} {r.step.ratio:10.3f} [{wq[0]:5.3f},{wq[1]:5.3f}] "
+              f"{r.step_cpu.ms:8.1f} {r.step_cpu.ratio:9.3f} [{cq[0]:5.3f},{cq[1]:5.3f}] {r.est_ratio:6.3f} "
+              f"{tgt:>7s} {ok:>7s} {r.iter_cpu.ms:11.1f} {r.iter_cpu.ratio:10.3f} [{iq[0]:5.3f},{iq[1]:5.3f}] "
               f"{iok:>4s}")
+
+
+def print_inside_table(meta: Meta, results: List[Result]) -> None:
     print()
     print("== inside the step (medians, ms; CPU per rank): hook = our pre-step hook (user_full_grad: the "
           "safe_get/set_full_grad loop); stats = statistics passes incl. their all-reduce; apply = scaling and "
@@ -798,26 +996,30 @@ def print_report(meta, results) -> None:
            f"{'syncs step':>10s} {'DS norm replaced':>16s} {'slice rebuilds':>14s} {'storage moved':>13s}")
     print(hdr)
     print("-" * len(hdr))
-    base = next(r for r in results if r["name"] == "ds_clip")
+    base = next(r for r in results if r.name == "ds_clip")
+    opt = lambda v: "-" if v is None else str(v)   # noqa: E731
     for r in results:
-        act = "-" if r["active_steps"] is None else f"{r['active_steps']}/{meta['rounds']}"
-        opt = lambda v: "-" if v is None else str(v)   # noqa: E731
-        print(f"{r['name']:20s} {r['hook_ms']:9.2f} {r['hook_cpu_ms']:8.2f} {r['stats_cpu_ms']:9.2f} "
-              f"{r['apply_cpu_ms']:9.2f} {r['dsnorm_cpu_ms']:11.2f} {r['dsclip_cpu_ms']:11.2f} "
-              f"{r['hook_cpu_ms'] / base['step_cpu_ms']:13.3f} "
-              f"{act:>7s} {r['syncs_hook']:10d} {r['syncs_step']:10d} {opt(r['norms_replaced']):>16s} "
-              f"{opt(r['slice_rebuilds']):>14s} {opt(r['storage_changes']):>13s}")
+        x = r.region_cpu_ms
+        print(f"{r.name:20s} {r.region_ms[HOOK]:9.2f} {x[HOOK]:8.2f} {x[STATS]:9.2f} {x[APPLY]:9.2f} "
+              f"{x[DSNORM]:11.2f} {x[DSCLIP]:11.2f} {x[HOOK] / base.step_cpu.ms:13.3f} "
+              f"{_active(r, meta):>7s} {r.syncs_hook:10d} {r.syncs_step:10d} {opt(r.norms_replaced):>16s} "
+              f"{opt(r.slice_rebuilds):>14s} {opt(r.storage_changes):>13s}")
+
+
+def print_collectives(results: List[Result]) -> None:
     print()
     print("== collectives in one step (all of deepspeed.comm during engine.step(); 'ours' = issued inside the hook "
           "or the user loop); target: one all-reduce of L values per statistics pass")
     for r in results:
-        s = r["slices"] or {}
-        vec = "; ".join(f"{op} {n} x {dt}" for op, n, dt in r["hook_vectors"]) or "-"
-        extra = f" L={s['L']} U={s['U']} ({s['granularity']})" if s else ""
-        print(f"{r['name']:20s} step: {r['collectives_step']:3d} calls {_fmt_bytes(r['bytes_step']):>9s} "
-              f"[{r['ops_step']}]")
-        print(f"{'':20s} ours: {r['collectives_hook']:3d} calls {_fmt_bytes(r['bytes_hook']):>9s}  "
-              f"gradient_shaping.collectives/step={r['shaping_collectives_per_step']}  vectors: {vec}{extra}")
+        s, k = r.slices, r.collectives
+        vec = "; ".join(f"{op} {n} x {dt}" for op, n, dt in k.hook_vectors) or "-"
+        extra = f" L={s.L} U={s.U} ({s.granularity})" if s else ""
+        print(f"{r.name:20s} step: {k.step:3d} calls {_fmt_bytes(k.bytes_step):>9s} [{k.ops_step}]")
+        print(f"{'':20s} ours: {k.hook:3d} calls {_fmt_bytes(k.bytes_hook):>9s}  "
+              f"gradient_shaping.collectives/step={k.per_step}  vectors: {vec}{extra}")
+
+
+def print_memory(results: List[Result]) -> None:
     print()
     print("== memory (torch CPU tensor allocations: peak of live bytes above the start of the region, max over "
           "ranks; py heap = tracemalloc peak); target: no gradient-sized buffer (the local gradient = all slices "
@@ -827,75 +1029,77 @@ def print_report(meta, results) -> None:
     print(hdr)
     print("-" * len(hdr))
     for r in results:
-        s = r["slices"]
-        if s:
-            esz = {"bfloat16": 2, "float16": 2, "float64": 8}.get(s["dtype"], 4)
-            largest, total = s["largest"] * esz, s["total"] * esz
-            sl = f"{_fmt_bytes(largest)} {s['dtype']}"
-            tot = _fmt_bytes(total)
-            r1, r2 = f"{r['mem_hook_peak'] / largest:.2f}", f"{r['mem_hook_peak'] / total:.3f}"
-        else:
-            sl = tot = r1 = r2 = "-"
-        dsn = _fmt_bytes(r["mem_dsnorm_peak"]) if r["dsnorm_ms"] else "-"
-        print(f"{r['name']:20s} {_fmt_bytes(r['mem_hook_peak']):>10s} {_fmt_bytes(r['mem_hook_largest']):>13s} "
-              f"{_fmt_bytes(r['mem_hook_python']):>8s} {dsn:>12s} {_fmt_bytes(r['mem_step_peak']):>10s} {sl:>18s} "
+        m = r.memory
+        sl = tot = r1 = r2 = "-"
+        if r.slices:
+            largest, total = _slice_bytes(r.slices)
+            sl, tot = f"{_fmt_bytes(largest)} {r.slices.dtype}", _fmt_bytes(total)
+            r1, r2 = f"{m.hook_peak / largest:.2f}", f"{m.hook_peak / total:.3f}"
+        dsn = _fmt_bytes(m.dsnorm_peak) if r.region_ms[DSNORM] else "-"
+        print(f"{r.name:20s} {_fmt_bytes(m.hook_peak):>10s} {_fmt_bytes(m.hook_largest):>13s} "
+              f"{_fmt_bytes(m.hook_python):>8s} {dsn:>12s} {_fmt_bytes(m.step_peak):>10s} {sl:>18s} "
               f"{tot:>10s} {r1:>10s} {r2:>9s}")
-    print(f"\n[bench] wall {meta['wall_s']:.0f} s, load average {meta['loadavg'][0]:.1f} on {meta['cpus']} CPUs")
 
 
-def markdown_report(meta, results) -> str:
+def markdown_report(meta: Meta, results: List[Result]) -> str:
     """The three tables of :func:`print_report` as Markdown (for docs/BENCHMARKS.md)."""
-    out = [f"{meta['model']} {meta['params'] / 1e6:.1f}M parameters / {meta['tensors']} tensors, world {meta['world']}, "
-           f"ZeRO-{meta['stage']}, {meta['dtype']} (adapter `{meta['adapter']}`), {meta['rounds']} rounds after "
-           f"{meta['warmup']} warm-up, load average {meta['loadavg'][0]:.1f} on {meta['cpus']} CPUs"
-           + (", DeepSpeed's norm pass off where nothing clips" if meta.get("ds_skip_norm") else "") + ".", "",
-           "| config | CPU ms | CPU ratio [IQR] | est. | target | iteration CPU ms | iteration ratio [IQR] "
+    head = (f"{meta.model} {meta.params / 1e6:.1f}M parameters / {meta.tensors} tensors, world {meta.world}, "
+            f"ZeRO-{meta.stage}, {meta.dtype} (adapter `{meta.adapter}`), {meta.rounds} rounds after "
+            f"{meta.warmup} warm-up, load average {meta.loadavg[0]:.1f} on {meta.cpus} CPUs"
+            + (", DeepSpeed's norm pass off where nothing clips" if meta.ds_skip_norm else "") + ".")
+    out = [head, ""] + md_step_table(meta, results) + [""] + md_collectives(results) + [""] + md_memory(results)
+    return "\n".join(out) + "\n"
+
+
+def md_step_table(meta: Meta, results: List[Result]) -> List[str]:
+    out = ["| config | CPU ms | CPU ratio [IQR] | est. | target | iteration CPU ms | iteration ratio [IQR] "
            "| hook CPU ms | stats | apply | DS norm | syncs hook / step | active |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         tgt = "-"
-        if r["target"]:
-            ok = r["step_cpu_ratio"] <= r["target"]
-            tgt = f"{r['target']:.2f}x {'ok' if ok else '**missed**'}"
+        if r.target:
+            tgt = f"{r.target:.2f}x {'ok' if r.step_cpu.ratio <= r.target else '**missed**'}"
         itgt = ""
-        if r["iter_target"]:
-            itgt = " ok" if r["iter_cpu_ratio"] <= r["iter_target"] else " **missed**"
-        cq, iq = r["step_cpu_ratio_iqr"], r["iter_cpu_ratio_iqr"]
-        act = "-" if r["active_steps"] is None else f"{r['active_steps']}/{meta['rounds']}"
-        out.append(f"| {r['name']} | {r['step_cpu_ms']:.1f} | "
-                   f"{r['step_cpu_ratio']:.3f} [{cq[0]:.2f}, {cq[1]:.2f}] | {r['est_ratio']:.3f} | {tgt} | "
-                   f"{r['iter_cpu_ms']:.0f} | {r['iter_cpu_ratio']:.3f} [{iq[0]:.2f}, {iq[1]:.2f}]{itgt} | "
-                   f"{r['hook_cpu_ms']:.1f} | {r['stats_cpu_ms']:.1f} | {r['apply_cpu_ms']:.1f} | "
-                   f"{r['dsnorm_cpu_ms']:.1f} | {r['syncs_hook']} / {r['syncs_step']} | {act} |")
-    out += ["", "| config | collectives in the counted step | ours | our vectors | bytes ours |",
-            "|---|---|---:|---|---:|"]
+        if r.iter_target:
+            itgt = " ok" if r.iter_cpu.ratio <= r.iter_target else " **missed**"
+        cq, iq, x = r.step_cpu.ratio_iqr, r.iter_cpu.ratio_iqr, r.region_cpu_ms
+        out.append(f"| {r.name} | {r.step_cpu.ms:.1f} | "
+                   f"{r.step_cpu.ratio:.3f} [{cq[0]:.2f}, {cq[1]:.2f}] | {r.est_ratio:.3f} | {tgt} | "
+                   f"{r.iter_cpu.ms:.0f} | {r.iter_cpu.ratio:.3f} [{iq[0]:.2f}, {iq[1]:.2f}]{itgt} | "
+                   f"{x[HOOK]:.1f} | {x[STATS]:.1f} | {x[APPLY]:.1f} | "
+                   f"{x[DSNORM]:.1f} | {r.syncs_hook} / {r.syncs_step} | {_active(r, meta)} |")
+    return out
+
+
+def md_collectives(results: List[Result]) -> List[str]:
+    out = ["| config | collectives in the counted step | ours | our vectors | bytes ours |", "|---|---|---:|---|---:|"]
     for r in results:
-        s = r["slices"] or {}
-        vec = "; ".join(f"{n} x {dt}" for _, n, dt in r["hook_vectors"]) or "-"
-        if len(r["hook_vectors"]) > 2:
-            vec = f"{r['collectives_hook']} all-reduces, one per parameter (its full fp32 gradient)"
+        s, k = r.slices, r.collectives
+        vec = "; ".join(f"{n} x {dt}" for _, n, dt in k.hook_vectors) or "-"
+        if len(k.hook_vectors) > 2:
+            vec = f"{k.hook} all-reduces, one per parameter (its full fp32 gradient)"
         if s:
-            vec += f" (L={s['L']}, U={s['U']}, {s['granularity']})"
-        ours = str(r["collectives_hook"])
-        if r["active_steps"] is not None:
-            ours += f" (median {r['shaping_collectives_per_step']:g}/step)"
-        out.append(f"| {r['name']} | {r['collectives_step']}: {r['ops_step']} | {ours} | {vec} | "
-                   f"{_fmt_bytes(r['bytes_hook'])} |")
-    out += ["", "| config | hook peak | largest alloc | Python heap | DS norm peak | step peak | largest slice "
-            "| local gradient | peak / slice |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            vec += f" (L={s.L}, U={s.U}, {s.granularity})"
+        ours = str(k.hook)
+        if r.active_steps is not None:
+            ours += f" (median {k.per_step:g}/step)"
+        out.append(f"| {r.name} | {k.step}: {k.ops_step} | {ours} | {vec} | {_fmt_bytes(k.bytes_hook)} |")
+    return out
+
+
+def md_memory(results: List[Result]) -> List[str]:
+    out = ["| config | hook peak | largest alloc | Python heap | DS norm peak | step peak | largest slice "
+           "| local gradient | peak / slice |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        s = r["slices"]
-        if s:
-            esz = {"bfloat16": 2, "float16": 2, "float64": 8}.get(s["dtype"], 4)
-            sl = f"{_fmt_bytes(s['largest'] * esz)} {s['dtype']}"
-            tot = _fmt_bytes(s["total"] * esz)
-            ratio = f"{r['mem_hook_peak'] / (s['largest'] * esz):.2f}"
-        else:
-            sl = tot = ratio = "-"
-        out.append(f"| {r['name']} | {_fmt_bytes(r['mem_hook_peak'])} | {_fmt_bytes(r['mem_hook_largest'])} | "
-                   f"{_fmt_bytes(r['mem_hook_python'])} | {_fmt_bytes(r['mem_dsnorm_peak'])} | "
-                   f"{_fmt_bytes(r['mem_step_peak'])} | {sl} | {tot} | {ratio} |")
-    return "\n".join(out) + "\n"
+        m = r.memory
+        sl = tot = ratio = "-"
+        if r.slices:
+            largest, total = _slice_bytes(r.slices)
+            sl, tot, ratio = f"{_fmt_bytes(largest)} {r.slices.dtype}", _fmt_bytes(total), f"{m.hook_peak / largest:.2f}"
+        out.append(f"| {r.name} | {_fmt_bytes(m.hook_peak)} | {_fmt_bytes(m.hook_largest)} | "
+                   f"{_fmt_bytes(m.hook_python)} | {_fmt_bytes(m.dsnorm_peak)} | "
+                   f"{_fmt_bytes(m.step_peak)} | {sl} | {tot} | {ratio} |")
+    return out
 
 
 # ---------------------------------------------------------------------------------- main
@@ -926,7 +1130,7 @@ def parse(argv=None):
                         "clipping (ZeRO 1/2): drop DeepSpeed's own, then redundant, gradient-norm pass")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--bucket", type=int, default=int(2e7), help="ZeRO reduce/allgather bucket size (elements)")
-    p.add_argument("--configs", default="", help="comma-separated subset of: " + ",".join(list(BASELINES) + list(SHAPERS)))
+    p.add_argument("--configs", default="", help="comma-separated subset of: " + ",".join(known_configs()))
     p.add_argument("--profile", default="", help="comma-separated configurations to cProfile for one extra step (rank 0)")
     p.add_argument("--profile-top", type=int, default=15, help="functions shown per cProfile (default 15)")
     p.add_argument("--profile-sort", default="tottime", help="cProfile sort key (default tottime; e.g. cumulative)")
@@ -949,7 +1153,6 @@ def main(argv=None) -> int:
     args = parse(argv)
     if not args._worker:
         return launch([a for a in argv if a != "--_worker"], args.world)
-    sys.path.insert(0, ROOT)
     worker(args)
     return 0
 

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..profiling import APPLY, STATS, marked
 from ..shapers.base import (STAT_DTYPE, SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, Elementwise, GroupLayout,
                             Stats)
 
@@ -419,6 +420,7 @@ class SliceSet:
         self._fresh_sumsq: Optional[torch.Tensor] = None
 
     # -------------------------------------------------------------- statistics
+    @marked(STATS)
     def compute(self, needs: frozenset) -> Stats:
         """Local sums of what ``needs`` names, packed and reduced in one collective."""
         dev = self.layout.device
@@ -469,6 +471,7 @@ class SliceSet:
         return _reduce_partials(self._counted, self.meta.unit_parts, 2)
 
     # -------------------------------------------------------------- application
+    @marked(APPLY)
     def apply(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor],
               elementwise: Optional[Elementwise]) -> None:
         """Multiply each slice by its group's factor, then unit factors, then the map.

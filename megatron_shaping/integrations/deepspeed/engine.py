@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ...core import ShapingSession, shaper_from_spec
+from ...profiling import HOOK, marked
 from ...spike_skip import NONFINITE, NO_LOSS, SpikeSkip, reasons
 from ...stats.layout import ParamInfo
 from ...stats.slices import GradSlice, SliceCache, SliceSet
@@ -246,6 +247,7 @@ class DeepSpeedShaping:
         return self.skip.decide(gn, loss)
 
     # ------------------------------------------------------------------ the hook
+    @marked(HOOK)
     @torch.no_grad()
     def shape(self) -> bool:
         """Shape the reduced gradient in place; False when the step must be skipped."""
