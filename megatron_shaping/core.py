@@ -12,7 +12,7 @@ import torch
 
 from .shapers import Chain, Shaper, StepRecord, as_chain, build_shaper, chain, run_shapers
 from .shapers.regroup import Regrouped
-from .shapers.base import Stats
+from .shapers.base import Plan, Stats
 from .stats.layout import ParamGrouping, ParamInfo, build_grouping
 from .stats.slices import SliceSet
 
@@ -36,6 +36,11 @@ def shaper_from_spec(spec: Dict[str, Any]) -> Shaper:
             members.append(m)
         return chain(*members)
     return build_shaper(spec["type"], spec.get("params") or {})
+
+
+class _Vetoed(Exception):
+    """The step's decision skips it (raised inside run_shapers, before anything was applied
+    that the veto did not neutralise)."""
 
 
 def _member_granularity(member: Shaper, chain_granularity: Optional[str]) -> str:
@@ -95,28 +100,54 @@ class ShapingSession:
 
         ``gate(stats)`` (optional) sees the reduced statistics of the incoming gradient and
         returns None or a 0-d int64 tensor of bit flags (non-zero: skip, e.g. the spike rule of
-        :mod:`megatron_shaping.spike_skip`); it is read in the same host sync as the finiteness
-        check. ``last_code`` holds the step's flags; bits in :data:`VETO_MASK` skip it."""
+        :mod:`megatron_shaping.spike_skip`). ``last_code`` holds the step's flags; bits in
+        :data:`VETO_MASK` skip it.
+
+        One host read per step for a single shaper: the (functional) shaper update runs before
+        the decision, and the decision is read with the plan's host values
+        (:meth:`SliceSet.read_plan`); a pure scale reads nothing itself, so its plan is applied
+        with the decision still on the device (a veto makes every factor 1) and the decision is
+        read after it. A veto drops the new state: the state and the gradient stay untouched."""
         needs = frozenset(as_chain(self.shaper).needs) | {"sumsq"}
         first = [slices.compute(needs)]
         code = (~torch.isfinite(first[0].sumsq).all()).long()
         flags = gate(first[0]) if gate is not None else None
-        if flags is not None:
-            code = code | flags
-        self.last_code = int(code)      # the step's one host sync for the decision
-        if self.last_code & VETO_MASK:
-            self.skipped += 1
-            self.last = None
-            return None
+        pending = [code | flags if flags is not None else code]
 
         def compute(n):
             # The finiteness check already ran the first statistics pass: hand it over.
             return first.pop() if first and n <= needs else slices.compute(n)
 
-        self.state, record = run_shapers(self.shaper, self.state, self.layout, compute, slices.apply)
+        try:
+            state, record = run_shapers(self.shaper, self.state, self.layout, compute, slices.apply,
+                                        lambda plan: self._read_plan(slices, plan, pending))
+            if pending:
+                self._decide(int(pending.pop()))      # pure scales only: the step's one host read
+        except _Vetoed:
+            self.skipped += 1
+            self.last = None
+            return None
+        self.state = state
         self.steps += 1
         self.last = record
         return record
+
+    def _read_plan(self, slices: SliceSet, plan, pending: list):
+        """A plan as it runs; the first one that reads host values also reads the decision."""
+        if not pending:
+            return slices.read_plan(plan)[0]
+        if plan.is_pure_scale and plan.skip_map is None:
+            veto = (pending[0] & VETO_MASK) != 0
+            keep = (lambda t: None if t is None else torch.where(veto, torch.ones_like(t), t))
+            return Plan(keep(plan.scale), keep(plan.unit_scale))
+        plan, (code,) = slices.read_plan(plan, [pending.pop()])
+        self._decide(int(code))
+        return plan
+
+    def _decide(self, code: int) -> None:
+        self.last_code = code
+        if code & VETO_MASK:
+            raise _Vetoed()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

@@ -104,15 +104,30 @@ class Plan(NamedTuple):
     2. if ``elementwise`` is set, replace every entry g by elementwise.apply(g, group params);
     3. if ``finish`` is set, compute the statistics of the result again (a second reduction) and
        multiply group l by ``finish(stats_after)[l]``.
+
+    ``skip_map`` (a 0-d bool tensor, optional) is a shaper's shortcut decided on the device: when
+    true, the plan is the pure scale (``scale``, ``unit_scale``) alone, without the map, the
+    finish and their statistics pass (the shaper then puts the shortcut's factors in ``scale``).
+    The driver reads it with the plan's other host values in one copy (:meth:`resolve`).
     """
     scale: torch.Tensor                              # [L] float64
     unit_scale: Optional[torch.Tensor] = None        # [U] float64
     elementwise: Optional[Elementwise] = None
     finish: Optional[Callable[[Stats], torch.Tensor]] = None
+    skip_map: Optional[torch.Tensor] = None          # 0-d bool
 
     @property
     def is_pure_scale(self) -> bool:
         return self.elementwise is None and self.finish is None
+
+    def resolve(self, skip: Optional[bool] = None) -> "Plan":
+        """The plan as it runs once ``skip_map`` is known (``skip``; None: read it here, one
+        host read): the pure scale when it is true, else this plan without ``skip_map``."""
+        if self.skip_map is None:
+            return self
+        if skip is None:
+            skip = bool(self.skip_map)
+        return Plan(self.scale, self.unit_scale) if skip else self._replace(skip_map=None)
 
 
 class Shaper:
@@ -279,6 +294,7 @@ def as_chain(shaper: Shaper) -> Chain:
 
 ComputeStats = Callable[[frozenset], Stats]
 ApplyPlan = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[Elementwise]], None]
+ReadPlan = Callable[[Plan], Plan]
 
 
 class StepRecord(NamedTuple):
@@ -289,13 +305,15 @@ class StepRecord(NamedTuple):
 
 
 def run_shapers(shaper: Shaper, state: Any, layout: GroupLayout, compute_stats: ComputeStats,
-                apply_plan: ApplyPlan) -> Tuple[Any, StepRecord]:
+                apply_plan: ApplyPlan, read_plan: Optional[ReadPlan] = None) -> Tuple[Any, StepRecord]:
     """Drive one shaping step of ``shaper`` (or a chain) over a gradient the callbacks own.
 
     ``compute_stats(needs)`` returns reduced statistics of the gradient as it is now (one
-    collective per call in the distributed drivers). ``apply_plan(scale, unit_scale,
-    elementwise)`` changes the gradient in place. Returns the new state (a tuple for a chain,
-    the bare state otherwise) and a :class:`StepRecord`.
+    collective per call in the distributed drivers). ``read_plan(plan)`` returns the plan as it
+    runs (``skip_map`` resolved, :meth:`Plan.resolve` by default); the session reads its host
+    values there, in one copy. ``apply_plan(scale, unit_scale, elementwise)`` changes the
+    gradient in place. Returns the new state (a tuple for a chain, the bare state otherwise)
+    and a :class:`StepRecord`.
     """
     ch = as_chain(shaper)
     states = tuple(state) if isinstance(shaper, Chain) else (state,)
@@ -305,6 +323,7 @@ def run_shapers(shaper: Shaper, state: Any, layout: GroupLayout, compute_stats: 
     new_states = []
     for i, (member, st) in enumerate(zip(ch.shapers, states)):
         plan, st = member.update(stats, st)
+        plan = read_plan(plan) if read_plan is not None else plan.resolve()
         new_states.append(st)
         rest_needs = frozenset().union(*(s.needs for s in ch.shapers[i + 1:])) | {SUMSQ}
         apply_plan(plan.scale, plan.unit_scale, plan.elementwise)

@@ -151,8 +151,9 @@ class EntrywiseShrink(Shaper):
         t = state.count + 1
         new = keep_where(ok, EntrywiseShrinkState(m, t), state)
         ones = torch.ones_like(s)
-        if math.isinf(self.threshold) or not bool(ok.any()):
+        if math.isinf(self.threshold):
             return Plan(ones), new
         s_hat = (m / (1 - torch.pow(self.beta, t))).clamp_min(self.eps)
         T = torch.where(ok, self.threshold * s_hat, torch.full_like(s, math.inf))
-        return Plan(ones, elementwise=ShrinkMap(T=T, p=torch.full_like(s, self.power))), new
+        # no group to shrink: no map (decided on the device, read with the map's parameters)
+        return Plan(ones, elementwise=ShrinkMap(T=T, p=torch.full_like(s, self.power)), skip_map=~ok.any()), new

@@ -49,7 +49,7 @@ class Regrouped(Shaper):
         if plan.finish is not None:
             inner_finish = plan.finish
             finish = (lambda s: inner_finish(self._coarse_stats(s))[idx])
-        return Plan(plan.scale[idx], plan.unit_scale, elementwise, finish), state
+        return Plan(plan.scale[idx], plan.unit_scale, elementwise, finish, plan.skip_map), state
 
     def diagnostics(self, prev, new) -> Dict[str, torch.Tensor]:
         """None per fine group: the inner shaper's numbers cover a block or the whole model,

@@ -14,7 +14,8 @@ Per group l (a tensor at the default granularity), with n = ||g||, N = numel of 
 
 The projection needs the norm of the shaped gradient: it is the plan's ``finish`` step, run after
 a second statistics pass. When every group has alpha = 1 the plan is a pure scale
-min(1, tau / n), computed from the norm directly, with no map and no second pass.
+min(1, tau / n), computed from the norm directly, with no map and no second pass (the plan's
+``skip_map``: decided on the device, so the shaper itself reads nothing on the host).
 
 Default schedule (the paper does not publish its h; this one is ours):
 
@@ -149,12 +150,13 @@ class SPAMP(Shaper):
             s = torch.clamp(tau / norm.clamp_min(self.eps), max=1.0)
             return torch.where(ok & torch.isfinite(norm), s, ones)
 
-        if bool((alpha == 1).all()):
-            return Plan(project(n0)), new
+        # alpha = 1 everywhere: the projection alone, a pure scale (no map, no second pass);
+        # decided on the device, read by the driver with the map's parameters
+        linear = (alpha == 1).all()
         if self.mode == "rms":
             rms = (stats.sumsq / self._numel.to(n.device)).sqrt()
             coef = torch.where(ok, rms.pow(1 - alpha), ones)
         else:
             coef = ones
-        return Plan(ones, elementwise=PowerMap(alpha=alpha, coef=coef),
-                    finish=lambda after: project(after.norm())), new
+        return Plan(torch.where(linear, project(n0), ones), elementwise=PowerMap(alpha=alpha, coef=coef),
+                    finish=lambda after: project(after.norm()), skip_map=linear), new

@@ -74,7 +74,7 @@ class ValueClip(Shaper):
         ones = torch.ones_like(stats.sumsq)
         if math.isinf(self.clip_value):
             return Plan(ones), new
-        # Nothing above the threshold (max |g_i| <= ||g||_2 <= clip): skip the map and its pass.
-        if bool((stats.sumsq <= self.clip_value ** 2).all()):
-            return Plan(ones), new
-        return Plan(ones, elementwise=ClampMap(clip=torch.full_like(ones, self.clip_value))), new
+        # Nothing above the threshold (max |g_i| <= ||g||_2 <= clip): skip the map and its pass
+        # (decided on the device, read by the driver with the map's parameters).
+        below = (stats.sumsq <= self.clip_value ** 2).all()
+        return Plan(ones, elementwise=ClampMap(clip=torch.full_like(ones, self.clip_value)), skip_map=below), new

@@ -18,7 +18,7 @@ import torch
 
 from ..profiling import APPLY, STATS, marked
 from ..shapers.base import (STAT_DTYPE, SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, Elementwise, GroupLayout,
-                            Stats)
+                            Plan, Stats)
 
 
 #: Elements per partial sum on the CPU path: each partial is accumulated in fp32 by PyTorch's
@@ -418,6 +418,8 @@ class SliceSet:
         #: group sums of squares of the gradient as it is now (None once it was changed):
         #: a map that declares ``uses_absmax`` gets sqrt of it as a bound on every |g_i|.
         self._fresh_sumsq: Optional[torch.Tensor] = None
+        #: (map, group factors, map parameters) read by :meth:`read_plan` for the next apply
+        self._host_plan: Optional[Tuple[Elementwise, list, Dict[str, list]]] = None
 
     # -------------------------------------------------------------- statistics
     @marked(STATS)
@@ -471,37 +473,73 @@ class SliceSet:
         return _reduce_partials(self._counted, self.meta.unit_parts, 2)
 
     # -------------------------------------------------------------- application
+    def read_plan(self, plan: Plan, extra: Sequence[torch.Tensor] = ()) -> Tuple[Plan, List[float]]:
+        """The plan's host values and the 0-d tensors ``extra`` (the step's decision) in ONE
+        device-to-host copy. Returns the plan as it runs (``skip_map`` resolved) and ``extra``'s
+        values. A pure scale reads nothing of its own (its factors stay on the device); a map's
+        group factors and parameters (and the group norms, for a map that ``uses_absmax``) are
+        kept for the :meth:`apply` of that map."""
+        ew = plan.elementwise
+        head = [e.reshape(1).to(device=plan.scale.device, dtype=STAT_DTYPE) for e in extra]
+        if plan.skip_map is not None:
+            head.append(plan.skip_map.reshape(1).to(device=plan.scale.device, dtype=STAT_DTYPE))
+        rows = [] if ew is None else self._host_rows(plan.scale, plan.unit_scale, ew)
+        if not head and not rows:
+            return plan, []
+        flat = torch.cat(head + [r.reshape(-1) for r in rows]).tolist()
+        got, flat = flat[:len(extra)], flat[len(extra):]
+        if plan.skip_map is not None:
+            skip, flat = flat[0] != 0.0, flat[1:]
+            plan = plan.resolve(skip)
+            if skip:
+                return plan, got
+        if ew is not None:
+            L = plan.scale.numel()
+            self._host_plan = (ew,) + self._parse_host([flat[i:i + L] for i in range(0, len(flat), L)], ew)
+        return plan, got
+
+    def _host_rows(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor], ew: Elementwise):
+        """[L] float64 rows a map's application reads: group factors, map parameters, and the
+        group sums of squares when the map bounds |g| by them (gradient unchanged since)."""
+        rows = [scale.to(STAT_DTYPE)] + [ew.params[k].to(device=scale.device, dtype=STAT_DTYPE) for k in ew.params]
+        if getattr(ew, "uses_absmax", False) and self._fresh_sumsq is not None and unit_scale is None:
+            rows.append(self._fresh_sumsq.to(device=scale.device, dtype=STAT_DTYPE))
+        return rows
+
+    @staticmethod
+    def _parse_host(host: List[list], ew: Elementwise) -> Tuple[list, Dict[str, list]]:
+        keys = list(ew.params)
+        params = dict(zip(keys, host[1:1 + len(keys)]))
+        factors = host[0]
+        if len(host) > 1 + len(keys):
+            # |g_i| <= the group's L2 norm, times the factor applied before the map
+            params["absmax"] = [math.sqrt(v) * abs(f) if v == v else math.inf for v, f in zip(host[-1], factors)]
+        return factors, params
+
+    def _host_values(self, scale, unit_scale, ew: Elementwise) -> Tuple[list, Dict[str, list]]:
+        """What :meth:`read_plan` kept for this map, else read now (one copy)."""
+        kept, self._host_plan = self._host_plan, None
+        if kept is not None and kept[0] is ew:
+            return kept[1], kept[2]
+        return self._parse_host(torch.stack(self._host_rows(scale, unit_scale, ew)).tolist(), ew)
+
     @marked(APPLY)
     def apply(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor],
               elementwise: Optional[Elementwise]) -> None:
         """Multiply each slice by its group's factor, then unit factors, then the map.
 
         Host reads: none for a pure scale (the factors stay on the device and every slice is
-        multiplied by its own, a 0-d tensor); one for an elementwise plan, which needs its
-        per-group parameters on the host anyway and reads the group factors in the same copy
-        (slices whose factor is 1 or whose map is the identity are then left alone)."""
-        fresh, self._fresh_sumsq = self._fresh_sumsq, None
+        multiplied by its own, a 0-d tensor); for a map, the values :meth:`read_plan` read
+        (else one copy here): its per-group parameters and the group factors (slices whose
+        factor is 1 or whose map is the identity are then left alone)."""
+        params = None
         if elementwise is None and unit_scale is not None:
             # one pass: the group factor folded into the unit factors (AGC's group factor is 1)
             unit_scale = unit_scale * scale.index_select(0, self.layout.unit_group.to(scale.device))
-            params = None
         elif elementwise is None:
             self._scale_on_device(scale)
-            params = None
         else:
-            keys = list(elementwise.params)
-            rows = [scale.to(STAT_DTYPE)] + [elementwise.params[k].to(device=scale.device, dtype=STAT_DTYPE)
-                                             for k in keys]
-            absmax = getattr(elementwise, "uses_absmax", False) and fresh is not None and unit_scale is None
-            if absmax:
-                rows.append(fresh.to(device=scale.device, dtype=STAT_DTYPE))
-            host = torch.stack(rows).tolist()
-            params = dict(zip(keys, host[1:1 + len(keys)]))
-            factors = host[0]
-            if absmax:
-                # |g_i| <= the group's L2 norm, times the factor applied just below
-                params["absmax"] = [math.sqrt(v) * abs(f) if v == v else math.inf
-                                    for v, f in zip(host[-1], factors)]
+            factors, params = self._host_values(scale, unit_scale, elementwise)
             tensors, scalars = [], []
             for s, grp in zip(self.slices, self._group_of):
                 f = factors[grp]
@@ -510,6 +548,7 @@ class SliceSet:
                     scalars.append(f)
             if tensors:
                 _mul_rounded_once_(tensors, scalars)
+        self._fresh_sumsq = None
         if unit_scale is not None:
             for s, (first, row_len, n_rows) in zip(self.slices, self.meta.unit_geometry):
                 if not s.grad.numel():

@@ -1,0 +1,210 @@
+"""Device-to-host reads of one shaping step, counted (issue 11): on a GPU each read stalls the step.
+
+Every way PyTorch hands a tensor value to Python (``item``, ``tolist``, ``cpu``, ``numpy``,
+``bool()``, ``int()``, ``float()``, ``__index__``) is wrapped during one ``ShapingSession.step``
+(through :class:`GradientShaper`, i.e. a :class:`SliceSet` of whole-tensor slices): a single
+shaper makes exactly one read, the step's decision, which an elementwise plan's parameters share.
+A chain adds at most one read per further elementwise member. The controls show that the count
+catches a host branch put back into a shaper and reads that are not folded into one copy.
+"""
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from megatron_shaping import GradientShaper
+from megatron_shaping.core import ShapingSession
+from megatron_shaping.shapers import REGISTRY, build_shaper, chain
+from megatron_shaping.shapers.value_clip import ValueClip
+from megatron_shaping.stats.slices import SliceSet
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+#: parameters that make every method act on the test gradient (a clip that never fires skips its map)
+ACTIVE = {"norm_clip": {"max_norm": 0.05}, "value_clip": {"clip_value": 1e-3}, "zclip": {"warmup_steps": 1},
+          "adagc": {"warmup_steps": 1}, "entrywise_shrink": {"threshold": 2.0}, "spamp": {}, "agc": {},
+          "gradient_stabilizer": {}}
+ELEMENTWISE = {"spamp", "value_clip", "entrywise_shrink"}
+SHAPES = {"emb.weight": (40, 16), "l0.weight": (32, 16), "l0.bias": (32,), "norm.weight": (16,), "head.weight": (7, 32)}
+
+
+class Reads:
+    def __init__(self):
+        self.n = 0
+        self.where = []
+        self.in_stats = 0      # of them, inside SliceSet.compute (the CPU statistics' exact pass)
+
+
+@contextmanager
+def counting_reads():
+    reads, saved = Reads(), []
+    for name in READS:
+        fn = getattr(torch.Tensor, name)
+        saved.append((name, name in torch.Tensor.__dict__, fn))
+
+        def counted(t, *a, _fn=fn, _name=name, **k):
+            reads.n += 1
+            reads.where.append(_name)
+            return _fn(t, *a, **k)
+        setattr(torch.Tensor, name, counted)
+    try:
+        yield reads
+    finally:
+        for name, had, fn in reversed(saved):
+            if had:
+                setattr(torch.Tensor, name, fn)
+            else:
+                delattr(torch.Tensor, name)
+
+
+def grads(seed, dtype=torch.float32, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (n, s) in enumerate(SHAPES.items()):
+        g = torch.randn(s, generator=gen, dtype=torch.float64) * 0.01 * (1 + i)
+        g.view(-1)[0] *= 50.0 * (1 + seed)           # a heavy entry: the clips and SPAMP's power act
+        out[n] = (g * scale).to(dtype)
+    return out
+
+
+class Model:
+    """GradientShaper over fixed parameters; ``step`` counts the reads and the statistics passes."""
+
+    def __init__(self, shaper, dtype=torch.float32, granularity=None):
+        gen = torch.Generator().manual_seed(1)
+        self.params = {n: torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for n, s in SHAPES.items()}
+        self.gs = GradientShaper(self.params.items(), shaper, granularity=granularity)
+        self.dtype = dtype
+
+    def step(self, seed, scale=1.0, gate=None, grad=None):
+        for n, p in self.params.items():
+            p.grad = grads(seed, self.dtype, scale)[n] if grad is None else grad(p)
+        passes = [0]
+        orig = SliceSet.compute
+        with counting_reads() as reads:
+            def compute(ss, needs):
+                passes[0] += 1
+                n0 = reads.n
+                out = orig(ss, needs)
+                reads.in_stats += reads.n - n0
+                return out
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(SliceSet, "compute", compute)
+                if gate is not None:
+                    session = self.gs.session
+                    mp.setattr(session, "step", lambda ss, _s=ShapingSession.step: _s(session, ss, gate))
+                rec = self.gs.apply_(scale)
+        return rec, reads, passes[0]
+
+
+def method(name):
+    return build_shaper(name, ACTIVE[name])
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float32, 1024.0)])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_one_read_per_step(name, dtype, scale):
+    m = Model(method(name), dtype)
+    m.step(0, scale)                                # first step: EMAs and warm-ups start
+    rec, reads, passes = m.step(1, scale)
+    assert rec is not None
+    assert reads.n == 1 and reads.in_stats == 0, reads.where
+    # the map really ran for the elementwise methods (its statistics pass follows it)
+    assert passes == (2 if name in ELEMENTWISE else 1)
+
+
+@pytest.mark.parametrize("shaper,why", [
+    (lambda: ValueClip(10.0), "the group norms bound every entry by the clip"),
+    (lambda: build_shaper("spamp", {}), "the first step: tau = n, alpha = 1"),
+    (lambda: build_shaper("entrywise_shrink", {"threshold": math.inf}), "an infinite threshold"),
+])
+def test_shortcut_without_the_map_reads_once(shaper, why):
+    m = Model(shaper())
+    before = grads(0)
+    rec, reads, passes = m.step(0)
+    assert reads.n == 1 and passes == 1, why
+    assert rec is not None
+    if isinstance(m.gs.session.shaper, ValueClip):
+        for n, p in m.params.items():
+            assert torch.equal(p.grad, before[n])
+
+
+def test_zero_gradient_shrink_skips_the_map_with_one_read():
+    m = Model(build_shaper("entrywise_shrink", {"threshold": 2.0}))
+    rec, reads, passes = m.step(0, grad=torch.zeros_like)
+    assert rec is not None and passes == 1
+    # all-zero chunks take the CPU statistics' exact pass, which reads which chunks need it (a
+    # CPU-only read: accelerators reduce in float64 directly); the shaping step itself reads once
+    assert reads.in_stats >= 1 and reads.n - reads.in_stats == 1
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.params.values())
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_veto_reads_once_and_leaves_gradient_and_state(name):
+    m = Model(method(name))
+    m.step(0)
+    state = m.gs.session.state
+    steps = m.gs.session.steps
+    rec, reads, _ = m.step(1, gate=lambda stats: torch.tensor(2, dtype=torch.long))
+    assert rec is None and reads.n == 1
+    assert m.gs.session.last_code == 2 and m.gs.session.skipped == 1 and m.gs.session.steps == steps
+    assert m.gs.session.state is state
+    for n, p in m.params.items():
+        assert torch.equal(p.grad, grads(1)[n])
+    # information bits above the veto mask are read in the same copy and do not skip
+    rec, reads, _ = m.step(2, gate=lambda stats: torch.tensor(256, dtype=torch.long))
+    assert rec is not None and reads.n == 1 and m.gs.session.last_code == 256
+
+
+def test_overflow_skips_with_state_untouched():
+    m = Model(method("value_clip"))
+    m.step(0)
+    state = m.gs.session.state
+    g = grads(1)
+    g["l0.bias"][3] = float("inf")
+    for n, p in m.params.items():
+        p.grad = g[n].clone()
+    assert m.gs.apply_() is None
+    assert m.gs.session.state is state and m.gs.session.last_code & 1
+    for n, p in m.params.items():
+        assert torch.equal(p.grad, g[n])
+
+
+@pytest.mark.parametrize("members,expected", [
+    (("norm_clip", "value_clip"), 1),            # the decision rides on value_clip's read
+    (("gradient_stabilizer", "zclip"), 1),       # pure scales: the decision alone, after them
+    (("value_clip", "spamp"), 2),                # one read per elementwise member
+    (("spamp", "norm_clip"), 1),
+])
+def test_chain_reads_at_most_one_per_elementwise_member(members, expected):
+    m = Model(chain(*(method(n) for n in members)))
+    m.step(0)
+    rec, reads, _ = m.step(1)
+    assert rec is not None and reads.n == expected, reads.where
+    assert expected == max(1, sum(n in ELEMENTWISE for n in members))
+
+
+class HostBranchValueClip(ValueClip):
+    """value_clip with the host branch this issue removed put back."""
+
+    def update(self, stats, state):
+        if bool((stats.sumsq <= self.clip_value ** 2).all()):
+            pass
+        return super().update(stats, state)
+
+
+def test_control_a_host_branch_in_a_shaper_is_counted():
+    m = Model(HostBranchValueClip(1e-3))
+    m.step(0)
+    _, reads, _ = m.step(1)
+    assert reads.n == 2 and "__bool__" in reads.where
+
+
+def test_control_reads_not_folded_into_one_copy_are_counted(monkeypatch):
+    # the decision, the shortcut flag and the map's parameters read one by one, as before issue 11
+    monkeypatch.setattr(SliceSet, "read_plan", lambda self, plan, extra=(): (plan.resolve(), [int(e) for e in extra]))
+    m = Model(method("value_clip"))
+    m.step(0)
+    _, reads, _ = m.step(1)
+    assert reads.n == 3 and sorted(reads.where) == ["__bool__", "__int__", "tolist"]
