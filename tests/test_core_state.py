@@ -47,7 +47,7 @@ def test_state_follows_parameter_names_not_order():
     b.load_state_dict(a.state_dict())
     for name in ("a.weight", "b.weight", "c.weight"):
         ia, ib = a.layout.names.index(name), b.layout.names.index(name)
-        assert a.state.m[ia] == b.state.m[ib] and a.state.v[ia] == b.state.v[ib]
+        assert a.state[0].m[ia] == b.state[0].m[ib] and a.state[0].v[ia] == b.state[0].v[ib]
 
 
 @pytest.mark.parametrize("change,needle", [
