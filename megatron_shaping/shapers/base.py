@@ -53,15 +53,24 @@ class GroupLayout(NamedTuple):
 
 
 def make_layout(names: Sequence[str], numel: Sequence[float], units_per_group: Optional[Sequence[int]] = None,
-                unit_numel: Optional[Sequence[float]] = None, device: Any = "cpu") -> GroupLayout:
-    """Build a layout; without units, each group is one unit."""
+                unit_numel: Optional[Sequence[float]] = None, device: Any = "cpu",
+                unit_group: Optional[Sequence[int]] = None) -> GroupLayout:
+    """Build a layout (the one constructor: tests and :func:`megatron_shaping.stats.layout.build_grouping`).
+
+    Units are given either as ``unit_group`` (the group of each unit, in unit order, with
+    ``unit_numel``) or as ``units_per_group`` (units numbered group after group); without
+    either, each group is one unit."""
     L = len(names)
-    if units_per_group is None:
-        units_per_group = [1] * L
-        unit_numel = list(numel)
-    unit_group = torch.repeat_interleave(torch.arange(L), torch.tensor(list(units_per_group), dtype=torch.long))
+    if unit_group is not None and units_per_group is not None:
+        raise ValueError("make_layout: give unit_group or units_per_group, not both")
+    if unit_group is None:
+        if units_per_group is None:
+            units_per_group = [1] * L
+            unit_numel = list(numel)
+        unit_group = torch.repeat_interleave(torch.arange(L), torch.tensor(list(units_per_group), dtype=torch.long))
     return GroupLayout(tuple(names), torch.tensor(list(numel), dtype=STAT_DTYPE, device=device),
-                       unit_group.to(device), torch.tensor(list(unit_numel), dtype=STAT_DTYPE, device=device))
+                       torch.as_tensor(unit_group, dtype=torch.long).to(device),
+                       torch.tensor(list(unit_numel), dtype=STAT_DTYPE, device=device))
 
 
 class Stats(NamedTuple):
