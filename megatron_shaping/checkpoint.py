@@ -178,9 +178,8 @@ def hparam_changes(session: ShapingSession, sd: Dict[str, Any]) -> List[str]:
     """Hyperparameters that differ between the saved state and the configured shaper. Not an
     error: changing e.g. a threshold when resuming is legitimate (shape-changing ones such as
     zclip's warmup_steps fail the shape check instead)."""
-    from .shapers import as_chain
     out = []
-    for i, (saved, member) in enumerate(zip(sd.get("members", []), as_chain(session.shaper).shapers)):
+    for i, (saved, member) in enumerate(zip(sd.get("members", []), session.shaper.shapers)):
         for k in member.hparams:
             old, new = saved.get("hparams", {}).get(k, "<absent>"), getattr(member, k)
             if old != new and not (isinstance(old, (list, tuple)) and list(old) == list(new or [])):

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .shapers import Chain, Shaper, StepRecord, as_chain, build_shaper, chain, run_shapers
+from .shapers import Chain, Shaper, StepRecord, build_shaper
 from .shapers.regroup import Regrouped
 from .shapers.base import Plan, Stats
 from .stats.layout import ParamGrouping, ParamInfo, build_grouping
@@ -26,68 +26,52 @@ VETO_MASK = 0xFF
 
 def shaper_from_spec(spec: Dict[str, Any]) -> Shaper:
     """``{"type": ..., "params": {...}}`` or ``{"type": "chain", "shapers": [spec, ...]}``.
-    Chain members may carry their own ``granularity`` (see :class:`ShapingSession`)."""
+    Chain members may carry their own ``granularity``, kept in the chain's ``granularities``
+    (see :class:`ShapingSession`)."""
     if spec.get("type") == "chain":
-        members = []
-        for s in spec["shapers"]:
-            m = shaper_from_spec(s)
-            if s.get("granularity"):
-                m.granularity = s["granularity"]
-            members.append(m)
-        return chain(*members)
+        members = spec["shapers"]
+        return Chain(*(shaper_from_spec(s) for s in members),
+                     granularities=[s.get("granularity") or None for s in members])
     return build_shaper(spec["type"], spec.get("params") or {})
 
 
 class _Vetoed(Exception):
-    """The step's decision skips it (raised inside run_shapers, before anything was applied
+    """The step's decision skips it (raised inside Chain.step, before anything was applied
     that the veto did not neutralise)."""
 
 
-def _member_granularity(member: Shaper, chain_granularity: Optional[str]) -> str:
-    return getattr(member, "granularity", None) or chain_granularity or member.default_granularity
-
-
 class ShapingSession:
-    """Holds the shaper state and runs one shaping step on a set of local slices."""
+    """Holds the shaper state and runs one shaping step on a set of local slices.
+
+    ``shaper`` is always a :class:`~megatron_shaping.shapers.base.Chain` (a single shaper is a
+    chain of one) and ``state`` the tuple of its member states. A member's granularity is its
+    own in the chain (``Chain.granularities``), else ``granularity``, else the member's default.
+    """
 
     def __init__(self, shaper: Shaper, params: Sequence[ParamInfo], granularity: Optional[str] = None,
                  block_pattern: Optional[str] = None, device=None):
         self.block_pattern = block_pattern
-        if isinstance(shaper, Chain):
-            grans = [_member_granularity(m, granularity) for m in shaper.shapers]
-            if len(set(grans)) > 1:
-                # Mixed granularities: the chain runs on the finest groups (tensors) and each
-                # coarser member sums the statistics into its own groups.
-                shaper = self._regroup(shaper, grans, params, block_pattern, device)
-                granularity = "tensor"
-            else:
-                granularity = grans[0]
-        self.shaper = shaper
-        self.granularity = granularity or as_chain(shaper).default_granularity
+        configured = Chain(shaper)
+        grans = [g or granularity or m.default_granularity for m, g in configured.chain_members()]
+        # Mixed granularities: the chain runs on the finest groups (tensors) and each coarser
+        # member sums the statistics into its own groups.
+        self.granularity = grans[0] if len(set(grans)) == 1 else "tensor"
         self.grouping: ParamGrouping = build_grouping(params, self.granularity, block_pattern, device)
-        self.state = shaper.init(self.grouping.layout)
+        self.shaper = Chain(*(m if g == self.granularity else self._regrouped(m, g, params, block_pattern, device)
+                              for m, g in zip(configured.shapers, grans)), granularities=grans)
+        self.state = self.shaper.init(self.grouping.layout)
         self.steps = 0           # shaping steps applied
         self.skipped = 0         # steps skipped (gradient not finite, or a gate's veto)
         self.last_code = 0       # flags of the last step (see step)
         self.last: Optional[StepRecord] = None
 
     @staticmethod
-    def _regroup(ch: Chain, grans, params, block_pattern, device) -> Chain:
-        fine = build_grouping(params, "tensor", block_pattern, device)
-        members = []
-        for m, g in zip(ch.shapers, grans):
-            if g == "tensor":
-                members.append(m)
-                continue
-            coarse = build_grouping(params, g, block_pattern, device)
-            index = torch.tensor([coarse.group_of[p.name] for p in params], dtype=torch.long, device=device)
-            # fine group ids follow parameter order at tensor granularity
-            members.append(Regrouped(m, index, coarse.layout))
-        return Chain(*members)
-
-    def _member_groups(self, member: Shaper):
-        """Names of the groups a chain member keeps state for."""
-        return member.coarse.names if isinstance(member, Regrouped) else self.layout.names
+    def _regrouped(member: Shaper, granularity: str, params, block_pattern, device) -> Regrouped:
+        """``member`` run at ``granularity`` inside a chain on tensor groups."""
+        coarse = build_grouping(params, granularity, block_pattern, device)
+        # fine group ids follow parameter order at tensor granularity
+        index = torch.tensor([coarse.group_of[p.name] for p in params], dtype=torch.long, device=device)
+        return Regrouped(member, index, coarse.layout)
 
     @property
     def layout(self):
@@ -108,7 +92,7 @@ class ShapingSession:
         (:meth:`SliceSet.read_plan`); a pure scale reads nothing itself, so its plan is applied
         with the decision still on the device (a veto makes every factor 1) and the decision is
         read after it. A veto drops the new state: the state and the gradient stay untouched."""
-        needs = frozenset(as_chain(self.shaper).needs) | {"sumsq"}
+        needs = frozenset(self.shaper.needs) | {"sumsq"}
         first = [slices.compute(needs)]
         code = (~torch.isfinite(first[0].sumsq).all()).long()
         flags = gate(first[0]) if gate is not None else None
@@ -119,8 +103,8 @@ class ShapingSession:
             return first.pop() if first and n <= needs else slices.compute(n)
 
         try:
-            state, record = run_shapers(self.shaper, self.state, self.layout, compute, slices.apply,
-                                        lambda plan: self._read_plan(slices, plan, pending))
+            state, record = self.shaper.step(self.state, self.layout, compute, slices.apply,
+                                             lambda plan: self._read_plan(slices, plan, pending))
             if pending:
                 self._decide(int(pending.pop()))      # pure scales only: the step's one host read
         except _Vetoed:
@@ -152,12 +136,10 @@ class ShapingSession:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Shaper state keyed by group name (parameter names at tensor granularity)."""
-        ch = as_chain(self.shaper)
-        states = self.state if isinstance(self.shaper, Chain) else (self.state,)
         members: List[Dict[str, Any]] = []
-        for member, st in zip(ch.shapers, states):
+        for member, st in zip(self.shaper.shapers, self.state):
             members.append({"type": member.name, "hparams": {k: getattr(member, k) for k in member.hparams},
-                            "groups": list(self._member_groups(member)),
+                            "groups": list(member.state_layout(self.layout).names),
                             "fields": {f: t.detach().cpu().clone() for f, t in st._asdict().items()}})
         return {"format_version": STATE_FORMAT_VERSION, "granularity": self.granularity,
                 "groups": list(self.layout.names), "num_units": int(self.layout.unit_group.numel()),
@@ -173,21 +155,20 @@ class ShapingSession:
                              f"(this version reads {STATE_FORMAT_VERSION})")
         if sd["granularity"] != self.granularity:
             raise ValueError(f"{source}: saved granularity {sd['granularity']!r} != configured {self.granularity!r}")
-        ch = as_chain(self.shaper)
+        mine_types = [m.name for m in self.shaper.shapers]
         saved_types = [m["type"] for m in sd["members"]]
-        if saved_types != [m.name for m in ch.shapers]:
-            raise ValueError(f"{source}: saved shaper {saved_types} != configured {[m.name for m in ch.shapers]}")
+        if saved_types != mine_types:
+            raise ValueError(f"{source}: saved shaper {saved_types} != configured {mine_types}")
         saved, mine = list(sd["groups"]), list(self.layout.names)
         if set(saved) != set(mine):
             missing = sorted(set(mine) - set(saved))[:5]
             extra = sorted(set(saved) - set(mine))[:5]
             raise ValueError(f"{source}: saved shaper state covers other layers: missing {missing}, "
                              f"unexpected {extra} ({len(saved)} saved vs {len(mine)} configured groups)")
-        states = self.state if isinstance(self.shaper, Chain) else (self.state,)
         new_states = []
-        for member, m, st in zip(ch.shapers, sd["members"], states):
+        for member, m, st in zip(self.shaper.shapers, sd["members"], self.state):
             m_saved = list(m.get("groups", saved))
-            m_mine = list(self._member_groups(member))
+            m_mine = list(member.state_layout(self.layout).names)
             if set(m_saved) != set(m_mine):
                 raise ValueError(f"{source}: saved groups of chain member {m['type']} differ from the configured ones")
             # Rows are remapped by name only when the order differs (a model whose parameters
@@ -210,6 +191,6 @@ class ShapingSession:
                                      f"expected {tuple(cur.shape)}")
                 fields[f] = t.to(device=cur.device, dtype=cur.dtype)
             new_states.append(type(st)(**fields))
-        self.state = tuple(new_states) if isinstance(self.shaper, Chain) else new_states[0]
+        self.state = tuple(new_states)
         self.steps = int(sd.get("steps", 0))
         self.skipped = int(sd.get("skipped", 0))

@@ -43,8 +43,7 @@ class GradientShaper:
     def apply_(self, loss_scale: float = 1.0):
         """Shape every ``p.grad`` in place (grads may carry ``loss_scale``)."""
         g = self.session.grouping
-        needs_param = "unit_param_sumsq" in self.session.shaper.needs or any(
-            "unit_param_sumsq" in s.needs for s in getattr(self.session.shaper, "shapers", ()))
+        needs_param = "unit_param_sumsq" in self.session.shaper.needs
         slices = slices_from_params(self.named, g.group, with_param=needs_param, unit_base=g.unit_base)
         ss = SliceSet(slices, self.session.layout)
         ss.loss_scale = loss_scale

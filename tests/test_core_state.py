@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from megatron_shaping.core import ShapingSession, shaper_from_spec
+from megatron_shaping.shapers import Chain, chain
+from megatron_shaping.shapers.norm_clip import NormClip
 from megatron_shaping.stats.layout import ParamInfo
 from megatron_shaping.stats.slices import GradSlice, SliceSet
 
@@ -47,7 +49,7 @@ def test_state_follows_parameter_names_not_order():
     b.load_state_dict(a.state_dict())
     for name in ("a.weight", "b.weight", "c.weight"):
         ia, ib = a.layout.names.index(name), b.layout.names.index(name)
-        assert a.state.m[ia] == b.state.m[ib] and a.state.v[ia] == b.state.v[ib]
+        assert a.state[0].m[ia] == b.state[0].m[ib] and a.state[0].v[ia] == b.state[0].v[ib]
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -70,3 +72,25 @@ def test_not_a_state_or_other_version():
     sd["format_version"] = 99
     with pytest.raises(ValueError, match="format_version 99"):
         s.load_state_dict(sd)
+
+
+def test_a_single_shaper_is_a_chain_of_one():
+    s = ShapingSession(shaper_from_spec({"type": "spamp"}), PARAMS)
+    assert isinstance(s.shaper, Chain) and len(s.shaper.shapers) == 1 and repr(s.shaper) == repr(s.shaper.shapers[0])
+    assert isinstance(s.state, tuple) and type(s.state[0]).__name__ == "SPAMPState"
+    step(s, grads(0))
+    assert isinstance(s.state, tuple) and len(s.state) == 1 and s.state[0].count.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_member_granularity_lives_in_the_chain():
+    spec = {"type": "chain", "shapers": [{"type": "gradient_stabilizer"},
+                                         {"type": "zclip", "params": {"warmup_steps": 2}, "granularity": "global"}]}
+    sh = shaper_from_spec(spec)
+    assert sh.granularities == (None, "global") and not hasattr(sh.shapers[1], "granularity")
+    s = ShapingSession(sh, PARAMS)
+    assert s.granularity == "tensor" and s.shaper.granularities == ("tensor", "global")
+    assert [list(m.state_layout(s.layout).names) for m in s.shaper.shapers] == [[p.name for p in PARAMS], ["global"]]
+    nested = chain(chain(NormClip(), granularities=["block"]), NormClip(), granularities=["tensor", "global"])
+    assert nested.granularities == ("block", "global")
+    with pytest.raises(ValueError, match="granularities"):
+        chain(NormClip(), granularities=["tensor", "global"])

@@ -111,7 +111,7 @@ def test_overflow_skips_and_state_dict_resumes():
     assert gs.apply_() is None and gs.session.skipped == 1
     resumed = GradientShaper(model.named_parameters(), "zclip", {"warmup_steps": 2, "max_grad_norm": None})
     resumed.load_state_dict(sd)
-    assert all(torch.equal(a, b) for a, b in zip(resumed.state, gs.state))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state[0], gs.state[0]))
 
 
 def test_shaper_instance_and_frozen_params():

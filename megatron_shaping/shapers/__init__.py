@@ -8,8 +8,8 @@ import importlib
 import inspect
 from typing import Any, Dict
 
-from .base import (ALL_STATS, Chain, Elementwise, GroupLayout, Plan, Shaper, Stats, StepRecord, as_chain, chain,
-                   derive_stats, make_layout, run_shapers)
+from .base import (ALL_STATS, Chain, Elementwise, GroupLayout, Plan, Shaper, Stats, StepRecord, chain, derive_stats,
+                   make_layout)
 
 #: config ``type`` -> (module, class). One module per method; a module name starting with a dot
 #: is relative to this package, any other is imported as it stands (a shaper outside the
@@ -58,6 +58,6 @@ def default_section(name: str) -> Dict[str, Any]:
     return {"type": name, "granularity": shaper_class(name).default_granularity, "params": default_params(name)}
 
 
-__all__ = ["ALL_STATS", "Chain", "Elementwise", "GroupLayout", "Plan", "Shaper", "Stats", "StepRecord", "as_chain",
-           "chain", "derive_stats", "make_layout", "run_shapers", "REGISTRY", "shaper_class", "build_shaper",
+__all__ = ["ALL_STATS", "Chain", "Elementwise", "GroupLayout", "Plan", "Shaper", "Stats", "StepRecord", "chain",
+           "derive_stats", "make_layout", "REGISTRY", "shaper_class", "build_shaper",
            "default_params", "default_section"]

@@ -53,15 +53,24 @@ class GroupLayout(NamedTuple):
 
 
 def make_layout(names: Sequence[str], numel: Sequence[float], units_per_group: Optional[Sequence[int]] = None,
-                unit_numel: Optional[Sequence[float]] = None, device: Any = "cpu") -> GroupLayout:
-    """Build a layout; without units, each group is one unit."""
+                unit_numel: Optional[Sequence[float]] = None, device: Any = "cpu",
+                unit_group: Optional[Sequence[int]] = None) -> GroupLayout:
+    """Build a layout (the one constructor: tests and :func:`megatron_shaping.stats.layout.build_grouping`).
+
+    Units are given either as ``unit_group`` (the group of each unit, in unit order, with
+    ``unit_numel``) or as ``units_per_group`` (units numbered group after group); without
+    either, each group is one unit."""
     L = len(names)
-    if units_per_group is None:
-        units_per_group = [1] * L
-        unit_numel = list(numel)
-    unit_group = torch.repeat_interleave(torch.arange(L), torch.tensor(list(units_per_group), dtype=torch.long))
+    if unit_group is not None and units_per_group is not None:
+        raise ValueError("make_layout: give unit_group or units_per_group, not both")
+    if unit_group is None:
+        if units_per_group is None:
+            units_per_group = [1] * L
+            unit_numel = list(numel)
+        unit_group = torch.repeat_interleave(torch.arange(L), torch.tensor(list(units_per_group), dtype=torch.long))
     return GroupLayout(tuple(names), torch.tensor(list(numel), dtype=STAT_DTYPE, device=device),
-                       unit_group.to(device), torch.tensor(list(unit_numel), dtype=STAT_DTYPE, device=device))
+                       torch.as_tensor(unit_group, dtype=torch.long).to(device),
+                       torch.tensor(list(unit_numel), dtype=STAT_DTYPE, device=device))
 
 
 class Stats(NamedTuple):
@@ -144,6 +153,16 @@ class Shaper:
 
     def update(self, stats: Stats, state: NamedTuple) -> Tuple[Plan, NamedTuple]:  # pragma: no cover
         raise NotImplementedError
+
+    def state_layout(self, layout: GroupLayout) -> GroupLayout:
+        """The groups this shaper keeps state for when it runs on ``layout``'s groups: those
+        groups themselves (a member that sums them into coarser ones answers with its own)."""
+        return layout
+
+    def chain_members(self) -> Tuple[Tuple["Shaper", Optional[str]], ...]:
+        """What this shaper puts into a :class:`Chain`: ``(member, granularity)`` pairs, a
+        granularity of None meaning the session's. A single shaper is a chain of one."""
+        return ((self, None),)
 
     def diagnostics(self, prev: NamedTuple, new: NamedTuple) -> Dict[str, torch.Tensor]:
         """What the monitors show of one step: named [L] series, NaN where a group has no value yet.
@@ -246,27 +265,90 @@ def derive_stats(stats: Stats, plan: Plan, layout: GroupLayout) -> Stats:
     return Stats(sumsq, sumabs, unit_sumsq, stats.unit_param_sumsq)
 
 
+ComputeStats = Callable[[frozenset], Stats]
+ApplyPlan = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[Elementwise]], None]
+ReadPlan = Callable[[Plan], Plan]
+
+
+class StepRecord(NamedTuple):
+    """What one shaping step did, for logs and tests."""
+    stats_before: Stats           # statistics of the incoming gradient
+    factor: torch.Tensor          # [L] overall factor ||g_after|| / ||g_before|| per group
+    stats_after: Stats            # statistics of the shaped gradient (sumsq at least)
+
+
 class Chain(Shaper):
     """Shapers applied one after another; each sees the gradient its predecessors produced.
 
-    The state is the tuple of member states. ``Chain`` itself is driven by
-    :func:`run_shapers`, which recomputes statistics only after an elementwise map (a pure
-    scale's effect on the statistics is derived exactly, see :func:`derive_stats`).
+    Every session runs a chain (a single shaper is a chain of one); the state is always the
+    tuple of member states. ``granularities[i]`` is member i's granularity (None: the
+    session's). A chain is driven by :meth:`step`, which recomputes statistics only after an
+    elementwise map (a pure scale's effect on the statistics is derived exactly, see
+    :func:`derive_stats`).
     """
     name = "chain"
 
-    def __init__(self, *shapers: Shaper):
-        flat = []
-        for s in shapers:
-            flat.extend(s.shapers if isinstance(s, Chain) else [s])
-        if not flat:
+    def __init__(self, *shapers: Shaper, granularities: Optional[Sequence[Optional[str]]] = None):
+        """Nested chains are flattened; ``granularities`` (one per argument) applies to the
+        members of an argument that have none of their own."""
+        granularities = tuple(granularities) if granularities is not None else (None,) * len(shapers)
+        if len(granularities) != len(shapers):
+            raise ValueError(f"chain(): {len(granularities)} granularities for {len(shapers)} shapers")
+        pairs = [(m, mg or g) for s, g in zip(shapers, granularities) for m, mg in s.chain_members()]
+        if not pairs:
             raise ValueError("chain() needs at least one shaper")
-        self.shapers = tuple(flat)
+        self.shapers = tuple(m for m, _ in pairs)
+        self.granularities = tuple(g for _, g in pairs)
         self.needs = frozenset().union(*(s.needs for s in self.shapers))
         self.default_granularity = self.shapers[0].default_granularity
 
+    def chain_members(self) -> Tuple[Tuple[Shaper, Optional[str]], ...]:
+        return tuple(zip(self.shapers, self.granularities))
+
     def init(self, layout: GroupLayout) -> tuple:
         return tuple(s.init(layout) for s in self.shapers)
+
+    def update(self, stats: Stats, state: tuple):
+        raise TypeError("a chain's members see the gradient their predecessors produced: drive it with "
+                        "Chain.step, not update")
+
+    def step(self, state: tuple, layout: GroupLayout, compute_stats: ComputeStats,
+             apply_plan: ApplyPlan, read_plan: Optional[ReadPlan] = None) -> Tuple[tuple, StepRecord]:
+        """One shaping step over a gradient the callbacks own; returns the new state (the tuple
+        of member states) and a :class:`StepRecord`.
+
+        ``compute_stats(needs)`` returns reduced statistics of the gradient as it is now (one
+        collective per call in the distributed drivers). ``read_plan(plan)`` returns the plan as
+        it runs (``skip_map`` resolved, :meth:`Plan.resolve` by default); the session reads its
+        host values there, in one copy. ``apply_plan(scale, unit_scale, elementwise)`` changes
+        the gradient in place.
+        """
+        stats = first = compute_stats(frozenset(self.needs) | {SUMSQ})
+        new_states = []
+        for i, (member, st) in enumerate(zip(self.shapers, state)):
+            plan, st = member.update(stats, st)
+            plan = read_plan(plan) if read_plan is not None else plan.resolve()
+            new_states.append(st)
+            rest_needs = frozenset().union(*(s.needs for s in self.shapers[i + 1:])) | {SUMSQ}
+            apply_plan(plan.scale, plan.unit_scale, plan.elementwise)
+            if plan.is_pure_scale:
+                derived = derive_stats(stats, plan, layout)
+                if any(getattr(derived, k) is None for k in rest_needs):
+                    derived = compute_stats(rest_needs)
+                stats = derived
+                continue
+            stats = compute_stats(rest_needs)
+            if plan.finish is not None:
+                post = plan.finish(stats)
+                apply_plan(post, None, None)
+                stats = derive_stats(stats, Plan(post), layout)
+                if any(getattr(stats, k) is None for k in rest_needs):
+                    stats = compute_stats(rest_needs)
+        before = first.sumsq.sqrt()
+        after = stats.sumsq.sqrt()
+        factor = torch.where(before > 0, after / before.clamp_min(torch.finfo(STAT_DTYPE).tiny),
+                             torch.ones_like(before))
+        return tuple(new_states), StepRecord(first, factor, stats)
 
     def diagnostics(self, prev: tuple, new: tuple) -> Dict[str, torch.Tensor]:
         """``stat`` of the first member only (the only one that sees the incoming gradient whose
@@ -280,68 +362,12 @@ class Chain(Shaper):
         return out
 
     def __repr__(self) -> str:
+        # A chain of one is its member (the configured single shaper, as logs and checkpoint meta name it).
+        if len(self.shapers) == 1:
+            return repr(self.shapers[0])
         return "chain(" + ", ".join(map(repr, self.shapers)) + ")"
 
 
-def chain(*shapers: Shaper) -> Chain:
-    """Compose shapers left to right."""
-    return Chain(*shapers)
-
-
-def as_chain(shaper: Shaper) -> Chain:
-    return shaper if isinstance(shaper, Chain) else Chain(shaper)
-
-
-ComputeStats = Callable[[frozenset], Stats]
-ApplyPlan = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[Elementwise]], None]
-ReadPlan = Callable[[Plan], Plan]
-
-
-class StepRecord(NamedTuple):
-    """What one shaping step did, for logs and tests."""
-    stats_before: Stats           # statistics of the incoming gradient
-    factor: torch.Tensor          # [L] overall factor ||g_after|| / ||g_before|| per group
-    stats_after: Stats            # statistics of the shaped gradient (sumsq at least)
-
-
-def run_shapers(shaper: Shaper, state: Any, layout: GroupLayout, compute_stats: ComputeStats,
-                apply_plan: ApplyPlan, read_plan: Optional[ReadPlan] = None) -> Tuple[Any, StepRecord]:
-    """Drive one shaping step of ``shaper`` (or a chain) over a gradient the callbacks own.
-
-    ``compute_stats(needs)`` returns reduced statistics of the gradient as it is now (one
-    collective per call in the distributed drivers). ``read_plan(plan)`` returns the plan as it
-    runs (``skip_map`` resolved, :meth:`Plan.resolve` by default); the session reads its host
-    values there, in one copy. ``apply_plan(scale, unit_scale, elementwise)`` changes the
-    gradient in place. Returns the new state (a tuple for a chain, the bare state otherwise)
-    and a :class:`StepRecord`.
-    """
-    ch = as_chain(shaper)
-    states = tuple(state) if isinstance(shaper, Chain) else (state,)
-    needs_all = frozenset(ch.needs) | {SUMSQ}
-    stats = compute_stats(needs_all)
-    first = stats
-    new_states = []
-    for i, (member, st) in enumerate(zip(ch.shapers, states)):
-        plan, st = member.update(stats, st)
-        plan = read_plan(plan) if read_plan is not None else plan.resolve()
-        new_states.append(st)
-        rest_needs = frozenset().union(*(s.needs for s in ch.shapers[i + 1:])) | {SUMSQ}
-        apply_plan(plan.scale, plan.unit_scale, plan.elementwise)
-        if plan.is_pure_scale:
-            derived = derive_stats(stats, plan, layout)
-            if any(getattr(derived, k) is None for k in rest_needs):
-                derived = compute_stats(rest_needs)
-            stats = derived
-            continue
-        stats = compute_stats(rest_needs)
-        if plan.finish is not None:
-            post = plan.finish(stats)
-            apply_plan(post, None, None)
-            stats = derive_stats(stats, Plan(post), layout)
-            if any(getattr(stats, k) is None for k in rest_needs):
-                stats = compute_stats(rest_needs)
-    before = first.sumsq.sqrt()
-    after = stats.sumsq.sqrt()
-    factor = torch.where(before > 0, after / before.clamp_min(torch.finfo(STAT_DTYPE).tiny), torch.ones_like(before))
-    out_state = tuple(new_states) if isinstance(shaper, Chain) else new_states[0]
-    return out_state, StepRecord(first, factor, stats)
+def chain(*shapers: Shaper, granularities: Optional[Sequence[Optional[str]]] = None) -> Chain:
+    """Compose shapers left to right (see :class:`Chain`)."""
+    return Chain(*shapers, granularities=granularities)

@@ -29,6 +29,9 @@ class Regrouped(Shaper):
         for k in inner.hparams:
             setattr(self, k, getattr(inner, k))
 
+    def state_layout(self, layout: GroupLayout) -> GroupLayout:
+        return self.coarse
+
     def init(self, layout: GroupLayout) -> NamedTuple:
         return self.inner.init(self.coarse)
 

@@ -10,9 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
-from ..shapers.base import STAT_DTYPE, GroupLayout
+from ..shapers.base import GroupLayout, make_layout
 
 GRANULARITIES = ("tensor", "block", "global")
 #: Default block pattern: everything under one transformer layer, named either Megatron/HF
@@ -97,8 +95,5 @@ def build_grouping(params: Sequence[ParamInfo], granularity: str = "tensor",
         unit_base[p.name] = len(unit_group)
         unit_group.extend([gid] * p.rows)
         unit_numel.extend([p.numel / p.rows] * p.rows)
-    dev = device or "cpu"
-    layout = GroupLayout(tuple(names), torch.tensor(numel, dtype=STAT_DTYPE, device=dev),
-                         torch.tensor(unit_group, dtype=torch.long, device=dev),
-                         torch.tensor(unit_numel, dtype=STAT_DTYPE, device=dev))
+    layout = make_layout(names, numel, unit_numel=unit_numel, device=device or "cpu", unit_group=unit_group)
     return ParamGrouping(layout, group_of, unit_base, tuple(params))

@@ -34,7 +34,7 @@ def test_hand_values_ema_of_the_scale():
     _, out2 = d.step({"w": g * 10})
     assert out2["w"].tolist() == pytest.approx([30 / math.sqrt(1 + (30 / 14) ** 2), -40 / math.sqrt(1 + (40 / 14) ** 2),
                                                 0.0, 10 / math.sqrt(1 + (10 / 14) ** 2)], rel=1e-6)
-    assert d.gs.state.m.tolist() == pytest.approx([10.5]) and d.gs.state.count.tolist() == [2.0]
+    assert d.gs.state[0].m.tolist() == pytest.approx([10.5]) and d.gs.state[0].count.tolist() == [2.0]
 
 
 def test_map_survives_overflow_and_keeps_signs():

@@ -34,7 +34,7 @@ def test_hand_values_rms_previous():
     s = 5 / math.hypot(a, b)
     assert out.tolist() == pytest.approx([a * s, b * s], rel=1e-12)
     # tau is the EMA of the raw norm: 0.5 * 5 + 0.5 * 10
-    assert d.gs.state.tau.tolist() == [7.5]
+    assert d.gs.state[0].tau.tolist() == [7.5]
 
 
 def test_hand_values_rms_current():

@@ -77,8 +77,7 @@ class DeepSpeedShaping:
         self._loss_sum: Optional[torch.Tensor] = None      # observe_loss() since the last step
         self._loss_n = 0
         self._warned_no_loss = False
-        self.needs_param = any("unit_param_sumsq" in s.needs for s in getattr(self.session.shaper, "shapers",
-                                                                                 (self.session.shaper,)))
+        self.needs_param = "unit_param_sumsq" in self.session.shaper.needs
         self.clip = float(engine.gradient_clipping() or 0.0)
         self.last_loss_scale = 1.0
         self.last_skipped = False
