@@ -8,7 +8,6 @@ stage 1's layers without a gather); ``log_interval: 0`` registers nothing; rank 
 nothing; the spike log of an injected spike; the plot tool on the real output.
 """
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -229,10 +228,7 @@ def test_spike_log_of_an_injected_spike(out):
 
 
 def test_plot_tool_on_deepspeed_output(out, tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_shaping",
-                                                  os.path.join(HERE, "..", "..", "tools", "plot_shaping.py"))
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    from tools import plot_shaping as plot
     d = out / "spamp_z1"
     files = plot.plot_all(str(d / "csv"), str(tmp_path), str(d / "spikes.jsonl"))
     assert sorted(os.path.basename(f) for f in files) == ["global_norm.png", "layer_ratio.png", "loss.png",
