@@ -11,11 +11,11 @@ import csv
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
+
+from tests.distributed.launch import launch_scenarios
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "monitor_worker.py")
@@ -41,24 +41,9 @@ SCENARIOS = [
 BY_NAME = {s["name"]: s for s in SCENARIOS}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    root = tmp_path_factory.mktemp("monitor")
-    sc_path = root / "scenarios.json"
-    sc_path.write_text(json.dumps(SCENARIOS))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(_free_port()), WORKER, "--scenarios", str(sc_path), "--out", str(root / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"deepspeed launch failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return root / "out"
+    return Path(launch_scenarios(2, WORKER, SCENARIOS, tmp_path_factory.mktemp("monitor"), out="out", timeout=900))
 
 
 def load(out, name):
