@@ -20,59 +20,26 @@ Rank 0 appends one JSON line per job to ``--out``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
 import sys
 import traceback
 
 import torch
-import torch.nn as nn
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from tests.distributed import nets, runner
 
-IN, OUT = 13, 3
+IN, OUT = nets.IN, nets.OUT
 GLOBAL_BATCH = 8
 
 
-class Block(nn.Module):
-    def __init__(self, i, o):
-        super().__init__()
-        self.lin = nn.Linear(i, o)
-        self.norm_w = nn.Parameter(torch.ones(o))
-
-    def forward(self, x):
-        return torch.tanh(self.lin(x)) * self.norm_w
-
-
-class Net(nn.Module):
-    """8 tensors of awkward sizes (280 parameters): they straddle ZeRO partition boundaries."""
-
-    def __init__(self, extra_layer=False):
-        super().__init__()
-        sizes = [IN, 11, 7] + ([7] if extra_layer else [])
-        self.layers = nn.ModuleList([Block(a, b) for a, b in zip(sizes, sizes[1:])])
-        self.head = nn.Linear(7, OUT)
-
-    def forward(self, x):
-        for b in self.layers:
-            x = b(x)
-        return self.head(x)
-
-
 def make_model(extra_layer=False):
-    torch.manual_seed(0)
-    m = Net(extra_layer)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+    """nets.Net: 8 tensors of awkward sizes (280 parameters) that straddle ZeRO partition boundaries."""
+    return nets.make_model(hidden=(11, 7, 7) if extra_layer else (11, 7))
 
 
 def batch(step, n=GLOBAL_BATCH):
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(n, IN, generator=g), torch.randn(n, OUT, generator=g)
+    return nets.batch(step, n)
 
 
 def grad_factor(job, step):
@@ -541,31 +508,17 @@ JOBS = {"reference": job_reference, "torch_ref": job_torch_ref, "save": job_save
         "latest_race": job_latest_race}
 
 
+def crash(e, job, rank):
+    """A job that raised unexpectedly (``error_type``/``error`` alone are a job's expected errors)."""
+    return {"error_type": type(e).__name__, "error": str(e), "crash": traceback.format_exc()[-3000:]}
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--plan", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")
-    import deepspeed.comm as dist
-    torch.set_num_threads(1)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    with open(args.plan) as f:
-        plan = json.load(f)
-    import time
-    for job in plan:
-        t0 = time.time()
-        try:
-            r = JOBS[job["kind"]](job, world, rank)
-        except Exception as e:  # report and go on: one broken scenario must not hide the others
-            r = {"error_type": type(e).__name__, "error": str(e), "crash": traceback.format_exc()[-3000:]}
-        r.update(name=job["name"], kind=job["kind"], world=world, seconds=round(time.time() - t0, 2))
-        if rank == 0:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r, default=str) + "\n")
-        dist.barrier()
+    w = runner.start(items="--plan")
+    for job, r in w.each(lambda job: JOBS[job["kind"]](job, w.world, w.rank), on_error=crash):
+        r.update(name=job["name"], kind=job["kind"], world=w.world)
+        w.write_lines([r], mode="a")     # job by job: a launch killed on purpose keeps what ran
+        w.barrier()
 
 
 if __name__ == "__main__":

@@ -14,19 +14,10 @@ Launch order (a launch costs far more than a job, so there are four):
 """
 import os
 
-from megatron_shaping.shapers import REGISTRY
+from tests.shaper_specs import registered_specs
 
-#: Params that make a method act within N steps on the tests' small models (defaults otherwise).
-TEST_PARAMS = {
-    "spamp": {"alpha_min": 0.7},
-    "norm_clip": {"max_norm": 0.05},
-    "value_clip": {"clip_value": 0.002},
-    "agc": {"clipping": 0.01},
-    "zclip": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5},
-    "adagc": {"warmup_steps": 2, "warmup_max_norm": 0.05},
-}
-#: Every registered method (registry order).
-SHAPERS = {name: {"type": name, "params": dict(TEST_PARAMS.get(name, {}))} for name in REGISTRY}
+#: Every registered method (registry order), with params that make it act within N steps.
+SHAPERS = registered_specs()
 GS = SHAPERS["gradient_stabilizer"]
 N, M = 3, 3                       # save after N steps, resume for M more
 EXACT_STAGES = (1, 2, 3)

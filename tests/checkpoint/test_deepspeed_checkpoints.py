@@ -22,12 +22,11 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.distributed.launch import failed, read_results, run_deepspeed
 
 from . import plans as P
 
@@ -37,32 +36,18 @@ TOL = 1e-5          # fp32 tolerance across DP layouts / ZeRO stages (observed ~
 STATE_FILE = "gradient_shaping_state.pt"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world, plan, work, label, expect_kill=False):
     plan_path = os.path.join(work, f"plan_{label}.json")
     out_path = os.path.join(work, f"results_{label}.jsonl")
     with open(plan_path, "w") as f:
         json.dump(plan, f)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(world),
-           "--master_port", str(_free_port()), WORKER, "--plan", plan_path, "--out", out_path]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    with open(os.path.join(work, f"log_{label}.txt"), "w") as f:
-        f.write(proc.stdout + "\n" + proc.stderr)
-    results = {}
-    if os.path.exists(out_path):
-        with open(out_path) as f:
-            results = {r["name"]: r for r in map(json.loads, f)}
+    proc = run_deepspeed(world, WORKER, "--plan", plan_path, "--out", out_path, timeout=1200, check=False,
+                         log=os.path.join(work, f"log_{label}.txt"))
+    results = read_results(out_path) if os.path.exists(out_path) else {}
     killed = plan[-1]["name"] if expect_kill else None
     missing = [j["name"] for j in plan if j["name"] not in results and j["name"] != killed]
     if (proc.returncode != 0) != expect_kill or missing:
-        raise RuntimeError(f"deepspeed launch {label} (world {world}) rc={proc.returncode}, missing results "
-                           f"{missing[:5]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(failed(f"deepspeed launch {label} (world {world}), missing results {missing[:5]},", proc))
     return results
 
 

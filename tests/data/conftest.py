@@ -1,19 +1,15 @@
-import importlib.util
+import importlib
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def load_tool(name):
-    """tools/ are scripts, not a package: load one by path to call its main(argv)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The command-line tool ``tools/<name>.py`` as a module (to call its ``main(argv)``)."""
+    return importlib.import_module(f"tools.{name}")
 
 
 @pytest.fixture(scope="session")

@@ -28,72 +28,19 @@ fp16 loss-scaler code paths run; the arithmetic is CPU fp16.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import sys
-import time
-import traceback
-
 import warnings
 
 import torch
-import torch.nn as nn
 
 # DeepSpeed's deprecation warnings would flood the output a failed launch reports.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
+from tests.distributed import runner  # noqa: E402
+from tests.distributed.nets import batch, make_model  # noqa: E402
 
-IN, OUT = 13, 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}   # significand bits p
-
-
-class Block(nn.Module):
-    def __init__(self, i, o):
-        super().__init__()
-        self.lin = nn.Linear(i, o)
-        self.norm_w = nn.Parameter(torch.ones(o))
-
-    def forward(self, x):
-        return torch.tanh(self.lin(x)) * self.norm_w
-
-
-class Net(nn.Module):
-    """280 parameters in 8 tensors of awkward sizes: with 2 or 4 ranks, tensors straddle ZeRO
-    partition boundaries. ``hidden=(11, 5)`` gives 253 parameters, which no world size divides
-    (DeepSpeed then pads the last partition)."""
-
-    def __init__(self, hidden=(11, 7)):
-        super().__init__()
-        self.layers = nn.ModuleList([Block(IN, hidden[0]), Block(hidden[0], hidden[1])])
-        self.head = nn.Linear(hidden[1], OUT)
-
-    def forward(self, x):
-        for b in self.layers:
-            x = b(x)
-        return self.head(x)
-
-
-def make_model(seed=0, hidden=(11, 7)):
-    torch.manual_seed(seed)
-    m = Net(tuple(hidden))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
-
-
-def batch(step, n, spike=None):
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(n, IN, generator=g)
-    y = torch.randn(n, OUT, generator=g)
-    if spike and step in spike:
-        y = y * spike[step]       # a loss spike: gradients `spike` times larger
-    return x, y
 
 
 def rel(a, b):
@@ -313,7 +260,7 @@ def _stats_rel(a, b):
 def run_scenario(sc, world, rank):
     import megatron_shaping
     from megatron_shaping import GradientShaper
-    import mutants
+    from tests.distributed import mutants
 
     steps = sc.get("steps", 4)
     gas = sc.get("gas", 1)
@@ -486,45 +433,13 @@ def _state_rel(a, b):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--scenarios", required=True, help="JSON file with a list of scenarios")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--fake-fp16", action="store_true")
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    import deepspeed
-    if args.fake_fp16:
-        from fp16_on_cpu import report_fp16_support
-        report_fp16_support()
-    deepspeed.init_distributed(dist_backend="gloo")
-    import deepspeed.comm as dist
-    world, rank = dist.get_world_size(), dist.get_rank()
-    with open(args.scenarios) as f:
-        scenarios = json.load(f)
+    w = runner.start()
     results = []
-    for sc in scenarios:
-        t0, c0 = time.time(), time.process_time()
-        try:
-            r = run_scenario(sc, world, rank)
-        except Exception as e:  # report, keep going: one broken path must not hide the others
-            r = {"name": sc["name"], "rank": rank, "error": f"{type(e).__name__}: {e}",
-                 "trace": traceback.format_exc()[-3000:]}
-        r["seconds"] = time.time() - t0
-        r["cpu"] = time.process_time() - c0
-        if "error" in r:
-            print(f"rank {rank}: scenario {sc['name']} failed:\n{r['trace']}", file=sys.stderr, flush=True)
-        gathered = [None] * world
-        if world > 1:
-            # (a scenario that failed on one rank only leaves the ranks out of step: this
-            # collective then fails and the launch reports the traceback printed above)
-            dist.all_gather_object(gathered, r)
-        else:
-            gathered = [r]
-        results.append({"name": sc["name"], "world": world, "ranks": gathered})
-    if rank == 0:
-        with open(args.out, "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+    for sc, r in w.each(lambda sc: run_scenario(sc, w.world, w.rank)):
+        # (a scenario that failed on one rank only leaves the ranks out of step: this
+        # collective then fails and the launch reports the traceback printed on stderr)
+        results.append({"name": sc["name"], "world": w.world, "ranks": w.gather(r)})
+    w.write_lines(results)
 
 
 if __name__ == "__main__":

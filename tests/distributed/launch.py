@@ -1,8 +1,12 @@
-"""Run a worker script under the ``deepspeed`` launcher on CPU (one launch per call)."""
+"""The test side of a launch: run a worker script under the ``deepspeed`` launcher (or ``torchrun``)
+on CPU, one launch per call. The worker side is tests/distributed/runner.py."""
+import json
 import os
 import socket
 import subprocess
 import sys
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def free_port() -> int:
@@ -11,17 +15,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_deepspeed(world: int, script: str, *args: str, timeout: int = 1800) -> None:
-    """``deepspeed --num_gpus world script args`` with the CPU accelerator; raises with the
-    tail of the output when the launch fails."""
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(world),
-           "--master_port", str(free_port()), script, *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"deepspeed launch ({world} processes) failed rc={p.returncode}:\n"
-                           f"{_tracebacks(p.stdout + p.stderr)}\n--- output tail ---\n"
-                           f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+def deepspeed_cmd() -> list:
+    """The ``deepspeed`` launcher of this interpreter."""
+    exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def launch_env(**extra) -> dict:
+    """The environment of a launch: CPU accelerator, one thread per process, unbuffered output and the
+    repository root on ``PYTHONPATH`` (workers import ``tests.distributed.runner`` and the package)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    env.update(extra)
+    return env
+
+
+def run_deepspeed(world: int, script: str, *args: str, timeout: int = 1800, check: bool = True,
+                  log: str = None) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus world script args`` with the CPU accelerator; ``log``: a file for the
+    whole output. ``check``: raise, with the tail of the output, when the launch fails."""
+    cmd = deepspeed_cmd() + ["--num_gpus", str(world), "--master_port", str(free_port()), script, *args]
+    p = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    if log:
+        with open(log, "w") as f:
+            f.write(p.stdout + "\n" + p.stderr)
+    if check and p.returncode != 0:
+        raise RuntimeError(failed(f"deepspeed launch ({world} processes)", p))
+    return p
+
+
+def failed(what: str, p: subprocess.CompletedProcess) -> str:
+    """What a failed launch reports: its tracebacks, then the tail of its output."""
+    return (f"{what} failed rc={p.returncode}:\n{_tracebacks(p.stdout + p.stderr)}\n--- output tail ---\n"
+            f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+
+
+def launch_scenarios(world: int, worker: str, scenarios: list, workdir, *args: str, label: str = "",
+                     out: str = None, timeout: int = 1800) -> str:
+    """Write ``scenarios`` to ``<workdir>/scenarios<label>.json``, run ``worker --scenarios that
+    --out <workdir>/<out> args`` on ``world`` processes and return the ``--out`` path (default
+    ``results<label>.jsonl``; a worker that writes a folder per scenario gets a folder name)."""
+    sc_path = os.path.join(str(workdir), f"scenarios{label}.json")
+    with open(sc_path, "w") as f:
+        json.dump(scenarios, f)
+    out_path = os.path.join(str(workdir), out or f"results{label}.jsonl")
+    run_deepspeed(world, worker, "--scenarios", sc_path, "--out", out_path, *args, timeout=timeout)
+    return out_path
+
+
+def read_results(path: str, key: str = "name") -> dict:
+    """The JSON lines a worker wrote, by ``key``."""
+    with open(path) as f:
+        return {r[key]: r for r in map(json.loads, f)}
 
 
 def _tracebacks(text: str, limit: int = 3) -> str:

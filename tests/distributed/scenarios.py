@@ -3,31 +3,21 @@
 Hyperparameters are chosen so that every method changes the gradient strongly within a few
 steps of the small test model (short warmups, small thresholds): each cell must show a shaping
 effect on DeepSpeed's buffers of at least 10x its tight tolerance (test_deepspeed_equivalence.py),
-in bf16 too, where a method that barely acts would be lost in one rounding. entrywise_shrink
-uses threshold 3 (the default 10 moves the largest bf16 entries by ~20 ulps only).
+in bf16 too, where a method that barely acts would be lost in one rounding (the table is
+tests/shaper_specs.py, shared with the checkpoint suite).
 
 ``mutant_matrix()`` lists the mutation controls (mutants.py): each broken variant of the sharded
 path, in fp32 and bf16 over ZeRO 0-3 (fp16 for the loss-scale mutants), inside the domain where
 it can change a result.
 """
-from megatron_shaping.shapers import REGISTRY
+from tests.shaper_specs import registered_specs
 
-#: Params that make a method act strongly within STEPS steps (defaults otherwise).
-TEST_PARAMS = {
-    "spamp": {"alpha_min": 0.7},
-    "norm_clip": {"max_norm": 0.05},
-    "value_clip": {"clip_value": 0.002},
-    "agc": {"clipping": 0.01},
-    "zclip": {"warmup_steps": 2, "max_grad_norm": None, "z_thresh": 0.5},
-    "adagc": {"warmup_steps": 2, "warmup_max_norm": 0.05},
-    "entrywise_shrink": {"threshold": 3.0},
-}
-#: Every registered method, then other modes, a chain and block granularity.
-SHAPERS = {name: {"type": name, "params": dict(TEST_PARAMS.get(name, {}))} for name in REGISTRY}
+#: Every registered method (params that make it act strongly within STEPS steps: tests/shaper_specs.py),
+#: then other modes, a chain and block granularity.
+SHAPERS = registered_specs()
 SHAPERS.update({
     "spamp_raw": {"type": "spamp", "params": {"mode": "raw", "threshold_from": "current"}},
-    "chain_agc_clip": {"type": "chain", "shapers": [{"type": "agc", "params": {"clipping": 0.01}},
-                                                    {"type": "norm_clip", "params": {"max_norm": 0.05}}]},
+    "chain_agc_clip": {"type": "chain", "shapers": [SHAPERS["agc"], SHAPERS["norm_clip"]]},
     "block_gs": {"type": "gradient_stabilizer", "granularity": "block", "params": {}},
 })
 MATRIX_SHAPERS = list(SHAPERS)

@@ -48,13 +48,12 @@ by the same comparisons at least 10x outside their tolerance. ``test_report`` pr
 (and the smallest effect/tolerance ratio and the worst differences) for README "Tests"; set
 ``DS_EQUIVALENCE_REPORT=path`` to also write it to a file.
 """
-import json
 import os
 
 import pytest
 
 from . import scenarios as S
-from .launch import run_deepspeed
+from .launch import launch_scenarios, read_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ds_worker.py")
@@ -81,13 +80,8 @@ def roundings(sc) -> int:
 def run_world(world, tmp_root):
     if world in _cache:
         return _cache[world]
-    sc_path = os.path.join(tmp_root, f"scenarios_{world}.json")
-    out_path = os.path.join(tmp_root, f"results_{world}.jsonl")
-    with open(sc_path, "w") as f:
-        json.dump(S.matrix(world), f)
-    run_deepspeed(world, WORKER, "--scenarios", sc_path, "--out", out_path, "--fake-fp16")
-    with open(out_path) as f:
-        _cache[world] = {r["name"]: r for r in map(json.loads, f)}
+    out = launch_scenarios(world, WORKER, S.matrix(world), tmp_root, "--fake-fp16", label=f"_{world}")
+    _cache[world] = read_results(out)
     return _cache[world]
 
 

@@ -35,24 +35,20 @@ error/tolerance ratio over steps and ranks, with the worst rank.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import os
 import re
-import sys
 import time
 import traceback
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tp_pp_mutants import MUTANTS  # noqa: E402
+from tests.distributed import runner  # noqa: E402
+from tests.distributed.tp_pp_mutants import MUTANTS  # noqa: E402
 
 SEED = 1234
 LR = 1.0
@@ -560,22 +556,13 @@ def parse_layout(layout, world):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layouts", required=True, help="comma list like tp2,pp2,tp2pp2,dp2tp2,tp2pp2dp2")
-    ap.add_argument("--cases", default="all", help="comma list of method cases, or 'all'")
-    ap.add_argument("--mutants", default="all", help="comma list of mutants, 'all' or 'none'")
-    ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(1)
-    import logging
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    w = runner.start(("--layouts", dict(required=True, help="comma list like tp2,pp2,tp2pp2,dp2tp2,tp2pp2dp2")),
+                     ("--cases", dict(default="all", help="comma list of method cases, or 'all'")),
+                     ("--mutants", dict(default="all", help="comma list of mutants, 'all' or 'none'")),
+                     ("--precisions", dict(default="fp32,bf16")), ("--steps", dict(type=int, default=3)),
+                     items=None, quiet=True)
     from megatron_shaping.model.parallel import init_parallel
-    rank, world = dist.get_rank(), dist.get_world_size()
+    args, rank, world = w.args, w.rank, w.world
     cfg = tiny()
     specs = method_specs()
     cases = list(specs) if args.cases == "all" else args.cases.split(",")
@@ -635,11 +622,7 @@ def main():
                 res["seconds"] = time.time() - t1
                 results.append(res)
                 print(f"[tp_pp_worker] {layout} {precision} {name}: {res['seconds']:.1f}s", flush=True)
-    if rank == 0:
-        with open(args.out, "w") as f:
-            f.write(json.dumps({"meta": True, "reference_seconds": t_ref}) + "\n")
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+    w.write_lines([{"meta": True, "reference_seconds": t_ref}] + results)
 
 
 if __name__ == "__main__":

@@ -19,24 +19,19 @@ Writes ``<out>/stage<N>.json`` (rank 0) with everything the pytest side compares
 """
 from __future__ import annotations
 
-import argparse
 import faulthandler
 import glob
-import json
 import os
 import shutil
 import signal
-import sys
 import traceback
 
 faulthandler.register(signal.SIGUSR1)     # kill -USR1 <pid>: Python stacks of a stuck rank on stderr
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, ROOT)
-
 import torch  # noqa: E402
 
 import megatron_shaping  # noqa: E402
+from tests.distributed import runner  # noqa: E402
 
 # Before transformers/accelerate build anything: every deepspeed.initialize attaches the shaper.
 megatron_shaping.patch_deepspeed()
@@ -265,20 +260,12 @@ def scenario(stage: int, out: str) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--stages", default="2,3")
-    p.add_argument("--local_rank", type=int, default=0)
-    a = p.parse_args()
-    for stage in [int(s) for s in a.stages.split(",")]:
-        try:
-            res = scenario(stage, a.out)
-        except Exception:
-            res = {"stage": stage, "error": traceback.format_exc()}
-            print(res["error"], file=sys.stderr, flush=True)
-        if rank() == 0:
-            with open(os.path.join(a.out, f"stage{stage}.json"), "w") as f:
-                json.dump(res, f, default=str)
+    # transformers' Trainer builds the process group itself: no runner.init_distributed
+    w = runner.start(("--stages", dict(default="2,3")), items=None, init=False)
+    stages = [int(st) for st in w.args.stages.split(",")]
+    for stage, res in w.each(lambda st: scenario(st, w.args.out), items=stages,
+                             on_error=lambda e, st, r: {"stage": st, "error": traceback.format_exc()}):
+        w.write_json(os.path.join(w.args.out, f"stage{stage}.json"), res)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,14 @@ Writes ``<out>/<scenario>/rank<r>.json``; tests/integrations/test_spike_skip.py 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import sys
-import traceback
 
 import torch
 import torch.nn as nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "monitor"))
-sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))   # fp16_on_cpu
-
-from monitor_worker import IN, OUT, batch, make_model  # noqa: E402
+from tests.distributed import runner
+from tests.monitor.monitor_worker import IN, OUT, batch, make_model
 
 STEPS = 10
 SPIKES = {7: 50.0, 9: 500.0}      # the first spike enters the window (as in OLMo-core): the second must be larger
@@ -220,29 +211,10 @@ def scenario(sc, world, rank, out_dir):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--scenarios", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    import deepspeed
-    from fp16_on_cpu import report_fp16_support
-    report_fp16_support()
-    deepspeed.init_distributed(dist_backend="gloo")
-    import deepspeed.comm as dist
-    world, rank = dist.get_world_size(), dist.get_rank()
-    with open(args.scenarios) as f:
-        scenarios = json.load(f)
-    for sc in scenarios:
-        out_dir = os.path.join(args.out, sc["name"])
-        os.makedirs(out_dir, exist_ok=True)
-        try:
-            res = scenario(sc, world, rank, out_dir)
-        except Exception as e:  # report, keep going
-            res = {"error": f"rank {rank}: {type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(res, f)
-        dist.barrier()
+    w = runner.start(fake_fp16=True)
+    for sc, res in w.each(lambda sc: scenario(sc, w.world, w.rank, w.scenario_dir(sc))):
+        w.write_json(os.path.join(w.scenario_dir(sc), f"rank{w.rank}.json"), res, every_rank=True)
+        w.barrier()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ itself against hand-computed numbers: tests/integrations/test_spike_skip_rule.py
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
+
+from tests.distributed.launch import launch_scenarios
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "spike_skip_worker.py")
@@ -36,23 +36,9 @@ SPIKE_STEPS = (7, 9)
 NAMES = [s["name"] for s in SCENARIOS]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spike_skip")
-    (root / "scenarios.json").write_text(json.dumps(SCENARIOS))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(_free_port()), WORKER, "--scenarios", str(root / "scenarios.json"), "--out", str(root / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"deepspeed launch failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return root / "out"
+    return Path(launch_scenarios(2, WORKER, SCENARIOS, tmp_path_factory.mktemp("spike_skip"), out="out", timeout=600))
 
 
 def load(out, name):

@@ -8,16 +8,15 @@ Prints ``SCENARIO <name> OK`` for each scenario passed.
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_shaping.model import LlamaConfig, LlamaModel, gather_full_tensor, is_tp_duplicate  # noqa: E402
 from megatron_shaping.model.parallel import init_parallel  # noqa: E402
+from tests.distributed import runner  # noqa: E402
 
 SEED = 1234
 ATOL = 1e-5
@@ -138,9 +137,7 @@ def scenario_pipeline(cfg, label, tp=1):
 
 
 def main():
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.set_num_threads(1)
+    runner.init_distributed()
     for sc in os.environ.get("SCENARIOS", "tp,fp8,pp").split(","):
         if sc == "tp":
             scenario_tp(tiny(), "tp2-tied-gqa")

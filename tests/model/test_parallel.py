@@ -1,26 +1,20 @@
 """TP/PP equivalence with the unsharded model, in one 4-process torchrun launch (world 4:
 TP=2 runs with DP=2, PP=2 with DP=2, and PP=2 x TP=2). See dist_worker.py for the scenarios."""
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.launch import free_port, launch_env
+
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ["tp2-tied-gqa", "tp2-untied-mha", "fp8", "pp2-untied", "pp2-tied", "pp2-tp2-tied"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_log():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", SCENARIOS="tp,fp8,pp,pp2tp2", OMP_NUM_THREADS="1")
+    env = launch_env(SCENARIOS="tp,fp8,pp,pp2tp2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(HERE / "dist_worker.py")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -9,18 +9,13 @@ test_monitor_deepspeed.py compares with the CSV files DeepSpeed's csv_monitor wr
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import sys
-import traceback
 
 import torch
 import torch.nn as nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..")))
+from tests.distributed import runner
 
 IN, OUT = 13, 3
 
@@ -223,34 +218,19 @@ def run_pipeline(sc, world, rank, out_dir):
     return res, {"records": records, "wiring": wiring, "local_params": local}
 
 
+def scenario(sc, world, rank, out_dir):
+    run = run_pipeline if sc.get("pipeline") else run_data_parallel
+    res, records = run(sc, world, rank, out_dir)
+    return {"ref": res, "records": records}
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--scenarios", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo")
-    import deepspeed.comm as dist
-    world, rank = dist.get_world_size(), dist.get_rank()
-    with open(args.scenarios) as f:
-        scenarios = json.load(f)
-    for sc in scenarios:
-        out_dir = os.path.join(args.out, sc["name"])
-        os.makedirs(out_dir, exist_ok=True)
-        try:
-            run = run_pipeline if sc.get("pipeline") else run_data_parallel
-            res, records = run(sc, world, rank, out_dir)
-        except Exception as e:  # report, keep going
-            res = {"error": f"rank {rank}: {type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            records = res
-        with open(os.path.join(out_dir, f"records_rank{rank}.json"), "w") as f:
-            json.dump(records, f)
-        if rank == 0:
-            res["world"] = world
-            with open(os.path.join(out_dir, "ref.json"), "w") as f:
-                json.dump(res, f)
-        dist.barrier()
+    w = runner.start()
+    for sc, r in w.each(lambda sc: scenario(sc, w.world, w.rank, w.scenario_dir(sc))):
+        res, records = r.get("ref", r), r.get("records", r)       # a scenario that raised: its error
+        w.write_json(os.path.join(w.scenario_dir(sc), f"records_rank{w.rank}.json"), records, every_rank=True)
+        w.write_json(os.path.join(w.scenario_dir(sc), "ref.json"), dict(res, world=w.world))
+        w.barrier()
 
 
 if __name__ == "__main__":

@@ -8,15 +8,14 @@ stage 1's layers without a gather); ``log_interval: 0`` registers nothing; rank 
 nothing; the spike log of an injected spike; the plot tool on the real output.
 """
 import csv
-import importlib.util
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
+
+from tests.distributed.launch import launch_scenarios
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "monitor_worker.py")
@@ -42,24 +41,9 @@ SCENARIOS = [
 BY_NAME = {s["name"]: s for s in SCENARIOS}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    root = tmp_path_factory.mktemp("monitor")
-    sc_path = root / "scenarios.json"
-    sc_path.write_text(json.dumps(SCENARIOS))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(_free_port()), WORKER, "--scenarios", str(sc_path), "--out", str(root / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"deepspeed launch failed rc={proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return root / "out"
+    return Path(launch_scenarios(2, WORKER, SCENARIOS, tmp_path_factory.mktemp("monitor"), out="out", timeout=900))
 
 
 def load(out, name):
@@ -229,10 +213,7 @@ def test_spike_log_of_an_injected_spike(out):
 
 
 def test_plot_tool_on_deepspeed_output(out, tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_shaping",
-                                                  os.path.join(HERE, "..", "..", "tools", "plot_shaping.py"))
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    from tools import plot_shaping as plot
     d = out / "spamp_z1"
     files = plot.plot_all(str(d / "csv"), str(tmp_path), str(d / "spikes.jsonl"))
     assert sorted(os.path.basename(f) for f in files) == ["global_norm.png", "layer_ratio.png", "loss.png",

@@ -1,7 +1,6 @@
 """tools/plot_shaping.py on a sample log written the way DeepSpeed's csv_monitor writes it:
 the extracted series carry the right numbers, and the plots are real, non-trivial PNGs."""
 import csv
-import importlib.util
 import json
 import os
 import struct
@@ -9,10 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("plot_shaping", os.path.join(HERE, "..", "..", "tools", "plot_shaping.py"))
-plot = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot)
+from tools import plot_shaping as plot
+
 
 LAYERS = ["layers.0.attn.q_proj.weight", "layers.0.norm_w", "head.weight"]
 STEPS = [8, 16, 24, 32, 40]          # samples after each step (batch 8); step 24 skipped

@@ -173,12 +173,7 @@ def test_shaped_fraction():
 
 
 def test_plot_tool_names_match_monitor():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "plot_shaping.py")
-    spec = importlib.util.spec_from_file_location("plot_shaping", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from tools import plot_shaping as mod
     assert mod.GLOBAL_FIELDS == M.GLOBAL_FIELDS and mod.LAYER_FIELDS == M.LAYER_FIELDS + M.UPDATE_FIELDS
     assert M.LAYER_FIELDS == M.LayerStats._fields
     assert mod.CSV_PREFIX == M.TAG_PREFIX.replace("/", "_") + "_"

@@ -9,18 +9,12 @@ at the end the parameters of both. Rank 0 writes one JSON line per scenario.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import sys
-import traceback
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "distributed")))  # fp16_on_cpu
+from tests.distributed import runner
 
 IN, OUT = 13, 3
 
@@ -166,37 +160,9 @@ def full_params_of(model):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--scenarios", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", type=int, default=0)
-    args = ap.parse_args()
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    from fp16_on_cpu import report_fp16_support
-    report_fp16_support()
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # tools/gpu_check.sh runs this worker on GPUs with NCCL
-    deepspeed.init_distributed(dist_backend=os.environ.get("MS_DIST_BACKEND", "gloo"))
-    import deepspeed.comm as dist
-    rank = dist.get_rank()
-    import logging
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    logging.getLogger("megatron_shaping").setLevel(logging.WARNING)
-    with open(args.scenarios) as f:
-        scenarios = json.load(f)
-    lines = []
-    for sc in scenarios:
-        try:
-            r = run(sc, rank)
-        except Exception as e:  # noqa: BLE001 - reported per scenario
-            r = {"name": sc["name"], "error": repr(e), "trace": traceback.format_exc()}
-        lines.append(json.dumps(r))
-    if rank == 0:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    # tools/gpu_check.sh runs this worker on GPUs with NCCL (MS_DIST_BACKEND, see runner.init_distributed)
+    w = runner.start(fake_fp16=True, quiet=True)
+    w.write_lines([r for _, r in w.each(lambda sc: run(sc, w.rank))])
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ Tolerances: fp32 1e-6 (float64 statistics vs DeepSpeed's fp32 sums); 16-bit 1e-3
 same gradients; DeepSpeed's norm adds the fp32 per-tensor norms in another order) and on
 parameters, which move by ~1e-2.
 """
-import json
 import os
 
 import pytest
 
-from tests.distributed.launch import run_deepspeed
+from tests.distributed.launch import launch_scenarios, read_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ds_norm_worker.py")
@@ -54,13 +53,7 @@ SCENARIOS = _scenarios()
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ds_norm")
-    sc_path, out_path = str(d / "sc.json"), str(d / "out.jsonl")
-    with open(sc_path, "w") as f:
-        json.dump(SCENARIOS, f)
-    run_deepspeed(2, WORKER, "--scenarios", sc_path, "--out", out_path)
-    with open(out_path) as f:
-        return {r["name"]: r for r in map(json.loads, f)}
+    return read_results(launch_scenarios(2, WORKER, SCENARIOS, tmp_path_factory.mktemp("ds_norm")))
 
 
 def _rel(a, b):
