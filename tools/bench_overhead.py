@@ -88,8 +88,8 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
 }
 BASELINES = ("none", "ds_clip", "user_full_grad")
 DSNORM, DSCLIP = "dsnorm", "dsclip"
-#: The timed regions of a step, in report order.
-REGIONS = (HOOK, STATS, APPLY, DSNORM, DSCLIP)
+#: The timed regions of a step, in report order: the package's, then DeepSpeed's.
+REGIONS = profiling.REGIONS + (DSNORM, DSCLIP)
 
 # ---------------------------------------------------------------------------------- launcher
 
