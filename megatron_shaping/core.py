@@ -153,6 +153,10 @@ class ShapingSession:
         if sd["format_version"] != STATE_FORMAT_VERSION:
             raise ValueError(f"{source}: shaper state format_version {sd['format_version']} is not supported "
                              f"(this version reads {STATE_FORMAT_VERSION})")
+        lacking = [k for k in ("granularity", "groups", "members") if k not in sd] + [
+            f"members[{i}].{k}" for i, m in enumerate(sd.get("members", ())) for k in ("type", "fields") if k not in m]
+        if lacking:
+            raise ValueError(f"{source}: shaper state lacks {lacking}")
         if sd["granularity"] != self.granularity:
             raise ValueError(f"{source}: saved granularity {sd['granularity']!r} != configured {self.granularity!r}")
         mine_types = [m.name for m in self.shaper.shapers]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 HOOK = "hook"
 STATS = "stats"
@@ -30,7 +30,6 @@ APPLY = "apply"
 REGIONS = (HOOK, STATS, APPLY)
 
 _recorder: Optional[Any] = None
-_OFF = contextlib.nullcontext()
 
 
 def install(recorder: Optional[Any]) -> Optional[Any]:
@@ -50,14 +49,9 @@ def recording(recorder: Any) -> Iterator[Any]:
         install(previous)
 
 
-def region(name: str) -> ContextManager:
-    """The installed recorder's ``region(name)``, or a no-op context."""
-    rec = _recorder
-    return _OFF if rec is None else rec.region(name)
-
-
 def marked(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: run the function inside :func:`region` ``(name)``."""
+    """Decorator: run the function inside the installed recorder's ``region(name)`` (none installed: just
+    the function)."""
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def in_region(*args, **kwargs):

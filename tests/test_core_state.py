@@ -74,6 +74,20 @@ def test_not_a_state_or_other_version():
         s.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("drop,named", [
+    (lambda sd: sd.pop("members"), "['members']"),
+    (lambda sd: sd.pop("granularity"), "['granularity']"),
+    (lambda sd: sd["members"][0].pop("fields"), "['members[0].fields']"),
+])
+def test_a_missing_key_is_named_with_the_source(drop, named):
+    s = ShapingSession(shaper_from_spec({"type": "gradient_stabilizer"}), PARAMS)
+    sd = s.state_dict()
+    drop(sd)
+    with pytest.raises(ValueError) as e:
+        s.load_state_dict(sd, source="ckpt/x.pt")
+    assert str(e.value) == f"ckpt/x.pt: shaper state lacks {named}"
+
+
 def test_a_single_shaper_is_a_chain_of_one():
     s = ShapingSession(shaper_from_spec({"type": "spamp"}), PARAMS)
     assert isinstance(s.shaper, Chain) and len(s.shaper.shapers) == 1 and repr(s.shaper) == repr(s.shaper.shapers[0])

@@ -1,7 +1,8 @@
 """Device-to-host reads of one shaping step, counted (issue 11): on a GPU each read stalls the step.
 
 Every way PyTorch hands a tensor value to Python (``item``, ``tolist``, ``cpu``, ``numpy``,
-``bool()``, ``int()``, ``float()``, ``__index__``) is wrapped during one ``ShapingSession.step``
+``bool()``, ``int()``, ``float()``, ``__index__``: the benchmark's ``SyncCounter.METHODS``, wrapped by its
+``wrapped``) is wrapped during one ``ShapingSession.step``
 (through :class:`GradientShaper`, i.e. a :class:`SliceSet` of whole-tensor slices): a single
 shaper makes exactly one read, the step's decision, which an elementwise plan's parameters share.
 A chain adds at most one read per further elementwise member. The controls show that the count
@@ -18,8 +19,10 @@ from megatron_shaping.core import ShapingSession
 from megatron_shaping.shapers import REGISTRY, build_shaper, chain
 from megatron_shaping.shapers.value_clip import ValueClip
 from megatron_shaping.stats.slices import SliceSet
+from tools.bench_overhead import SyncCounter, wrapped
 
-READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+#: the reads the benchmark counts, wrapped the same way
+READS = SyncCounter.METHODS
 
 #: parameters that make every method act on the test gradient (a clip that never fires skips its map)
 ACTIVE = {"norm_clip": {"max_norm": 0.05}, "value_clip": {"clip_value": 1e-3}, "zclip": {"warmup_steps": 1},
@@ -38,24 +41,16 @@ class Reads:
 
 @contextmanager
 def counting_reads():
-    reads, saved = Reads(), []
-    for name in READS:
-        fn = getattr(torch.Tensor, name)
-        saved.append((name, name in torch.Tensor.__dict__, fn))
+    reads = Reads()
 
-        def counted(t, *a, _fn=fn, _name=name, **k):
+    def wrap(name, fn):
+        def counted(t, *a, **k):
             reads.n += 1
-            reads.where.append(_name)
-            return _fn(t, *a, **k)
-        setattr(torch.Tensor, name, counted)
-    try:
+            reads.where.append(name)
+            return fn(t, *a, **k)
+        return counted
+    with wrapped(torch.Tensor, READS, wrap):
         yield reads
-    finally:
-        for name, had, fn in reversed(saved):
-            if had:
-                setattr(torch.Tensor, name, fn)
-            else:
-                delattr(torch.Tensor, name)
 
 
 def grads(seed, dtype=torch.float32, scale=1.0):
@@ -125,7 +120,7 @@ def test_shortcut_without_the_map_reads_once(shaper, why):
     rec, reads, passes = m.step(0)
     assert reads.n == 1 and passes == 1, why
     assert rec is not None
-    if isinstance(m.gs.session.shaper, ValueClip):
+    if isinstance(m.gs.session.shaper.shapers[0], ValueClip):      # the session holds a chain of one
         for n, p in m.params.items():
             assert torch.equal(p.grad, before[n])
 

@@ -88,8 +88,8 @@ OVERRIDES: Dict[str, Dict[str, Any]] = {
 }
 BASELINES = ("none", "ds_clip", "user_full_grad")
 DSNORM, DSCLIP = "dsnorm", "dsclip"
-#: The timed regions of a step, in report order.
-REGIONS = (HOOK, STATS, APPLY, DSNORM, DSCLIP)
+#: The timed regions of a step, in report order: the package's, then DeepSpeed's.
+REGIONS = profiling.REGIONS + (DSNORM, DSCLIP)
 
 # ---------------------------------------------------------------------------------- launcher
 
@@ -238,7 +238,7 @@ def _tensors(x, out):
 
 
 @contextlib.contextmanager
-def _wrapped(obj, names, wrap):
+def wrapped(obj, names, wrap):
     """Replace ``obj.<name>`` by ``wrap(name, original)`` for the block, then restore it."""
     saved = []
     for name in names:
@@ -277,7 +277,7 @@ class CommCounter:
 
     def active(self) -> ContextManager:
         from deepspeed.comm import comm as dscomm
-        return _wrapped(dscomm.cdb, COLLECTIVES, self._wrap)
+        return wrapped(dscomm.cdb, COLLECTIVES, self._wrap)
 
     def _wrap(self, name, fn):
         def counted(*a, **k):
@@ -305,7 +305,7 @@ class SyncCounter:
 
     def active(self) -> ContextManager:
         import torch
-        return _wrapped(torch.Tensor, self.METHODS, self._wrap)
+        return wrapped(torch.Tensor, self.METHODS, self._wrap)
 
     def _wrap(self, name, fn):
         def counted(t, *a, **k):

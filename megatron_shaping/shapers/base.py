@@ -270,6 +270,16 @@ ApplyPlan = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[Elementwise
 ReadPlan = Callable[[Plan], Plan]
 
 
+def _scaled_stats(stats: Stats, plan: Plan, layout: GroupLayout, needs: frozenset,
+                  compute_stats: ComputeStats) -> Stats:
+    """Statistics after the pure-scale ``plan`` was applied: derived exactly, or computed again
+    when one of ``needs`` cannot be derived (see :func:`derive_stats`)."""
+    derived = derive_stats(stats, plan, layout)
+    if any(getattr(derived, k) is None for k in needs):
+        return compute_stats(needs)
+    return derived
+
+
 class StepRecord(NamedTuple):
     """What one shaping step did, for logs and tests."""
     stats_before: Stats           # statistics of the incoming gradient
@@ -300,6 +310,9 @@ class Chain(Shaper):
         self.shapers = tuple(m for m, _ in pairs)
         self.granularities = tuple(g for _, g in pairs)
         self.needs = frozenset().union(*(s.needs for s in self.shapers))
+        #: what the statistics after member i must hold: the needs of the members after it
+        self._rest_needs = tuple(frozenset().union(*(s.needs for s in self.shapers[i + 1:])) | {SUMSQ}
+                                 for i in range(len(self.shapers)))
         self.default_granularity = self.shapers[0].default_granularity
 
     def chain_members(self) -> Tuple[Tuple[Shaper, Optional[str]], ...]:
@@ -325,25 +338,19 @@ class Chain(Shaper):
         """
         stats = first = compute_stats(frozenset(self.needs) | {SUMSQ})
         new_states = []
-        for i, (member, st) in enumerate(zip(self.shapers, state)):
+        for member, st, rest_needs in zip(self.shapers, state, self._rest_needs):
             plan, st = member.update(stats, st)
             plan = read_plan(plan) if read_plan is not None else plan.resolve()
             new_states.append(st)
-            rest_needs = frozenset().union(*(s.needs for s in self.shapers[i + 1:])) | {SUMSQ}
             apply_plan(plan.scale, plan.unit_scale, plan.elementwise)
             if plan.is_pure_scale:
-                derived = derive_stats(stats, plan, layout)
-                if any(getattr(derived, k) is None for k in rest_needs):
-                    derived = compute_stats(rest_needs)
-                stats = derived
+                stats = _scaled_stats(stats, plan, layout, rest_needs, compute_stats)
                 continue
             stats = compute_stats(rest_needs)
             if plan.finish is not None:
                 post = plan.finish(stats)
                 apply_plan(post, None, None)
-                stats = derive_stats(stats, Plan(post), layout)
-                if any(getattr(stats, k) is None for k in rest_needs):
-                    stats = compute_stats(rest_needs)
+                stats = _scaled_stats(stats, Plan(post), layout, rest_needs, compute_stats)
         before = first.sumsq.sqrt()
         after = stats.sumsq.sqrt()
         factor = torch.where(before > 0, after / before.clamp_min(torch.finfo(STAT_DTYPE).tiny),

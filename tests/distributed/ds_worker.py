@@ -237,8 +237,7 @@ def tight_reference_step(ref_shaper, grads16, weights, scale):
     sess = ref_shaper.session
     g = sess.grouping
     named = [(n, RefParam(weights[n], grads16[n].clone())) for n, _ in ref_shaper.named]
-    needs_param = "unit_param_sumsq" in sess.shaper.needs or any(
-        "unit_param_sumsq" in s.needs for s in getattr(sess.shaper, "shapers", ()))
+    needs_param = "unit_param_sumsq" in sess.shaper.needs       # a chain's needs: its members'
     ss = SliceSet(slices_from_params(named, g.group, with_param=needs_param, unit_base=g.unit_base), sess.layout)
     ss.loss_scale = scale
     rec = sess.step(ss)

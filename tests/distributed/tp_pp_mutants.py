@@ -27,13 +27,18 @@ from typing import Callable, Dict
 
 
 @contextlib.contextmanager
-def _replace(cls, name: str, make: Callable[[Callable], Callable]):
-    orig = cls.__dict__[name]
-    setattr(cls, name, make(orig))
+def _set(obj, name: str, value):
+    """``obj.name = value`` for the block, then the old value back."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        setattr(cls, name, orig)
+        setattr(obj, name, saved)
+
+
+def _replace(cls, name: str, make: Callable[[Callable], Callable]):
+    return _set(cls, name, make(cls.__dict__[name]))
 
 
 def _engine_class():
@@ -44,12 +49,8 @@ def _engine_class():
 def tp_replicated_counted(rank: int, world: int):
     def make(orig):
         def counted(self, p):
-            saved = self.tp_rank
-            self.tp_rank = 0            # every TP rank believes it is TP rank 0
-            try:
+            with _set(self, "tp_rank", 0):      # every TP rank believes it is TP rank 0
                 return orig(self, p)
-            finally:
-                self.tp_rank = saved
         return counted
     return _replace(_engine_class(), "_counted", make)
 
@@ -59,11 +60,8 @@ def tied_counted_twice(rank: int, world: int):
         def counted(self, p):
             if not getattr(p, "ds_pipe_replicated", False):
                 return orig(self, p)
-            p.ds_pipe_replicated = False    # the non-owner stage counts the tied copy too
-            try:
+            with _set(p, "ds_pipe_replicated", False):      # the non-owner stage counts the tied copy too
                 return orig(self, p)
-            finally:
-                p.ds_pipe_replicated = True
         return counted
     return _replace(_engine_class(), "_counted", make)
 

@@ -56,6 +56,16 @@ class Driver:
         return rec, {n: p.grad.clone() for n, p in self.params.items()}
 
 
+def torch_clipped(grads: Dict[str, torch.Tensor], max_norm: float) -> list:
+    """The independent reference of global norm clipping: ``torch.nn.utils.clip_grad_norm_`` on
+    copies of ``grads``; returns the clipped gradients in ``grads``' order."""
+    ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads.values()]
+    for p, g in zip(ref, grads.values()):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    return [p.grad for p in ref]
+
+
 def total_norm(grads: Dict[str, torch.Tensor]) -> float:
     return float(torch.cat([g.double().flatten() for g in grads.values()]).norm())
 
