@@ -286,10 +286,12 @@ def _acc_dtype(x: torch.Tensor, cpu: bool):
     return None if x.dtype == torch.float32 else torch.float32
 
 
-def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor) -> List[torch.Tensor]:
+def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor,
+                  sq: Optional[List[torch.Tensor]] = None, dt=None) -> List[torch.Tensor]:
     """Sums of |x| of the k chunks of ``length`` elements in ``seg``, through the bounded fp32
     ``buf``: vector_norm(ord=1) takes a slow generic path on the CPU; |x| into a buffer and a
-    native row sum are ~3x faster."""
+    native row sum are ~3x faster. ``sq``: also append the chunks' L2 norms (accumulated in
+    ``dt``, the same reduction the p = 2 pass makes) block by block, while the block is in cache."""
     out = []
     per = max(1, buf.numel() // length)
     for j in range(0, k, per):
@@ -303,19 +305,29 @@ def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor) -> 
         else:
             b.copy_(blk).abs_()
         out.append(b.view(kk, length).sum(1))
+        if sq is not None:
+            sq.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
     return out
 
 
-def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu: bool) -> List[torch.Tensor]:
-    """The partials of every run, small tensors first (one multi-tensor call), in parts' order."""
+def _small_partials(xs: List[torch.Tensor], p: int, cpu: bool) -> List[torch.Tensor]:
+    dts = {_acc_dtype(x, cpu) for x in xs}
+    if len(dts) == 1:
+        return [torch.stack(torch._foreach_norm(xs, p, dtype=dts.pop())).view(-1)]
+    return [torch.linalg.vector_norm(x, p, dtype=_acc_dtype(x, cpu)).view(1) for x in xs]
+
+
+def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu: bool,
+                  sq: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """The partials of every run, small tensors first (one multi-tensor call), in parts' order.
+    ``sq`` (with p = 1): the p = 2 partials of the same runs are appended to it, in the same
+    order, from the same pass (the big runs' blocks are read once for both)."""
     out = []
     if parts.small:
         xs = [tensors[t] for t in parts.small]
-        dts = {_acc_dtype(x, cpu) for x in xs}
-        if len(dts) == 1:
-            out.append(torch.stack(torch._foreach_norm(xs, p, dtype=dts.pop())).view(-1))
-        else:
-            out += [torch.linalg.vector_norm(x, p, dtype=_acc_dtype(x, cpu)).view(1) for x in xs]
+        out += _small_partials(xs, p, cpu)
+        if sq is not None:
+            sq += _small_partials(xs, 2, cpu)
     buf = None
     for t, runs in parts.big:
         x = tensors[t]
@@ -326,9 +338,11 @@ def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu
                 if buf is None:
                     buf = torch.empty(max(min(ABS_BLOCK, parts.max_run), length), dtype=torch.float32,
                                       device=x.device)
-                out += _abs_run_sums(seg, k, length, buf)
+                out += _abs_run_sums(seg, k, length, buf, sq, dt)
             else:
                 out.append(torch.linalg.vector_norm(seg.view(k, length), p, dim=1, dtype=dt))
+                if sq is not None:
+                    sq.append(torch.linalg.vector_norm(seg.view(k, length), 2, dim=1, dtype=dt))
     return out
 
 
@@ -347,6 +361,16 @@ def _exact_where_needed(vals: torch.Tensor, tensors, parts: _Partials, p: int) -
     return vals
 
 
+def _sum_partials(out: List[torch.Tensor], tensors, parts: _Partials, p: int) -> torch.Tensor:
+    vals = torch.cat(out) if len(out) > 1 else out[0]
+    if vals.dtype != STAT_DTYPE:
+        vals = _exact_where_needed(vals, tensors, parts, p)
+    if p == 2:
+        vals = vals.square()
+    acc = torch.zeros(parts.size, dtype=STAT_DTYPE, device=vals.device)
+    return acc.index_add_(0, parts.index, vals)
+
+
 def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) -> torch.Tensor:
     """float64 vector of ``parts.size`` sums: sum of x^2 (p=2) or |x| (p=1) per output id.
 
@@ -356,14 +380,18 @@ def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) 
     recomputed exactly. Other devices: the same runs reduced with ``dtype=float64``."""
     if not tensors:
         return torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
-    out = _run_partials(tensors, parts, p, tensors[0].device.type == "cpu")
-    vals = torch.cat(out) if len(out) > 1 else out[0]
-    if vals.dtype != STAT_DTYPE:
-        vals = _exact_where_needed(vals, tensors, parts, p)
-    if p == 2:
-        vals = vals.square()
-    acc = torch.zeros(parts.size, dtype=STAT_DTYPE, device=vals.device)
-    return acc.index_add_(0, parts.index, vals)
+    return _sum_partials(_run_partials(tensors, parts, p, tensors[0].device.type == "cpu"), tensors, parts, p)
+
+
+def _reduce_partials_sq_abs(tensors: Sequence[torch.Tensor], parts: _Partials) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sums of x^2, sums of |x|) per output id, as two _reduce_partials calls give them, from
+    one pass over the data."""
+    if not tensors:
+        z = torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
+        return z, z.clone()
+    sq: List[torch.Tensor] = []
+    ab = _run_partials(tensors, parts, 1, tensors[0].device.type == "cpu", sq)
+    return _sum_partials(sq, tensors, parts, 2), _sum_partials(ab, tensors, parts, 1)
 
 
 def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: torch.Tensor, p: int, scaled: bool) -> None:
@@ -501,9 +529,11 @@ class SliceSet:
                 # The unit partials cover the same elements: their group sums are the group's.
                 parts[SUMSQ] = torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=dev).index_add_(
                     0, self.layout.unit_group, parts[UNIT_SUMSQ])
+            elif SUMABS in needs and self._on_cpu():
+                parts[SUMSQ], parts[SUMABS] = _reduce_partials_sq_abs(self._counted, self.meta.group_parts)
             else:
                 parts[SUMSQ] = self._group_sum(2)
-        if SUMABS in needs:
+        if SUMABS in needs and SUMABS not in parts:
             parts[SUMABS] = self._group_sum(1)
         if UNIT_PARAM_SUMSQ in needs:
             parts[UNIT_PARAM_SUMSQ] = self._unit_sum("param")
@@ -523,8 +553,11 @@ class SliceSet:
         self._fresh_sumsq = out.get(SUMSQ)
         return Stats(**out)
 
+    def _on_cpu(self) -> bool:
+        return not self._counted or self._counted[0].device.type == "cpu"
+
     def _group_sum(self, p: int) -> torch.Tensor:
-        if self._counted and self._counted[0].device.type != "cpu":
+        if not self._on_cpu():
             # Accelerators: one fused multi-tensor kernel, float64 output.
             acc = torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=self.layout.device)
             norms = torch.stack(torch._foreach_norm(self._counted, p, dtype=STAT_DTYPE))
