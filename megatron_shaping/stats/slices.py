@@ -223,21 +223,26 @@ def _unit_runs(n: int, offset: int, row_len: int, unit_first: int):
     every partial maps to the global unit id of its row (``unit_first`` = the first row's)."""
     runs: List[Tuple[int, int, int]] = []
     ids: List[int] = []
+    # A slice that starts on a row boundary has no partial first row; rows of at most CHUNK
+    # elements are one partial each either way (same values: one run fewer).
     head = min(n, row_len - offset % row_len)
+    if head == row_len and row_len <= CHUNK:
+        head = 0
     for r in _chunk_runs(0, head, CHUNK):
         runs.append(r)
         ids += [unit_first] * r[1]
+    r0 = unit_first + (1 if head else 0)     # unit of the first whole row
     body = (n - head) // row_len
     if body:
         d = _row_chunk(row_len)
         m = row_len // d
         runs.append((head, body * m, d))
-        ids += [unit_first + 1 + j // m for j in range(body * m)]
+        ids += [r0 + j // m for j in range(body * m)]
     tail_start = head + body * row_len
     if tail_start < n:
         for r in _chunk_runs(tail_start, n - tail_start, CHUNK):
             runs.append(r)
-            ids += [unit_first + 1 + body] * r[1]
+            ids += [r0 + body] * r[1]
     return runs, ids
 
 
