@@ -116,25 +116,39 @@ def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List) -> None:
 
     ``torch._foreach_mul_`` with Python scalars computes a bf16/fp16 tensor's product with the
     scalar already rounded to that dtype (a factor off by up to 0.4 % in bf16). A 16-bit tensor
-    is multiplied natively by a 0-d factor tensor (Python floats become float64 0-d tensors)
-    where :func:`_native_rounds_once` found that this computes in fp32 and rounds once (the CPU);
-    elsewhere it is widened to fp32 (one slice-sized temporary at a time), multiplied and rounded
-    once. fp32/fp64 tensors and the native 16-bit ones go through one multi-tensor call.
+    is multiplied natively (:func:`_narrow_factor`) where :func:`_native_rounds_once` found that
+    this computes in fp32 and rounds once; elsewhere it is widened to fp32 (one slice-sized
+    temporary at a time), multiplied and rounded once. fp32/fp64 tensors and the native 16-bit
+    ones go through one multi-tensor call.
     ``scalars``: Python floats or 0-d tensors (factors kept on the device: no host read).
     """
     wide_t, wide_s = [], []
     for t, f in zip(tensors, scalars):
         if t.dtype in _NARROW:
-            form = f.dtype if isinstance(f, torch.Tensor) else torch.float64
-            if not _native_rounds_once(t.device, t.dtype, form):
+            native = _narrow_factor(t, f)
+            if native is None:
                 t.copy_(t.float().mul_(f))
                 continue
-            if not isinstance(f, torch.Tensor):
-                f = torch.tensor(f, dtype=torch.float64, device=t.device)
+            f = native
         wide_t.append(t)
         wide_s.append(f)
     if wide_t:
         torch._foreach_mul_(wide_t, wide_s)
+
+
+def _narrow_factor(t: torch.Tensor, f):
+    """The factor to multiply the 16-bit tensor ``t`` by natively with one rounding, or None
+    (widen): a 0-d factor where the device reads it in fp32 (the CPU), else a 1-element fp32
+    tensor, whose type promotion makes the multiply compute in fp32 (one fused pass on an
+    accelerator; on the CPU slower than widening), each as the probe confirms."""
+    form = f.dtype if isinstance(f, torch.Tensor) else torch.float64
+    if _native_rounds_once(t.device, t.dtype, form):
+        return f if isinstance(f, torch.Tensor) else torch.tensor(f, dtype=torch.float64, device=t.device)
+    if _native_rows(t.device) and _native_rounds_once(t.device, t.dtype, "rows"):
+        if isinstance(f, torch.Tensor):
+            return f.to(torch.float32).view(1)
+        return torch.tensor([f], dtype=torch.float32, device=t.device)
+    return None
 
 
 def _native_rows(device: torch.device) -> bool:

@@ -70,12 +70,15 @@ def test_control_foreach_mul_with_scalars_is_not_correctly_rounded(dtype):
 # of the fp32 computation; the probe result is forced here so that each path runs on this CPU.
 
 def _force(monkeypatch, native: bool, rows_native: bool = False):
+    """Probe results forced: the 0-d factor multiply rounds once (``native``); the fp32
+    broadcast multiply is used and rounds once (``rows_native``)."""
     from megatron_shaping.stats import slices as sl
     table = {}
     monkeypatch.setattr(sl, "_NATIVE_ONCE", table)
     for dt in (torch.bfloat16, torch.float16):
-        for form in (torch.float64, torch.float32, "rows"):
+        for form in (torch.float64, torch.float32):
             table[("cpu", dt, form)] = native
+        table[("cpu", dt, "rows")] = rows_native
     monkeypatch.setattr(sl, "_native_rows", lambda device: rows_native)
     calls = {"float": 0}
     real_float = torch.Tensor.float
@@ -87,17 +90,17 @@ def _force(monkeypatch, native: bool, rows_native: bool = False):
     return calls
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("path", ["scalar", "broadcast", "widen"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_group_scale_paths_both_correctly_rounded(monkeypatch, dtype, native):
+def test_group_scale_paths_all_correctly_rounded(monkeypatch, dtype, path):
     grads = _grads(dtype, seed=3)
     refs = [_correctly_rounded(g, f) for g, f in zip(grads, FACTORS)]
     layout = make_layout([f"t{i}" for i in range(len(FACTORS))], [R * C] * len(FACTORS))
     ss = SliceSet([GradSlice(grad=g, group=i) for i, g in enumerate(grads)], layout)
-    calls = _force(monkeypatch, native)
+    calls = _force(monkeypatch, path == "scalar", rows_native=path == "broadcast")
     ss.apply(torch.tensor(FACTORS, dtype=torch.float64), None, None)
-    # the fallback widens every slice; the native path widens none
-    assert calls["float"] == (0 if native else len(grads))
+    # the fallback widens every slice; the native paths widen none
+    assert calls["float"] == (len(grads) if path == "widen" else 0)
     for g, r in zip(grads, refs):
         assert torch.equal(g, r), f"{int((g != r).sum())} of {g.numel()} elements not correctly rounded"
 
