@@ -519,13 +519,15 @@ class SliceSet:
     """
 
     def __init__(self, slices: Sequence[GradSlice], layout: GroupLayout,
-                 reduce: Optional[Callable[[torch.Tensor], None]] = None, meta: Optional["SliceMeta"] = None):
+                 reduce: Optional[Callable[[torch.Tensor], None]] = None, meta: Optional["SliceMeta"] = None,
+                 meta_checked: bool = False):
         self.slices = list(slices)
         self.layout = layout
         self.reduce = reduce
         self.loss_scale = 1.0
         self.collectives = 0       # number of reductions run (for the benchmark and tests)
-        if meta is None or meta.layout is not layout or meta.key != _geometry(self.slices):
+        # meta_checked: the caller (SliceCache) matched the slices' geometry to ``meta`` itself
+        if meta is None or meta.layout is not layout or (not meta_checked and meta.key != _geometry(self.slices)):
             meta = SliceMeta(self.slices, layout)
         self.meta = meta
         self._counted = [self.slices[i].grad for i in meta.counted]
@@ -717,7 +719,7 @@ class SliceCache:
 
     ``describe(param, offset)`` returns ``(group, counted, row_len, unit_base)`` for a gradient
     piece; it runs for every piece only when the pieces' identity (parameter, offset, length,
-    dtype) differs from the previous step's, and with it the :class:`SliceMeta` (runs and
+    dtype, device) differs from the previous step's, and with it the :class:`SliceMeta` (runs and
     indices of the statistics). The gradient views themselves are taken fresh each step and not
     kept: DeepSpeed may hand out new storage between steps (``storage_changes`` counts the steps
     where any piece's data pointer moved; the metadata does not depend on it).
@@ -735,7 +737,7 @@ class SliceCache:
 
     def slice_set(self, pieces, reduce: Optional[Callable[[torch.Tensor], None]] = None) -> SliceSet:
         """``pieces``: (param, grad 1-D view, flat offset, param values or None) per slice."""
-        key = tuple((id(p), off, g.numel(), g.dtype) for p, g, off, _ in pieces)
+        key = tuple((id(p), off, g.numel(), g.dtype, g.device) for p, g, off, _ in pieces)
         if key != self._key:
             self._desc = [self.describe(p, off) for p, _, off, _ in pieces]
             self._key = key
@@ -746,7 +748,8 @@ class SliceCache:
             self.storage_changes += 1
         self._ptrs = ptrs
         slices = [GradSlice(g, d[0], d[1], w, off, d[2], d[3]) for (_, g, off, w), d in zip(pieces, self._desc)]
-        ss = SliceSet(slices, self.layout, reduce, meta=self._meta)
+        # the key covers the geometry (the description follows from parameter and offset)
+        ss = SliceSet(slices, self.layout, reduce, meta=self._meta, meta_checked=True)
         self._meta = ss.meta
         return ss
 
