@@ -310,7 +310,7 @@ def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor,
     """Sums of |x| of the k chunks of ``length`` elements in ``seg``, through the bounded fp32
     ``buf``: vector_norm(ord=1) takes a slow generic path on the CPU; |x| into a buffer and a
     native row sum are ~3x faster. ``sq``: also append the chunks' L2 norms (accumulated in
-    ``dt``, the same reduction the p = 2 pass makes) block by block, while the block is in cache."""
+    ``dt``, the same reduction the p = 2 pass makes) block by block, from the same read."""
     out = []
     per = max(1, buf.numel() // length)
     for j in range(0, k, per):
@@ -325,7 +325,10 @@ def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor,
             b.copy_(blk).abs_()
         out.append(b.view(kk, length).sum(1))
         if sq is not None:
-            sq.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
+            # 16-bit: the fp32 copy already made (|x| has the same squares; PyTorch widens a
+            # 16-bit input the same way before reducing it), else the block while in cache
+            src = blk if blk.dtype == torch.float32 else b
+            sq.append(torch.linalg.vector_norm(src.view(kk, length), 2, dim=1, dtype=dt if src is blk else None))
     return out
 
 
