@@ -458,6 +458,18 @@ class Zero3Adapter(_ZeroAdapter):
         return bool(self.opt.offload_optimizer)
 
     @contextlib.contextmanager
+    def _unscale_guard(self, scale):
+        """Stage 3's ``unscale_and_clip_grads`` (0.19.8) multiplies the whole fp32 partition by
+        1 / scale even when that is 1 and nothing clips; stages 1/2 return early in that case.
+        The shaped step does the same (the multiply by 1 changes no value)."""
+        if scale == 1.0 and not self.opt.clip_grad > 0.0:
+            with _patched_method(self.opt, "unscale_and_clip_grads", lambda orig: lambda *a, **k: None):
+                yield
+            return
+        with super()._unscale_guard(scale):
+            yield
+
+    @contextlib.contextmanager
     def norm_guard(self, norm):
         """DeepSpeedZeroOptimizer_Stage3.step combines ``_get_norm_groups()`` (per sub-group
         norms, with or without offload) into the global norm; one group with the whole norm
