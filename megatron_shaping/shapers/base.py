@@ -249,19 +249,18 @@ def derive_stats(stats: Stats, plan: Plan, layout: GroupLayout) -> Stats:
     """
     assert plan.is_pure_scale
     s = plan.scale
-    s_unit = s[layout.unit_group]
     sumsq, sumabs, unit_sumsq = stats.sumsq, stats.sumabs, stats.unit_sumsq
     if plan.unit_scale is not None:
         if unit_sumsq is None:
             raise ValueError("a unit-scale plan needs unit_sumsq to derive the next statistics")
-        s_unit = s_unit * plan.unit_scale
+        s_unit = s[layout.unit_group] * plan.unit_scale
         unit_sumsq = unit_sumsq * s_unit.square()
         sumsq = segment_sum(unit_sumsq, layout.unit_group, layout.num_groups)
         sumabs = None
     else:
         sumsq = None if sumsq is None else sumsq * s.square()
         sumabs = None if sumabs is None else sumabs * s.abs()
-        unit_sumsq = None if unit_sumsq is None else unit_sumsq * s_unit.square()
+        unit_sumsq = None if unit_sumsq is None else unit_sumsq * s[layout.unit_group].square()
     return Stats(sumsq, sumabs, unit_sumsq, stats.unit_param_sumsq)
 
 

@@ -70,47 +70,126 @@ def _row_sums(x: torch.Tensor, offset: int, row_len: int) -> torch.Tensor:
 _NARROW = (torch.bfloat16, torch.float16)
 
 
+#: (device type, 16-bit dtype, factor dtype or "rows") -> whether the native multiply of a
+#: 16-bit tensor by that factor computes in fp32 and rounds once (see _native_rounds_once).
+_NATIVE_ONCE: Dict[tuple, bool] = {}
+
+
+def _probe_data(dtype, device):
+    """64 16-bit values (every 7-bit mantissa, both signs) and a factor whose products differ
+    between one rounding (fp32 product rounded to the 16-bit dtype) and two (the factor rounded
+    to the 16-bit dtype first) on about a third of them (bf16 and fp16)."""
+    x = ((torch.arange(64, dtype=torch.float32, device=device) % 2 * -2 + 1)
+         * (1 + torch.arange(64, dtype=torch.float32, device=device) / 64)).to(dtype)
+    return x, 1.0 / 3.0
+
+
+def _native_rounds_once(device: torch.device, dtype: torch.dtype, form) -> bool:
+    """Whether the native multi-tensor multiply of a ``dtype`` tensor on ``device`` rounds once.
+
+    ``form``: a factor dtype (0-d factor tensors, as :func:`_mul_rounded_once_` passes them) or
+    ``"rows"`` (fp32 factors broadcast over rows, as :func:`_scale_rows_`). PyTorch's CPU kernels
+    read a 0-d CPU factor in fp32 and round the product once; an accelerator may cast a 0-d
+    device factor to the 16-bit dtype first (two roundings). Probed once per (device type,
+    dtype, form) on a few elements where the two differ, compared with the widened product;
+    any error or difference selects the widening path."""
+    key = (device.type, dtype, form)
+    hit = _NATIVE_ONCE.get(key)
+    if hit is None:
+        x, f = _probe_data(dtype, device)
+        want = (x.float() * f).to(dtype)
+        try:
+            got = x.clone()
+            if form == "rows":
+                fac = torch.full((8, 1), f, dtype=torch.float32, device=device)
+                torch._foreach_mul_([got[:56].view(7, 8), got[56:]], [fac[:7], fac[7]])
+            else:
+                torch._foreach_mul_([got], [torch.tensor(f, dtype=form, device=device)])
+            hit = bool(torch.equal(got, want))
+        except (RuntimeError, TypeError):
+            hit = False
+        _NATIVE_ONCE[key] = hit
+    return hit
+
+
 def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List) -> None:
     """tensors[i] *= scalars[i] in place, each product rounded once to the tensor's dtype.
 
     ``torch._foreach_mul_`` with Python scalars computes a bf16/fp16 tensor's product with the
-    scalar already rounded to that dtype (a factor off by up to 0.4 % in bf16). 16-bit tensors
-    are therefore multiplied in fp32 (one slice-sized fp32 temporary at a time) and rounded once;
-    fp32/fp64 tensors keep the fused multi-tensor multiply. ``scalars``: Python floats or 0-d
-    tensors (factors kept on the device: no host read).
+    scalar already rounded to that dtype (a factor off by up to 0.4 % in bf16). A 16-bit tensor
+    is multiplied natively (:func:`_narrow_factor`) where :func:`_native_rounds_once` found that
+    this computes in fp32 and rounds once; elsewhere it is widened to fp32 (one slice-sized
+    temporary at a time), multiplied and rounded once. fp32/fp64 tensors and the native 16-bit
+    ones go through one multi-tensor call.
+    ``scalars``: Python floats or 0-d tensors (factors kept on the device: no host read).
     """
     wide_t, wide_s = [], []
     for t, f in zip(tensors, scalars):
         if t.dtype in _NARROW:
-            t.copy_(t.float().mul_(f))
-        else:
-            wide_t.append(t)
-            wide_s.append(f)
+            native = _narrow_factor(t, f)
+            if native is None:
+                t.copy_(t.float().mul_(f))
+                continue
+            f = native
+        wide_t.append(t)
+        wide_s.append(f)
     if wide_t:
         torch._foreach_mul_(wide_t, wide_s)
+
+
+def _narrow_factor(t: torch.Tensor, f):
+    """The factor to multiply the 16-bit tensor ``t`` by natively with one rounding, or None
+    (widen): a 0-d factor where the device reads it in fp32 (the CPU), else a 1-element fp32
+    tensor, whose type promotion makes the multiply compute in fp32 (one fused pass on an
+    accelerator; on the CPU slower than widening), each as the probe confirms."""
+    form = f.dtype if isinstance(f, torch.Tensor) else torch.float64
+    if _native_rounds_once(t.device, t.dtype, form):
+        return f if isinstance(f, torch.Tensor) else torch.tensor(f, dtype=torch.float64, device=t.device)
+    if _native_rows(t.device) and _native_rounds_once(t.device, t.dtype, "rows"):
+        if isinstance(f, torch.Tensor):
+            return f.to(torch.float32).view(1)
+        return torch.tensor([f], dtype=torch.float32, device=t.device)
+    return None
+
+
+def _native_rows(device: torch.device) -> bool:
+    """Row scaling of 16-bit slices without widening: on the CPU the mixed-dtype broadcast
+    multiply is slower than widening (0.09 vs 0.06 ms for 128K bf16 elements), elsewhere it is
+    one fused pass; used where :func:`_native_rounds_once` confirms it rounds once."""
+    return device.type != "cpu"
+
+
+def _row_pieces(g: torch.Tensor, offset: int, row_len: int, f: torch.Tensor):
+    """(piece of g, its factor) for the partial first row, the whole rows and the partial last row."""
+    n = g.numel()
+    head = min(n, (-offset) % row_len)
+    out = [(g[:head], f[0:1])] if head else []
+    body_rows = (n - head) // row_len
+    r0 = 1 if head else 0
+    if body_rows:
+        out.append((g[head:head + body_rows * row_len].view(body_rows, row_len), f[r0:r0 + body_rows].unsqueeze(1)))
+    tail = head + body_rows * row_len
+    if tail < n:
+        out.append((g[tail:], f[r0 + body_rows:r0 + body_rows + 1]))
+    return out
 
 
 def _scale_rows_(g: torch.Tensor, offset: int, row_len: int, row_factor: torch.Tensor) -> None:
     """g[j] *= row_factor[row(j) - first_row] in place (row_factor as returned by _row_sums's layout)."""
     if g.dtype in _NARROW:
-        # Multiply in fp32 and round once: casting the factors to bf16/fp16 first would round
-        # them (bf16 keeps 8 bits) before a second rounding of the product.
-        wide = g.float()
-        _scale_rows_(wide, offset, row_len, row_factor)
-        g.copy_(wide)
-        return
-    n = g.numel()
-    first_row = offset // row_len
-    head = min(n, (first_row + 1) * row_len - offset)
-    f = row_factor.to(g.dtype)
-    g[:head].mul_(f[0])
-    if head < n:
-        body_rows = (n - head) // row_len
-        if body_rows:
-            g[head:head + body_rows * row_len].view(body_rows, row_len).mul_(f[1:1 + body_rows].unsqueeze(1))
-        tail = head + body_rows * row_len
-        if tail < n:
-            g[tail:].mul_(f[-1])
+        if _native_rows(g.device) and _native_rounds_once(g.device, g.dtype, "rows"):
+            f = row_factor.to(torch.float32)     # fp32 arithmetic, one rounding (as widened)
+        else:
+            # Multiply in fp32 and round once: casting the factors to bf16/fp16 first would
+            # round them (bf16 keeps 8 bits) before a second rounding of the product.
+            wide = g.float()
+            _scale_rows_(wide, offset, row_len, row_factor)
+            g.copy_(wide)
+            return
+    else:
+        f = row_factor.to(g.dtype)
+    pieces = _row_pieces(g, offset, row_len, f)
+    torch._foreach_mul_([x for x, _ in pieces], [y for _, y in pieces])
 
 
 def _unit_span(s: GradSlice) -> tuple:
@@ -159,21 +238,26 @@ def _unit_runs(n: int, offset: int, row_len: int, unit_first: int):
     every partial maps to the global unit id of its row (``unit_first`` = the first row's)."""
     runs: List[Tuple[int, int, int]] = []
     ids: List[int] = []
+    # A slice that starts on a row boundary has no partial first row; rows of at most CHUNK
+    # elements are one partial each either way (same values: one run fewer).
     head = min(n, row_len - offset % row_len)
+    if head == row_len and row_len <= CHUNK:
+        head = 0
     for r in _chunk_runs(0, head, CHUNK):
         runs.append(r)
         ids += [unit_first] * r[1]
+    r0 = unit_first + (1 if head else 0)     # unit of the first whole row
     body = (n - head) // row_len
     if body:
         d = _row_chunk(row_len)
         m = row_len // d
         runs.append((head, body * m, d))
-        ids += [unit_first + 1 + j // m for j in range(body * m)]
+        ids += [r0 + j // m for j in range(body * m)]
     tail_start = head + body * row_len
     if tail_start < n:
         for r in _chunk_runs(tail_start, n - tail_start, CHUNK):
             runs.append(r)
-            ids += [unit_first + 1 + body] * r[1]
+            ids += [r0 + body] * r[1]
     return runs, ids
 
 
@@ -222,10 +306,12 @@ def _acc_dtype(x: torch.Tensor, cpu: bool):
     return None if x.dtype == torch.float32 else torch.float32
 
 
-def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor) -> List[torch.Tensor]:
+def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor,
+                  sq: Optional[List[torch.Tensor]] = None, dt=None) -> List[torch.Tensor]:
     """Sums of |x| of the k chunks of ``length`` elements in ``seg``, through the bounded fp32
     ``buf``: vector_norm(ord=1) takes a slow generic path on the CPU; |x| into a buffer and a
-    native row sum are ~3x faster."""
+    native row sum are ~3x faster. ``sq``: also append the chunks' L2 norms (accumulated in
+    ``dt``, the same reduction the p = 2 pass makes) block by block, from the same read."""
     out = []
     per = max(1, buf.numel() // length)
     for j in range(0, k, per):
@@ -239,19 +325,32 @@ def _abs_run_sums(seg: torch.Tensor, k: int, length: int, buf: torch.Tensor) -> 
         else:
             b.copy_(blk).abs_()
         out.append(b.view(kk, length).sum(1))
+        if sq is not None:
+            # 16-bit: the fp32 copy already made (|x| has the same squares; PyTorch widens a
+            # 16-bit input the same way before reducing it), else the block while in cache
+            src = blk if blk.dtype == torch.float32 else b
+            sq.append(torch.linalg.vector_norm(src.view(kk, length), 2, dim=1, dtype=dt if src is blk else None))
     return out
 
 
-def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu: bool) -> List[torch.Tensor]:
-    """The partials of every run, small tensors first (one multi-tensor call), in parts' order."""
+def _small_partials(xs: List[torch.Tensor], p: int, cpu: bool) -> List[torch.Tensor]:
+    dts = {_acc_dtype(x, cpu) for x in xs}
+    if len(dts) == 1:
+        return [torch.stack(torch._foreach_norm(xs, p, dtype=dts.pop())).view(-1)]
+    return [torch.linalg.vector_norm(x, p, dtype=_acc_dtype(x, cpu)).view(1) for x in xs]
+
+
+def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu: bool,
+                  sq: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """The partials of every run, small tensors first (one multi-tensor call), in parts' order.
+    ``sq`` (with p = 1): the p = 2 partials of the same runs are appended to it, in the same
+    order, from the same pass (the big runs' blocks are read once for both)."""
     out = []
     if parts.small:
         xs = [tensors[t] for t in parts.small]
-        dts = {_acc_dtype(x, cpu) for x in xs}
-        if len(dts) == 1:
-            out.append(torch.stack(torch._foreach_norm(xs, p, dtype=dts.pop())).view(-1))
-        else:
-            out += [torch.linalg.vector_norm(x, p, dtype=_acc_dtype(x, cpu)).view(1) for x in xs]
+        out += _small_partials(xs, p, cpu)
+        if sq is not None:
+            sq += _small_partials(xs, 2, cpu)
     buf = None
     for t, runs in parts.big:
         x = tensors[t]
@@ -262,9 +361,11 @@ def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu
                 if buf is None:
                     buf = torch.empty(max(min(ABS_BLOCK, parts.max_run), length), dtype=torch.float32,
                                       device=x.device)
-                out += _abs_run_sums(seg, k, length, buf)
+                out += _abs_run_sums(seg, k, length, buf, sq, dt)
             else:
                 out.append(torch.linalg.vector_norm(seg.view(k, length), p, dim=1, dtype=dt))
+                if sq is not None:
+                    sq.append(torch.linalg.vector_norm(seg.view(k, length), 2, dim=1, dtype=dt))
     return out
 
 
@@ -283,6 +384,16 @@ def _exact_where_needed(vals: torch.Tensor, tensors, parts: _Partials, p: int) -
     return vals
 
 
+def _sum_partials(out: List[torch.Tensor], tensors, parts: _Partials, p: int) -> torch.Tensor:
+    vals = torch.cat(out) if len(out) > 1 else out[0]
+    if vals.dtype != STAT_DTYPE:
+        vals = _exact_where_needed(vals, tensors, parts, p)
+    if p == 2:
+        vals = vals.square()
+    acc = torch.zeros(parts.size, dtype=STAT_DTYPE, device=vals.device)
+    return acc.index_add_(0, parts.index, vals)
+
+
 def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) -> torch.Tensor:
     """float64 vector of ``parts.size`` sums: sum of x^2 (p=2) or |x| (p=1) per output id.
 
@@ -292,14 +403,18 @@ def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) 
     recomputed exactly. Other devices: the same runs reduced with ``dtype=float64``."""
     if not tensors:
         return torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
-    out = _run_partials(tensors, parts, p, tensors[0].device.type == "cpu")
-    vals = torch.cat(out) if len(out) > 1 else out[0]
-    if vals.dtype != STAT_DTYPE:
-        vals = _exact_where_needed(vals, tensors, parts, p)
-    if p == 2:
-        vals = vals.square()
-    acc = torch.zeros(parts.size, dtype=STAT_DTYPE, device=vals.device)
-    return acc.index_add_(0, parts.index, vals)
+    return _sum_partials(_run_partials(tensors, parts, p, tensors[0].device.type == "cpu"), tensors, parts, p)
+
+
+def _reduce_partials_sq_abs(tensors: Sequence[torch.Tensor], parts: _Partials) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sums of x^2, sums of |x|) per output id, as two _reduce_partials calls give them, from
+    one pass over the data."""
+    if not tensors:
+        z = torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
+        return z, z.clone()
+    sq: List[torch.Tensor] = []
+    ab = _run_partials(tensors, parts, 1, tensors[0].device.type == "cpu", sq)
+    return _sum_partials(sq, tensors, parts, 2), _sum_partials(ab, tensors, parts, 1)
 
 
 def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: torch.Tensor, p: int, scaled: bool) -> None:
@@ -345,7 +460,6 @@ class SliceMeta:
         U = layout.unit_group.numel()
         self.counted = [i for i, s in enumerate(slices) if s.counted and s.grad.numel() > 0]
         self.group_of = [s.group for s in slices]
-        self.slice_group = torch.tensor(self.group_of, dtype=torch.long, device=dev)
         counted = [slices[i] for i in self.counted]
         self.counted_group = torch.tensor([s.group for s in counted], dtype=torch.long, device=dev)
         g_runs, g_ids = [], []
@@ -375,6 +489,13 @@ class SliceMeta:
             n_rows = 0 if row_len is None or not s.grad.numel() else \
                 (s.offset + s.grad.numel() - 1) // row_len - s.offset // row_len + 1
             self.unit_geometry.append((first, row_len, n_rows))
+        #: slices with elements; those that are one unit, their unit ids; those made of rows
+        self.live = [i for i, s in enumerate(slices) if s.grad.numel()]
+        self.live_group = torch.tensor([self.group_of[i] for i in self.live], dtype=torch.long, device=dev)
+        self.whole_units = [i for i in self.live if self.unit_geometry[i][1] is None]
+        self.whole_unit_ids = torch.tensor([self.unit_geometry[i][0] for i in self.whole_units], dtype=torch.long,
+                                           device=dev)
+        self.row_units = [i for i in self.live if self.unit_geometry[i][1] is not None]
         self._u_runs = u_runs
         self._u_ids = u_ids
 
@@ -402,13 +523,15 @@ class SliceSet:
     """
 
     def __init__(self, slices: Sequence[GradSlice], layout: GroupLayout,
-                 reduce: Optional[Callable[[torch.Tensor], None]] = None, meta: Optional["SliceMeta"] = None):
+                 reduce: Optional[Callable[[torch.Tensor], None]] = None, meta: Optional["SliceMeta"] = None,
+                 meta_checked: bool = False):
         self.slices = list(slices)
         self.layout = layout
         self.reduce = reduce
         self.loss_scale = 1.0
         self.collectives = 0       # number of reductions run (for the benchmark and tests)
-        if meta is None or meta.layout is not layout or meta.key != _geometry(self.slices):
+        # meta_checked: the caller (SliceCache) matched the slices' geometry to ``meta`` itself
+        if meta is None or meta.layout is not layout or (not meta_checked and meta.key != _geometry(self.slices)):
             meta = SliceMeta(self.slices, layout)
         self.meta = meta
         self._counted = [self.slices[i].grad for i in meta.counted]
@@ -434,9 +557,11 @@ class SliceSet:
                 # The unit partials cover the same elements: their group sums are the group's.
                 parts[SUMSQ] = torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=dev).index_add_(
                     0, self.layout.unit_group, parts[UNIT_SUMSQ])
+            elif SUMABS in needs and self._on_cpu():
+                parts[SUMSQ], parts[SUMABS] = _reduce_partials_sq_abs(self._counted, self.meta.group_parts)
             else:
                 parts[SUMSQ] = self._group_sum(2)
-        if SUMABS in needs:
+        if SUMABS in needs and SUMABS not in parts:
             parts[SUMABS] = self._group_sum(1)
         if UNIT_PARAM_SUMSQ in needs:
             parts[UNIT_PARAM_SUMSQ] = self._unit_sum("param")
@@ -456,8 +581,11 @@ class SliceSet:
         self._fresh_sumsq = out.get(SUMSQ)
         return Stats(**out)
 
+    def _on_cpu(self) -> bool:
+        return not self._counted or self._counted[0].device.type == "cpu"
+
     def _group_sum(self, p: int) -> torch.Tensor:
-        if self._counted and self._counted[0].device.type != "cpu":
+        if not self._on_cpu():
             # Accelerators: one fused multi-tensor kernel, float64 output.
             acc = torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=self.layout.device)
             norms = torch.stack(torch._foreach_norm(self._counted, p, dtype=STAT_DTYPE))
@@ -550,22 +678,28 @@ class SliceSet:
                 _mul_rounded_once_(tensors, scalars)
         self._fresh_sumsq = None
         if unit_scale is not None:
-            for s, (first, row_len, n_rows) in zip(self.slices, self.meta.unit_geometry):
-                if not s.grad.numel():
-                    continue
-                if row_len is None:
-                    _mul_rounded_once_([s.grad], [unit_scale[first]])
-                else:
-                    _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
+            self._scale_units(unit_scale)
         if elementwise is not None:
             self._map(elementwise, params)
 
     def _scale_on_device(self, scale: torch.Tensor) -> None:
-        live = [i for i, s in enumerate(self.slices) if s.grad.numel()]
+        live = self.meta.live
         if not live:
             return
-        factors = scale.index_select(0, self.meta.slice_group.to(scale.device)).unbind()
-        _mul_rounded_once_([self.slices[i].grad for i in live], [factors[i] for i in live])
+        factors = scale.index_select(0, self.meta.live_group.to(scale.device)).unbind()
+        _mul_rounded_once_([self.slices[i].grad for i in live], factors)
+
+    def _scale_units(self, unit_scale: torch.Tensor) -> None:
+        """Unit factors: slices that are one unit (vectors) by one multi-tensor multiply,
+        slices of rows by their row factors."""
+        meta = self.meta
+        if meta.whole_units:
+            factors = unit_scale.index_select(0, meta.whole_unit_ids.to(unit_scale.device)).unbind()
+            _mul_rounded_once_([self.slices[i].grad for i in meta.whole_units], factors)
+        for i in meta.row_units:
+            s = self.slices[i]
+            first, row_len, n_rows = meta.unit_geometry[i]
+            _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
 
     def _map(self, fn: Elementwise, params: Optional[Dict[str, list]] = None) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
@@ -630,7 +764,7 @@ class SliceCache:
 
     ``describe(param, offset)`` returns ``(group, counted, row_len, unit_base)`` for a gradient
     piece; it runs for every piece only when the pieces' identity (parameter, offset, length,
-    dtype) differs from the previous step's, and with it the :class:`SliceMeta` (runs and
+    dtype, device) differs from the previous step's, and with it the :class:`SliceMeta` (runs and
     indices of the statistics). The gradient views themselves are taken fresh each step and not
     kept: DeepSpeed may hand out new storage between steps (``storage_changes`` counts the steps
     where any piece's data pointer moved; the metadata does not depend on it).
@@ -648,7 +782,7 @@ class SliceCache:
 
     def slice_set(self, pieces, reduce: Optional[Callable[[torch.Tensor], None]] = None) -> SliceSet:
         """``pieces``: (param, grad 1-D view, flat offset, param values or None) per slice."""
-        key = tuple((id(p), off, g.numel(), g.dtype) for p, g, off, _ in pieces)
+        key = tuple((id(p), off, g.numel(), g.dtype, g.device) for p, g, off, _ in pieces)
         if key != self._key:
             self._desc = [self.describe(p, off) for p, _, off, _ in pieces]
             self._key = key
@@ -659,7 +793,8 @@ class SliceCache:
             self.storage_changes += 1
         self._ptrs = ptrs
         slices = [GradSlice(g, d[0], d[1], w, off, d[2], d[3]) for (_, g, off, w), d in zip(pieces, self._desc)]
-        ss = SliceSet(slices, self.layout, reduce, meta=self._meta)
+        # the key covers the geometry (the description follows from parameter and offset)
+        ss = SliceSet(slices, self.layout, reduce, meta=self._meta, meta_checked=True)
         self._meta = ss.meta
         return ss
 

@@ -184,3 +184,30 @@ def test_slice_cache_builds_metadata_once_and_follows_changes():
     ref = SliceSet([GradSlice(other.slices[0].grad, 0, True, None, 50, 30, 0),
                     GradSlice(grads[1], 1, True, None, 0, 0, 20)], layout).compute(frozenset({SUMSQ, UNIT_SUMSQ}))
     assert torch.equal(other.compute(frozenset({SUMSQ, UNIT_SUMSQ})).unit_sumsq, ref.unit_sumsq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_joint_sumsq_sumabs_pass_equals_separate_passes(dtype):
+    """SUMSQ and SUMABS together (entrywise_shrink's first pass) come from one pass over the
+    data (slices._reduce_partials_sq_abs); they must equal, bit for bit, what the two separate
+    passes give, and the float64 sums, across small tensors, long runs, a chunk whose squares
+    overflow fp32 and chunks whose squares underflow it (the exact recomputations)."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = [100, CHUNK, 3 * CHUNK + 17, ABS_BLOCK + 5 * CHUNK + 3, 40]
+    grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * 1e-3).to(dtype) for n in sizes]
+    grads[2][CHUNK + 5] = 1e30                           # fp32 square overflows: exact pass
+    grads[3][:CHUNK] = 0.0                               # a zero chunk: scaled exact pass
+    grads[3][CHUNK:2 * CHUNK] = 1e-30                    # squares underflow fp32
+    layout = make_layout([f"t{i}" for i in range(len(sizes) - 1)], [sum(sizes[:2])] + sizes[2:-1])
+    groups = [0, 0, 1, 2, 3]
+    ss = SliceSet([GradSlice(grad=g, group=k) for g, k in zip(grads, groups)], layout)
+    joint = ss.compute(frozenset({SUMSQ, SUMABS}))
+    sq = ss.compute(frozenset({SUMSQ})).sumsq
+    ab = ss.compute(frozenset({SUMABS})).sumabs
+    assert torch.equal(joint.sumsq, sq) and torch.equal(joint.sumabs, ab)
+    ref_sq = torch.zeros(4, dtype=torch.float64)
+    ref_ab = torch.zeros(4, dtype=torch.float64)
+    for g, k in zip(grads, groups):
+        ref_sq[k] += g.double().square().sum()
+        ref_ab[k] += g.double().abs().sum()
+    assert rel(joint.sumsq, ref_sq) < TOL and rel(joint.sumabs, ref_ab) < TOL

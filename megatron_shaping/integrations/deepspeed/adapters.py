@@ -423,8 +423,9 @@ class Zero3Adapter(_ZeroAdapter):
                 flat_param = opt.fp32_partitioned_groups_flat[i].view(-1)
                 off = 0
                 for p in group:
-                    n = p.partition_numel()
-                    yield from self._valid(p, flat_grad.narrow(0, off, n), flat_param.narrow(0, off, n))
+                    n, start, valid = self._extent(p)
+                    if valid:
+                        yield p, flat_grad.narrow(0, off, valid), start, flat_param.narrow(0, off, valid)
                     off += n
                 continue
             grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
@@ -434,19 +435,39 @@ class Zero3Adapter(_ZeroAdapter):
             flat_param = opt.fp32_partitioned_groups_flat[i].view(-1) if with_param else None
             off = 0
             for p, g in zip(group, grads):
-                n = p.partition_numel()
-                yield from self._valid(p, g.view(-1), None if flat_param is None else flat_param.narrow(0, off, n))
+                n, start, valid = self._extent(p)
+                if valid:
+                    g = g.view(-1)
+                    yield (p, g if valid == g.numel() else g[:valid], start,
+                           None if flat_param is None else flat_param.narrow(0, off, valid))
                 off += n
 
-    def _valid(self, p, g, w):
-        """Drop the zero tail padding of the last partition."""
-        start = self._rank(p) * p.partition_numel()
-        valid = max(0, min(p.partition_numel(), p.ds_numel - start))
-        if valid:
-            yield p, g[:valid], start, None if w is None else w[:valid]
+    def _extent(self, p) -> Tuple[int, int, int]:
+        """(partition_numel, flat start of this rank's partition, elements in it that are not the
+        zero tail padding of the last partition), computed once per parameter: the rank in the
+        parameter's process group and the partition sizes do not change between steps."""
+        cache = self.__dict__.setdefault("_extents", {})
+        hit = cache.get(id(p))
+        if hit is None or hit[0] is not p:
+            n = p.partition_numel()
+            start = self._rank(p) * n
+            hit = cache[id(p)] = (p, n, start, max(0, min(n, p.ds_numel - start)))
+        return hit[1:]
 
     def _offloaded(self) -> bool:
         return bool(self.opt.offload_optimizer)
+
+    @contextlib.contextmanager
+    def _unscale_guard(self, scale):
+        """Stage 3's ``unscale_and_clip_grads`` (0.19.8) multiplies the whole fp32 partition by
+        1 / scale even when that is 1 and nothing clips; stages 1/2 return early in that case.
+        The shaped step does the same (the multiply by 1 changes no value)."""
+        if scale == 1.0 and not self.opt.clip_grad > 0.0:
+            with _patched_method(self.opt, "unscale_and_clip_grads", lambda orig: lambda *a, **k: None):
+                yield
+            return
+        with super()._unscale_guard(scale):
+            yield
 
     @contextlib.contextmanager
     def norm_guard(self, norm):
