@@ -566,9 +566,9 @@ def slice_info(c: Config) -> Optional[SliceInfo]:
     if sh is None:
         return None
     sizes, dtype = [], ""
-    for _, g, _, _ in sh.adapter.pieces(False):
-        sizes.append(g.numel())
-        dtype = str(g.dtype).replace("torch.", "")
+    for pc in sh.adapter.pieces(False):
+        sizes.append(pc.grad.numel())
+        dtype = str(pc.grad.dtype).replace("torch.", "")
     if not sizes:
         return None
     layout = sh.session.layout
