@@ -273,9 +273,6 @@ class _ZeroAdapter(Adapter):
     scale-growth step that is the new scale. We pin it to the scale backward used."""
     sharded = True
 
-    def __init__(self, engine):
-        super().__init__(engine)
-
     def backward_scale(self):
         return float(self.opt.loss_scale)
 
@@ -290,6 +287,16 @@ class _ZeroAdapter(Adapter):
         with _patched_method(self.opt, "unscale_and_clip_grads", make):
             yield
 
+    def _returning(self, method: str, value):
+        """For the block, the optimizer's ``method`` returns ``value`` (the norm the shaping
+        statistics hold, in the form DeepSpeed's pass returns it) and counts the replacement."""
+        def make(orig):
+            def replaced(*args, **kwargs):
+                self._replaced()
+                return value
+            return replaced
+
+        return _patched_method(self.opt, method, make)
 
     def _offloaded(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -372,13 +379,7 @@ class Zero12Adapter(_ZeroAdapter):
         """DeepSpeedZeroOptimizer.step computes ``scaled_global_norm()`` (with or without
         offload) unless ``compute_grad_norm`` is off, then checks it for inf/nan (overflow),
         stores it divided by the loss scale as ``_global_grad_norm`` and clips with it."""
-        def make(orig):
-            def scaled_global_norm(*args, **kwargs):
-                self._replaced()
-                return norm
-            return scaled_global_norm
-
-        with _patched_method(self.opt, "scaled_global_norm", make):
+        with self._returning("scaled_global_norm", norm):
             yield
 
     def skip_step(self):
@@ -471,13 +472,7 @@ class Zero3Adapter(_ZeroAdapter):
         """DeepSpeedZeroOptimizer_Stage3.step combines ``_get_norm_groups()`` (per sub-group
         norms, with or without offload) into the global norm; one group with the whole norm
         combines to the same value."""
-        def make(orig):
-            def norm_groups(*args, **kwargs):
-                self._replaced()
-                return [norm]
-            return norm_groups
-
-        with _patched_method(self.opt, "_get_norm_groups", make):
+        with self._returning("_get_norm_groups", [norm]):
             yield
 
     def skip_step(self):
