@@ -309,6 +309,9 @@ class Chain(Shaper):
         self.shapers = tuple(m for m, _ in pairs)
         self.granularities = tuple(g for _, g in pairs)
         self.needs = frozenset().union(*(s.needs for s in self.shapers))
+        #: what the first statistics pass computes: the members' needs and the sum of squares
+        #: (the finiteness check, the record's norm before shaping)
+        self.first_needs = self.needs | {SUMSQ}
         #: what the statistics after member i must hold: the needs of the members after it
         self._rest_needs = tuple(frozenset().union(*(s.needs for s in self.shapers[i + 1:])) | {SUMSQ}
                                  for i in range(len(self.shapers)))
@@ -335,7 +338,7 @@ class Chain(Shaper):
         host values there, in one copy. ``apply_plan(scale, unit_scale, elementwise)`` changes
         the gradient in place.
         """
-        stats = first = compute_stats(frozenset(self.needs) | {SUMSQ})
+        stats = first = compute_stats(self.first_needs)
         new_states = []
         for member, st, rest_needs in zip(self.shapers, state, self._rest_needs):
             plan, st = member.update(stats, st)
