@@ -108,6 +108,7 @@ class ShapingSession:
             if pending:
                 self._decide(int(pending.pop()))      # pure scales only: the step's one host read
         except _Vetoed:
+            slices.discard_plan()
             self.skipped += 1
             self.last = None
             return None

@@ -101,10 +101,6 @@ class Elementwise:
     def apply(self, g: torch.Tensor, **group_params: float) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def host_params(self) -> Dict[str, list]:
-        """The per-group parameters as Python lists (one device->host copy per step)."""
-        return {k: v.tolist() for k, v in self.params.items()}
-
 
 class Plan(NamedTuple):
     """What to do to each group's gradient, in order:

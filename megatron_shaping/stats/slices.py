@@ -662,6 +662,11 @@ class SliceSet:
             return kept[1], kept[2]
         return self._parse_host(torch.stack(self._host_rows(scale, unit_scale, ew)).tolist(), ew)
 
+    def discard_plan(self) -> None:
+        """Forget what :meth:`read_plan` kept (a vetoed step applies nothing)."""
+        self._host_plan = None
+        self._fresh_sumsq = None
+
     @marked(APPLY)
     def apply(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor],
               elementwise: Optional[Elementwise]) -> None:
@@ -712,15 +717,13 @@ class SliceSet:
             first, row_len, n_rows = meta.unit_geometry[i]
             _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
 
-    def _map(self, fn: Elementwise, params: Optional[Dict[str, list]] = None) -> None:
+    def _map(self, fn: Elementwise, params: Dict[str, list]) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
         (|g|^alpha of a bf16 value is not a bf16 operation; an fp64 gradient is not rounded to
         fp32). Maps with an in-place multi-tensor form (``apply_foreach_``) run on the gradient
         itself when it is fp32/fp64, and on fp32 copies of 16-bit slices (rounded once when
         written back), in batches of at most WIDEN_BLOCK elements (large slices in pieces of
         that size): the temporaries stay bounded and small slices cost one call per batch."""
-        if params is None:
-            params = fn.host_params()
         ls = float(self.loss_scale)
         foreach = getattr(fn, "apply_foreach_", None)
         identity = getattr(fn, "is_identity", None)
