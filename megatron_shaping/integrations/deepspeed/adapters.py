@@ -179,10 +179,7 @@ class FP16Adapter(Adapter):
     name = "fp16_optimizer"
 
     def pieces(self, with_param):
-        for group in self.opt.fp16_groups:
-            for p in group:
-                if p.grad is not None:
-                    yield Piece(p, p.grad.view(-1), 0, p.detach().view(-1))
+        return _whole_grads(p for group in self.opt.fp16_groups for p in group)
 
     def backward_scale(self):
         return 1.0
