@@ -221,6 +221,21 @@ def keep_where(mask: torch.Tensor, new: NamedTuple, old: NamedTuple) -> NamedTup
     return type(new)(*out)
 
 
+class StepCount(NamedTuple):
+    """The state of a shaper that keeps no running statistic (norm, value and adaptive clipping):
+    the steps each group was shaped (finite statistics), so that the state contract (a
+    NamedTuple of per-group float64 tensors, round-tripped through checkpoints) holds for it."""
+    count: torch.Tensor   # [L]
+
+    @classmethod
+    def zeros(cls, layout: GroupLayout) -> "StepCount":
+        return cls(torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device))
+
+    def counted(self, ok: torch.Tensor) -> "StepCount":
+        """One more step for the groups where ``ok``; the others keep their count."""
+        return keep_where(ok, StepCount(self.count + 1), self)
+
+
 def nan_where_not(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``x`` where ``valid``, NaN elsewhere (a diagnostic with no value yet)."""
     return torch.where(valid, x, torch.full_like(x, float("nan")))
