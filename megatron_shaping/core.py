@@ -92,7 +92,7 @@ class ShapingSession:
         (:meth:`SliceSet.read_plan`); a pure scale reads nothing itself, so its plan is applied
         with the decision still on the device (a veto makes every factor 1) and the decision is
         read after it. A veto drops the new state: the state and the gradient stay untouched."""
-        needs = frozenset(self.shaper.needs) | {"sumsq"}
+        needs = self.shaper.first_needs
         first = [slices.compute(needs)]
         code = (~torch.isfinite(first[0].sumsq).all()).long()
         flags = gate(first[0]) if gate is not None else None
@@ -108,6 +108,7 @@ class ShapingSession:
             if pending:
                 self._decide(int(pending.pop()))      # pure scales only: the step's one host read
         except _Vetoed:
+            slices.discard_plan()
             self.skipped += 1
             self.last = None
             return None

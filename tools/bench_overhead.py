@@ -50,7 +50,6 @@ import gc
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +64,7 @@ sys.path.insert(0, ROOT)
 from megatron_shaping import profiling  # noqa: E402
 from megatron_shaping.profiling import APPLY, HOOK, STATS  # noqa: E402
 from megatron_shaping.shapers import REGISTRY, default_params, default_section  # noqa: E402
+from tools.launching import deepspeed_cmd, free_port, launch_env  # noqa: E402
 
 #: Step-time targets vs DeepSpeed's gradient_clipping (CPU time, issue 11): the hook's
 #: statistics pass replaces DeepSpeed's own norm pass, so a norm-based shaper costs nothing.
@@ -94,21 +94,11 @@ REGIONS = profiling.REGIONS + (DSNORM, DSCLIP)
 # ---------------------------------------------------------------------------------- launcher
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(argv: List[str], world: int) -> int:
     """Re-run this file under the deepspeed launcher with ``world`` processes."""
-    env = dict(os.environ)
-    env["DS_ACCELERATOR"] = ACCELERATOR[0]
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_gpus", str(world), "--master_port", str(_free_port()), os.path.abspath(__file__),
-           "--_worker"] + argv
+    env = launch_env(DS_ACCELERATOR=ACCELERATOR[0], OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = deepspeed_cmd() + ["--num_gpus", str(world), "--master_port", str(free_port()), os.path.abspath(__file__),
+                             "--_worker"] + argv
     return subprocess.call(cmd, env=env)
 
 
@@ -566,9 +556,9 @@ def slice_info(c: Config) -> Optional[SliceInfo]:
     if sh is None:
         return None
     sizes, dtype = [], ""
-    for _, g, _, _ in sh.adapter.pieces(False):
-        sizes.append(g.numel())
-        dtype = str(g.dtype).replace("torch.", "")
+    for pc in sh.adapter.pieces(False):
+        sizes.append(pc.grad.numel())
+        dtype = str(pc.grad.dtype).replace("torch.", "")
     if not sizes:
         return None
     layout = sh.session.layout
@@ -831,7 +821,6 @@ def summarise(c: Config, i: int, bi: int, times, memory: Memory) -> Result:
     def med(k, which):
         return 1e3 * statistics.median(times[k][which][i].tolist())
     sh = c.shaping
-    cache = getattr(sh, "_slice_cache", None)
     return Result(
         name=c.name, kind=c.kind, target=TARGETS.get(c.name),
         iter_target=ITERATION_TARGET if c.name in TARGETS else None,
@@ -840,7 +829,7 @@ def summarise(c: Config, i: int, bi: int, times, memory: Memory) -> Result:
         syncs_hook=c.syncs_hook, syncs_step=c.syncs_step,
         active_steps=sum(1 for r in c.rounds if r.active) if sh is not None else None,
         collectives=Collectives.of(c), memory=memory, slices=c.slices,
-        slice_rebuilds=getattr(cache, "rebuilds", None), storage_changes=getattr(cache, "storage_changes", None),
+        slice_rebuilds=getattr(sh, "slice_rebuilds", None), storage_changes=getattr(sh, "storage_changes", None),
         norms_replaced=getattr(getattr(sh, "adapter", None), "norms_replaced", None))
 
 

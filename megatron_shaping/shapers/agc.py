@@ -28,17 +28,11 @@ References:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from . import _checks
-from .base import (STAT_DTYPE, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, GroupLayout, Plan, Shaper, Stats, keep_where,
+from .base import (SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, GroupLayout, Plan, Shaper, Stats, StepCount,
                    segment_sum)
-
-
-class AGCState(NamedTuple):
-    count: torch.Tensor   # [L] number of steps this group was shaped (finite statistics)
 
 
 def agc_factor(grad_norm: torch.Tensor, param_norm: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
@@ -62,16 +56,16 @@ class AGC(Shaper):
         # Per-group clipping only needs the group sums (sumsq) and the parameter row norms.
         self.needs = type(self).needs if unitwise else frozenset({SUMSQ, UNIT_PARAM_SUMSQ})
 
-    def init(self, layout: GroupLayout) -> AGCState:
+    def init(self, layout: GroupLayout) -> StepCount:
         # update() sees statistics, not the layout; the per-group path needs the unit -> group
         # map to add up parameter rows, so keep it (it is static: fixed by the parameter list).
         self._unit_group = layout.unit_group
-        return AGCState(torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device))
+        return StepCount.zeros(layout)
 
-    def update(self, stats: Stats, state: AGCState):
+    def update(self, stats: Stats, state: StepCount):
         L = stats.sumsq.numel()
         ok = torch.isfinite(stats.sumsq)
-        new = keep_where(ok, AGCState(state.count + 1), state)
+        new = state.counted(ok)
         ones = torch.ones_like(stats.sumsq)
         if self.unitwise:
             unit = agc_factor(stats.unit_sumsq.sqrt(), stats.unit_param_sumsq.sqrt(), self.clipping, self.eps)

@@ -101,10 +101,6 @@ class Elementwise:
     def apply(self, g: torch.Tensor, **group_params: float) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def host_params(self) -> Dict[str, list]:
-        """The per-group parameters as Python lists (one device->host copy per step)."""
-        return {k: v.tolist() for k, v in self.params.items()}
-
 
 class Plan(NamedTuple):
     """What to do to each group's gradient, in order:
@@ -225,6 +221,21 @@ def keep_where(mask: torch.Tensor, new: NamedTuple, old: NamedTuple) -> NamedTup
     return type(new)(*out)
 
 
+class StepCount(NamedTuple):
+    """The state of a shaper that keeps no running statistic (norm, value and adaptive clipping):
+    the steps each group was shaped (finite statistics), so that the state contract (a
+    NamedTuple of per-group float64 tensors, round-tripped through checkpoints) holds for it."""
+    count: torch.Tensor   # [L]
+
+    @classmethod
+    def zeros(cls, layout: GroupLayout) -> "StepCount":
+        return cls(torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device))
+
+    def counted(self, ok: torch.Tensor) -> "StepCount":
+        """One more step for the groups where ``ok``; the others keep their count."""
+        return keep_where(ok, StepCount(self.count + 1), self)
+
+
 def nan_where_not(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``x`` where ``valid``, NaN elsewhere (a diagnostic with no value yet)."""
     return torch.where(valid, x, torch.full_like(x, float("nan")))
@@ -309,6 +320,9 @@ class Chain(Shaper):
         self.shapers = tuple(m for m, _ in pairs)
         self.granularities = tuple(g for _, g in pairs)
         self.needs = frozenset().union(*(s.needs for s in self.shapers))
+        #: what the first statistics pass computes: the members' needs and the sum of squares
+        #: (the finiteness check, the record's norm before shaping)
+        self.first_needs = self.needs | {SUMSQ}
         #: what the statistics after member i must hold: the needs of the members after it
         self._rest_needs = tuple(frozenset().union(*(s.needs for s in self.shapers[i + 1:])) | {SUMSQ}
                                  for i in range(len(self.shapers)))
@@ -335,7 +349,7 @@ class Chain(Shaper):
         host values there, in one copy. ``apply_plan(scale, unit_scale, elementwise)`` changes
         the gradient in place.
         """
-        stats = first = compute_stats(frozenset(self.needs) | {SUMSQ})
+        stats = first = compute_stats(self.first_needs)
         new_states = []
         for member, st, rest_needs in zip(self.shapers, state, self._rest_needs):
             plan, st = member.update(stats, st)

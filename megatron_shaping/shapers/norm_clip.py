@@ -12,8 +12,7 @@ At granularity ``tensor`` or ``block`` every group is clipped to ``max_norm`` on
 Defaults: ``max_norm = 1.0`` (the value most LLM pretraining recipes use, e.g. Megatron-LM's
 ``--clip-grad 1.0``). ``max_norm = inf`` never clips.
 
-Stateless: the state only counts the steps each group saw, so the contract (a NamedTuple of
-per-group float64 tensors, round-tripped through checkpoints) holds for every shaper.
+Stateless: the state only counts the steps each group saw (``StepCount``).
 
 References:
     Pascanu, Mikolov, Bengio, "On the difficulty of training recurrent neural networks",
@@ -22,19 +21,15 @@ References:
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+from typing import Dict
 
 import torch
 
 from . import _checks
-from .base import STAT_DTYPE, SUMSQ, THRESHOLD, GroupLayout, Plan, Shaper, Stats, keep_where
+from .base import SUMSQ, THRESHOLD, GroupLayout, Plan, Shaper, Stats, StepCount
 
 #: The constant torch.nn.utils.clip_grad_norm_ adds to the norm (kept for bit-compatibility).
 TORCH_CLIP_EPS = 1e-6
-
-
-class NormClipState(NamedTuple):
-    count: torch.Tensor   # [L] number of steps this group was shaped (finite statistics)
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -52,15 +47,15 @@ class NormClip(Shaper):
     def __init__(self, max_norm: float = 1.0):
         self.max_norm = _checks.positive(self.name, "max_norm", max_norm)
 
-    def init(self, layout: GroupLayout) -> NormClipState:
-        return NormClipState(torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device))
+    def init(self, layout: GroupLayout) -> StepCount:
+        return StepCount.zeros(layout)
 
-    def update(self, stats: Stats, state: NormClipState):
+    def update(self, stats: Stats, state: StepCount):
         n = stats.norm()
         ok = torch.isfinite(n)
         scale = torch.where(ok, clip_coefficient(n, self.max_norm), torch.ones_like(n))
-        return Plan(scale), keep_where(ok, NormClipState(state.count + 1), state)
+        return Plan(scale), state.counted(ok)
 
-    def diagnostics(self, prev: NormClipState, new: NormClipState) -> Dict[str, torch.Tensor]:
+    def diagnostics(self, prev: StepCount, new: StepCount) -> Dict[str, torch.Tensor]:
         """No running statistic; the threshold is max_norm."""
         return {THRESHOLD: torch.full_like(new.count, float(self.max_norm))}

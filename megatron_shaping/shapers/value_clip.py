@@ -19,16 +19,11 @@ References:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
 from . import _checks
-from .base import STAT_DTYPE, SUMSQ, Elementwise, GroupLayout, Plan, Shaper, Stats, keep_where
-
-
-class ValueClipState(NamedTuple):
-    count: torch.Tensor   # [L] number of steps this group was shaped (finite statistics)
+from .base import SUMSQ, Elementwise, GroupLayout, Plan, Shaper, StepCount, Stats
 
 
 class ClampMap(Elementwise):
@@ -65,12 +60,12 @@ class ValueClip(Shaper):
     def __init__(self, clip_value: float = 1.0):
         self.clip_value = _checks.positive(self.name, "clip_value", clip_value)
 
-    def init(self, layout: GroupLayout) -> ValueClipState:
-        return ValueClipState(torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device))
+    def init(self, layout: GroupLayout) -> StepCount:
+        return StepCount.zeros(layout)
 
-    def update(self, stats: Stats, state: ValueClipState):
+    def update(self, stats: Stats, state: StepCount):
         ok = torch.isfinite(stats.sumsq)
-        new = keep_where(ok, ValueClipState(state.count + 1), state)
+        new = state.counted(ok)
         ones = torch.ones_like(stats.sumsq)
         if math.isinf(self.clip_value):
             return Plan(ones), new

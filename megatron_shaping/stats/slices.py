@@ -10,7 +10,7 @@ weights on TP rank > 0, tied weights on the non-owner stage) are shaped but not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import math
 
@@ -46,6 +46,17 @@ class GradSlice:
     offset: int = 0                      # flat offset of grad[0] within the local tensor
     row_len: int = 0                     # elements per unit (row) of the local tensor; 0: one unit
     unit_base: int = 0                   # global unit id of the local tensor's row 0
+
+
+class Piece(NamedTuple):
+    """What a front end hands over for one :class:`GradSlice` before it is described (group,
+    counted, units: :class:`SliceCache`): the parameter, a 1-D view into the real gradient
+    storage, the flat offset of ``grad[0]`` in the local tensor, and the matching parameter
+    values (1-D) or None."""
+    param: torch.Tensor
+    grad: torch.Tensor
+    offset: int
+    values: Optional[torch.Tensor]
 
 
 def _row_sums(x: torch.Tensor, offset: int, row_len: int) -> torch.Tensor:
@@ -651,6 +662,11 @@ class SliceSet:
             return kept[1], kept[2]
         return self._parse_host(torch.stack(self._host_rows(scale, unit_scale, ew)).tolist(), ew)
 
+    def discard_plan(self) -> None:
+        """Forget what :meth:`read_plan` kept (a vetoed step applies nothing)."""
+        self._host_plan = None
+        self._fresh_sumsq = None
+
     @marked(APPLY)
     def apply(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor],
               elementwise: Optional[Elementwise]) -> None:
@@ -701,15 +717,13 @@ class SliceSet:
             first, row_len, n_rows = meta.unit_geometry[i]
             _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
 
-    def _map(self, fn: Elementwise, params: Optional[Dict[str, list]] = None) -> None:
+    def _map(self, fn: Elementwise, params: Dict[str, list]) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
         (|g|^alpha of a bf16 value is not a bf16 operation; an fp64 gradient is not rounded to
         fp32). Maps with an in-place multi-tensor form (``apply_foreach_``) run on the gradient
         itself when it is fp32/fp64, and on fp32 copies of 16-bit slices (rounded once when
         written back), in batches of at most WIDEN_BLOCK elements (large slices in pieces of
         that size): the temporaries stay bounded and small slices cost one call per batch."""
-        if params is None:
-            params = fn.host_params()
         ls = float(self.loss_scale)
         foreach = getattr(fn, "apply_foreach_", None)
         identity = getattr(fn, "is_identity", None)
@@ -781,18 +795,19 @@ class SliceCache:
         self._ptrs: Optional[tuple] = None
 
     def slice_set(self, pieces, reduce: Optional[Callable[[torch.Tensor], None]] = None) -> SliceSet:
-        """``pieces``: (param, grad 1-D view, flat offset, param values or None) per slice."""
-        key = tuple((id(p), off, g.numel(), g.dtype, g.device) for p, g, off, _ in pieces)
+        """``pieces``: a :class:`Piece` (or a tuple in its order) per slice."""
+        pieces = [Piece(*pc) for pc in pieces]
+        key = tuple((id(pc.param), pc.offset, pc.grad.numel(), pc.grad.dtype, pc.grad.device) for pc in pieces)
         if key != self._key:
-            self._desc = [self.describe(p, off) for p, _, off, _ in pieces]
+            self._desc = [self.describe(pc.param, pc.offset) for pc in pieces]
             self._key = key
             self._meta = None
             self.rebuilds += 1
-        ptrs = tuple(g.data_ptr() for _, g, _, _ in pieces)
+        ptrs = tuple(pc.grad.data_ptr() for pc in pieces)
         if self._ptrs is not None and ptrs != self._ptrs:
             self.storage_changes += 1
         self._ptrs = ptrs
-        slices = [GradSlice(g, d[0], d[1], w, off, d[2], d[3]) for (_, g, off, w), d in zip(pieces, self._desc)]
+        slices = [GradSlice(pc.grad, d[0], d[1], pc.values, pc.offset, d[2], d[3]) for pc, d in zip(pieces, self._desc)]
         # the key covers the geometry (the description follows from parameter and offset)
         ss = SliceSet(slices, self.layout, reduce, meta=self._meta, meta_checked=True)
         self._meta = ss.meta

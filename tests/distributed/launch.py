@@ -2,32 +2,9 @@
 on CPU, one launch per call. The worker side is tests/distributed/runner.py."""
 import json
 import os
-import socket
 import subprocess
-import sys
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_cmd() -> list:
-    """The ``deepspeed`` launcher of this interpreter."""
-    exe = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def launch_env(**extra) -> dict:
-    """The environment of a launch: CPU accelerator, one thread per process, unbuffered output and the
-    repository root on ``PYTHONPATH`` (workers import ``tests.distributed.runner`` and the package)."""
-    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
-    env.update(extra)
-    return env
+from tools.launching import deepspeed_cmd, free_port, launch_env  # noqa: F401 (used by the launch tests)
 
 
 def run_deepspeed(world: int, script: str, *args: str, timeout: int = 1800, check: bool = True,

@@ -23,10 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ...stats.slices import GradSlice
-
-# (param, grad 1-D view, flat offset in the local tensor, param values 1-D or None)
-Piece = Tuple[torch.nn.Parameter, torch.Tensor, int, Optional[torch.Tensor]]
+from ...stats.slices import Piece
 
 
 class UnsupportedPath(RuntimeError):
@@ -131,7 +128,7 @@ def _patched_method(obj, name: str, make: Callable[[Callable], Callable]):
 def _whole_grads(params) -> Iterator[Piece]:
     for p in params:
         if p.grad is not None:
-            yield p, p.grad.view(-1), 0, p.detach().view(-1)
+            yield Piece(p, p.grad.view(-1), 0, p.detach().view(-1))
 
 
 # ------------------------------------------------------------------------------ ZeRO-0 paths
@@ -182,10 +179,7 @@ class FP16Adapter(Adapter):
     name = "fp16_optimizer"
 
     def pieces(self, with_param):
-        for group in self.opt.fp16_groups:
-            for p in group:
-                if p.grad is not None:
-                    yield p, p.grad.view(-1), 0, p.detach().view(-1)
+        return _whole_grads(p for group in self.opt.fp16_groups for p in group)
 
     def backward_scale(self):
         return 1.0
@@ -249,7 +243,7 @@ class BF16Adapter(Adapter):
                 if not opt.fp32_groups_has_gradients[i][j]:
                     continue
                 g = opt.fp32_groups_gradients[i][j]
-                yield p, g.view(-1), 0, p.detach().view(-1)
+                yield Piece(p, g.view(-1), 0, p.detach().view(-1))
 
     @contextlib.contextmanager
     def norm_guard(self, norm):
@@ -276,9 +270,6 @@ class _ZeroAdapter(Adapter):
     scale-growth step that is the new scale. We pin it to the scale backward used."""
     sharded = True
 
-    def __init__(self, engine):
-        super().__init__(engine)
-
     def backward_scale(self):
         return float(self.opt.loss_scale)
 
@@ -293,6 +284,16 @@ class _ZeroAdapter(Adapter):
         with _patched_method(self.opt, "unscale_and_clip_grads", make):
             yield
 
+    def _returning(self, method: str, value):
+        """For the block, the optimizer's ``method`` returns ``value`` (the norm the shaping
+        statistics hold, in the form DeepSpeed's pass returns it) and counts the replacement."""
+        def make(orig):
+            def replaced(*args, **kwargs):
+                self._replaced()
+                return value
+            return replaced
+
+        return _patched_method(self.opt, method, make)
 
     def _offloaded(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -304,9 +305,9 @@ class _ZeroAdapter(Adapter):
         tail padding adds nothing.)"""
         if not self._offloaded() or not pieces or self.replace_norm:
             return
-        norms = torch._foreach_norm([g for _, g, _, _ in pieces], 2)
-        for (p, _, _, _), n in zip(pieces, norms):
-            self.opt.norm_for_param_grads[self.opt.get_param_id(p)] = n.double()
+        norms = torch._foreach_norm([pc.grad for pc in pieces], 2)
+        for pc, n in zip(pieces, norms):
+            self.opt.norm_for_param_grads[self.opt.get_param_id(pc.param)] = n.double()
 
 
 # ------------------------------------------------------------------------------ ZeRO 1/2
@@ -343,7 +344,7 @@ class Zero12Adapter(_ZeroAdapter):
                 for p in params:
                     src, dest, n = self._position(i, partition_id, p)
                     if n > 0:
-                        yield p, flat.narrow(0, dest, n), src, fp32.narrow(0, dest, n)
+                        yield Piece(p, flat.narrow(0, dest, n), src, fp32.narrow(0, dest, n))
                 continue
             grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
                 else opt.averaged_gradients[i]
@@ -365,7 +366,7 @@ class Zero12Adapter(_ZeroAdapter):
                 if g is None:
                     raise UnsupportedPath(f"ZeRO partition of group {i}: no gradient piece of {n} elements at "
                                           f"offset {dest}; this DeepSpeed layout is not supported")
-                yield p, g.view(-1), src, fp32.narrow(0, dest, n) if with_param else None
+                yield Piece(p, g.view(-1), src, fp32.narrow(0, dest, n) if with_param else None)
 
     def _offloaded(self) -> bool:
         return bool(self.opt.cpu_offload)
@@ -375,13 +376,7 @@ class Zero12Adapter(_ZeroAdapter):
         """DeepSpeedZeroOptimizer.step computes ``scaled_global_norm()`` (with or without
         offload) unless ``compute_grad_norm`` is off, then checks it for inf/nan (overflow),
         stores it divided by the loss scale as ``_global_grad_norm`` and clips with it."""
-        def make(orig):
-            def scaled_global_norm(*args, **kwargs):
-                self._replaced()
-                return norm
-            return scaled_global_norm
-
-        with _patched_method(self.opt, "scaled_global_norm", make):
+        with self._returning("scaled_global_norm", norm):
             yield
 
     def skip_step(self):
@@ -425,7 +420,7 @@ class Zero3Adapter(_ZeroAdapter):
                 for p in group:
                     n, start, valid = self._extent(p)
                     if valid:
-                        yield p, flat_grad.narrow(0, off, valid), start, flat_param.narrow(0, off, valid)
+                        yield Piece(p, flat_grad.narrow(0, off, valid), start, flat_param.narrow(0, off, valid))
                     off += n
                 continue
             grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
@@ -438,8 +433,8 @@ class Zero3Adapter(_ZeroAdapter):
                 n, start, valid = self._extent(p)
                 if valid:
                     g = g.view(-1)
-                    yield (p, g if valid == g.numel() else g[:valid], start,
-                           None if flat_param is None else flat_param.narrow(0, off, valid))
+                    yield Piece(p, g if valid == g.numel() else g[:valid], start,
+                                None if flat_param is None else flat_param.narrow(0, off, valid))
                 off += n
 
     def _extent(self, p) -> Tuple[int, int, int]:
@@ -474,13 +469,7 @@ class Zero3Adapter(_ZeroAdapter):
         """DeepSpeedZeroOptimizer_Stage3.step combines ``_get_norm_groups()`` (per sub-group
         norms, with or without offload) into the global norm; one group with the whole norm
         combines to the same value."""
-        def make(orig):
-            def norm_groups(*args, **kwargs):
-                self._replaced()
-                return [norm]
-            return norm_groups
-
-        with _patched_method(self.opt, "_get_norm_groups", make):
+        with self._returning("_get_norm_groups", [norm]):
             yield
 
     def skip_step(self):

@@ -78,6 +78,8 @@ class DeepSpeedShaping:
         self._loss_n = 0
         self._warned_no_loss = False
         self.needs_param = "unit_param_sumsq" in self.session.shaper.needs
+        # slice metadata built once, reused while the adapter's pieces stay the same
+        self._slice_cache = SliceCache(self.session.layout, self._describe_piece)
         self.clip = float(engine.gradient_clipping() or 0.0)
         self.last_loss_scale = 1.0
         self.last_skipped = False
@@ -138,17 +140,13 @@ class DeepSpeedShaping:
         return True
 
     def _slice_set(self) -> Tuple[SliceSet, list]:
-        g = self.session.grouping
         self._track_update = self.update_size is not None and self.update_size.due(self.engine.global_steps)
         pieces = list(self.adapter.pieces(self.needs_param or self._track_update))
         reduce = self._all_reduce if self.world > 1 else None
         self._step_loss = None
         if self.skip is not None and self.skip.needs_loss:
             reduce = self._fold_loss(reduce)
-        cache = self.__dict__.get("_slice_cache")
-        if cache is None:       # slice metadata once, reused while the pieces stay the same
-            cache = self._slice_cache = SliceCache(self.session.layout, self._describe_piece)
-        ss = cache.slice_set(pieces, reduce)
+        ss = self._slice_cache.slice_set(pieces, reduce)
         ss.loss_scale = self.adapter.backward_scale()
         return ss, pieces
 
@@ -323,6 +321,16 @@ class DeepSpeedShaping:
             parts.append(f"loss {v['loss']:.5g} > mean {v['loss_mean']:.5g} + {self.skip.loss_z:g} x std "
                          f"{v['loss_std']:.4g} of the last {self.skip.last_history['loss']} steps")
         return "spike (" + "; ".join(parts) + ")"
+
+    @property
+    def slice_rebuilds(self) -> int:
+        """Steps on which the slice metadata was built (the adapter's pieces changed)."""
+        return self._slice_cache.rebuilds
+
+    @property
+    def storage_changes(self) -> int:
+        """Steps on which a gradient piece's storage had moved since the step before."""
+        return self._slice_cache.storage_changes
 
     @property
     def spike_skips(self) -> int:
