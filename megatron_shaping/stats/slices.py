@@ -496,6 +496,8 @@ class _MapSums:
 
     def result(self) -> torch.Tensor:
         """float64 group sums of squares of the counted slices as they are now."""
+        if not self.counted:      # e.g. a rank that holds only replicas
+            return torch.zeros(self.parts.size, dtype=STAT_DTYPE, device=self.parts.index.device)
         self.take()
         out: List[torch.Tensor] = []
         if self.parts.small:

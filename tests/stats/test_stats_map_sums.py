@@ -143,3 +143,14 @@ def test_controls_broken_fusion_is_caught(broken, monkeypatch):
         monkeypatch.setattr(S._MapSums, "add", _broken_stale)
     fused, second = _fused_and_second_pass(torch.float32, "shrink", 1.0)
     assert not torch.equal(fused, second)
+
+
+def test_rank_with_replicas_only():
+    """A rank whose slices are all replicas (ZeRO-0 on data-parallel rank > 0) counts nothing:
+    zero sums, and no error (an error on one rank would leave the others in the all-reduce)."""
+    ss = _slice_set(_grads(torch.float32))
+    for s in ss.slices:
+        s.counted = False
+    ss = SliceSet(ss.slices, ss.layout)
+    ss.apply(torch.ones(L, dtype=torch.float64), None, _maps()["shrink"])
+    assert torch.equal(ss.compute(frozenset({SUMSQ})).sumsq, torch.zeros(L, dtype=torch.float64))
