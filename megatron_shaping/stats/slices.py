@@ -453,8 +453,8 @@ class _MapSums:
     counted slice again for the partials of ``meta.group_parts``. The map hands each block it
     wrote (:meth:`add`: a view of slice ``i`` starting ``start`` elements in, a multiple of
     CHUNK) and the partials are taken from it right away, with the same reduction per chunk
-    (:func:`_run_partials`'s p = 2 form: chunks of CHUNK, fp32 or float64 accumulation, small
-    tensors by one multi-tensor call); slices the map left alone are reduced in :meth:`result`.
+    (:func:`_run_partials`'s p = 2 form: chunks of CHUNK, fp32 or float64 accumulation); small
+    tensors (one partial each) and slices the map left alone are reduced in :meth:`result`.
     :meth:`result` orders the partials as ``group_parts`` does and adds them by the same
     :func:`_sum_partials` (exact recomputation included), so the sums are those of the second
     pass, bit for bit."""
@@ -470,18 +470,13 @@ class _MapSums:
 
     def add(self, i: int, start: int, piece: torch.Tensor) -> None:
         t = self.pos.get(i)
-        if t is not None:
+        if t is not None and t not in self.small:
             self._todo.append((t, start, piece))
 
     def take(self) -> None:
-        """Partials of the blocks added since the last call (the map has written them)."""
-        small = [(t, x) for t, _, x in self._todo if t in self.small]
-        if small:
-            for (t, _), v in zip(small, torch.cat(_small_partials([x for _, x in small], 2, True)).split(1)):
-                self.got[t] = [v]
+        """Partials of the blocks added since the last call (the map has written them); small
+        tensors are left to :meth:`result` (one multi-tensor call for all, as the second pass)."""
         for t, a, x in self._todo:
-            if t in self.small:
-                continue
             have = self.got.setdefault(t, [])
             if have is None or a % CHUNK or sum(v.numel() for v in have) != _chunks_before(self.runs[t], a):
                 self.got[t] = None      # off the chunk grid: reduced again in result()
@@ -501,10 +496,7 @@ class _MapSums:
         self.take()
         out: List[torch.Tensor] = []
         if self.parts.small:
-            rest = [t for t in self.parts.small if not self.got.get(t)]
-            redo = dict(zip(rest, torch.cat(_small_partials([self.counted[t] for t in rest], 2, True)).split(1))) \
-                if rest else {}
-            out.append(torch.cat([redo[t] if t in redo else self.got[t][0] for t in self.parts.small]))
+            out += _small_partials([self.counted[t] for t in self.parts.small], 2, True)
         for t, runs in self.parts.big:
             have = self.got.get(t)
             if have and sum(v.numel() for v in have) == sum(k for _, k, _ in runs):
