@@ -457,6 +457,83 @@ def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: torch.Te
             vals.index_copy_(0, where, exact)
 
 
+class _MapSums:
+    """Group partial norms of a map's result, taken while each mapped block is in cache (CPU).
+
+    The second statistics pass after an elementwise map (``compute({SUMSQ})``) would read every
+    counted slice again for the partials of ``meta.group_parts``. The map hands each block it
+    wrote (:meth:`add`: a view of slice ``i`` starting ``start`` elements in, a multiple of
+    CHUNK) and the partials are taken from it right away, with the same reduction per chunk
+    (:func:`_run_partials`'s p = 2 form: chunks of CHUNK, fp32 or float64 accumulation); small
+    tensors (one partial each) and slices the map left alone are reduced in :meth:`result`.
+    :meth:`result` orders the partials as ``group_parts`` does and adds them by the same
+    :func:`_sum_partials` (exact recomputation included), so the sums are those of the second
+    pass, bit for bit."""
+
+    def __init__(self, meta: "SliceMeta", counted: List[torch.Tensor]):
+        self.parts = meta.group_parts
+        self.counted = counted
+        self.pos = {i: t for t, i in enumerate(meta.counted)}
+        self.small = set(self.parts.small)
+        self.runs = dict(self.parts.big)
+        self.got: Dict[int, List[torch.Tensor]] = {}
+        self._todo: List[Tuple[int, int, torch.Tensor]] = []
+
+    def add(self, i: int, start: int, piece: torch.Tensor) -> None:
+        t = self.pos.get(i)
+        if t is not None and t not in self.small:
+            self._todo.append((t, start, piece))
+
+    def take(self) -> None:
+        """Partials of the blocks added since the last call (the map has written them); small
+        tensors are left to :meth:`result` (one multi-tensor call for all, as the second pass)."""
+        for t, a, x in self._todo:
+            have = self.got.setdefault(t, [])
+            if have is None or a % CHUNK or sum(v.numel() for v in have) != _chunks_before(self.runs[t], a):
+                self.got[t] = None      # off the chunk grid: reduced again in result()
+                continue
+            q, r = divmod(x.numel(), CHUNK)
+            dt = _acc_dtype(x, True)
+            if q:
+                have.append(torch.linalg.vector_norm(x[:q * CHUNK].view(q, CHUNK), 2, dim=1, dtype=dt))
+            if r:
+                have.append(torch.linalg.vector_norm(x[q * CHUNK:].view(1, r), 2, dim=1, dtype=dt))
+        self._todo = []
+
+    def result(self) -> torch.Tensor:
+        """float64 group sums of squares of the counted slices as they are now."""
+        if not self.counted:      # e.g. a rank that holds only replicas
+            return torch.zeros(self.parts.size, dtype=STAT_DTYPE, device=self.parts.index.device)
+        self.take()
+        out: List[torch.Tensor] = []
+        if self.parts.small:
+            out += _small_partials([self.counted[t] for t in self.parts.small], 2, True)
+        for t, runs in self.parts.big:
+            have = self.got.get(t)
+            if have and sum(v.numel() for v in have) == sum(k for _, k, _ in runs):
+                out += have
+            else:
+                out += _run_partials_p2(self.counted[t], runs)
+        return _sum_partials(out, self.counted, self.parts, 2)
+
+
+def _chunks_before(runs, a: int) -> int:
+    """How many partials of ``runs`` lie before element ``a`` (a on the chunk grid)."""
+    n = 0
+    for b, k, length in runs:
+        if b >= a:
+            break
+        n += min(k, (a - b) // length)
+    return n
+
+
+def _run_partials_p2(x: torch.Tensor, runs) -> List[torch.Tensor]:
+    """The p = 2 partials of one tensor's runs, as :func:`_run_partials` takes them on the CPU."""
+    dt = _acc_dtype(x, True)
+    return [torch.linalg.vector_norm(x.narrow(0, a, k * length).view(k, length), 2, dim=1, dtype=dt)
+            for a, k, length in runs]
+
+
 class SliceMeta:
     """Everything about a list of slices that does not change between steps as long as the
     slices cover the same parameters the same way: counted positions, partial-sum runs and their
@@ -554,6 +631,8 @@ class SliceSet:
         self._fresh_sumsq: Optional[torch.Tensor] = None
         #: (map, group factors, map parameters) read by :meth:`read_plan` for the next apply
         self._host_plan: Optional[Tuple[Elementwise, list, Dict[str, list]]] = None
+        #: the group partial norms the last map took of its result (CPU), for the next compute()
+        self._map_sums: Optional[_MapSums] = None
 
     # -------------------------------------------------------------- statistics
     @marked(STATS)
@@ -563,8 +642,11 @@ class SliceSet:
         parts: Dict[str, torch.Tensor] = {}
         if UNIT_SUMSQ in needs:
             parts[UNIT_SUMSQ] = self._unit_sum(None)
+        fused, self._map_sums = self._map_sums, None
         if SUMSQ in needs:
-            if UNIT_SUMSQ in parts:
+            if fused is not None and needs == {SUMSQ}:
+                parts[SUMSQ] = fused.result()    # taken by the map, bit for bit a second pass
+            elif UNIT_SUMSQ in parts:
                 # The unit partials cover the same elements: their group sums are the group's.
                 parts[SUMSQ] = torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=dev).index_add_(
                     0, self.layout.unit_group, parts[UNIT_SUMSQ])
@@ -677,6 +759,7 @@ class SliceSet:
         (else one copy here): its per-group parameters and the group factors (slices whose
         factor is 1 or whose map is the identity are then left alone)."""
         params = None
+        self._map_sums = None
         if elementwise is None and unit_scale is not None:
             # one pass: the group factor folded into the unit factors (AGC's group factor is 1)
             unit_scale = unit_scale * scale.index_select(0, self.layout.unit_group.to(scale.device))
@@ -723,54 +806,73 @@ class SliceSet:
         fp32). Maps with an in-place multi-tensor form (``apply_foreach_``) run on the gradient
         itself when it is fp32/fp64, and on fp32 copies of 16-bit slices (rounded once when
         written back), in batches of at most WIDEN_BLOCK elements (large slices in pieces of
-        that size): the temporaries stay bounded and small slices cost one call per batch."""
+        that size): the temporaries stay bounded and small slices cost one call per batch.
+        On the CPU the group partial norms of the result are taken from each batch as it is
+        written (:class:`_MapSums`), for the statistics pass that follows the map."""
         ls = float(self.loss_scale)
         foreach = getattr(fn, "apply_foreach_", None)
         identity = getattr(fn, "is_identity", None)
+        sums = _MapSums(self.meta, self._counted) if self._on_cpu() else None
         keys = list(params)
         batch: List[torch.Tensor] = []
         batch_kw: Dict[str, list] = {k: [] for k in keys}
         size = 0
-
-        def flush():
-            nonlocal batch, batch_kw, size
-            if batch:
-                wide = [x if x.dtype in (torch.float32, torch.float64) else x.float() for x in batch]
-                if ls != 1.0:
-                    torch._foreach_div_(wide, ls)
-                foreach(wide, **batch_kw)
-                if ls != 1.0:
-                    torch._foreach_mul_(wide, ls)
-                narrow = [(x, w) for x, w in zip(batch, wide) if w is not x]
-                if narrow:
-                    torch._foreach_copy_([x for x, _ in narrow], [w for _, w in narrow])
-            batch, batch_kw, size = [], {k: [] for k in keys}, 0
-
-        for s, grp in zip(self.slices, self._group_of):
+        for i, (s, grp) in enumerate(zip(self.slices, self._group_of)):
             if not s.grad.numel():
                 continue
             kw = {k: v[grp] for k, v in params.items()}
             if identity is not None and identity(**kw):
                 continue
             if foreach is None:
-                g = s.grad.to(torch.promote_types(s.grad.dtype, torch.float32))
-                if ls != 1.0:
-                    g = g / ls
-                out = fn.apply(g, **kw)
-                if ls != 1.0:
-                    out = out * ls
-                s.grad.copy_(out)
+                self._map_one(fn, s.grad, kw, ls)
+                if sums is not None:
+                    sums.add(i, 0, s.grad)
+                    sums.take()
                 continue
             n = s.grad.numel()
             for a in range(0, n, WIDEN_BLOCK):
                 piece = s.grad if n <= WIDEN_BLOCK else s.grad.narrow(0, a, min(WIDEN_BLOCK, n - a))
                 if size + piece.numel() > WIDEN_BLOCK:
-                    flush()
+                    _map_batch(foreach, batch, batch_kw, ls, sums)
+                    batch, batch_kw, size = [], {k: [] for k in keys}, 0
                 batch.append(piece)
                 for k in keys:
                     batch_kw[k].append(kw[k])
                 size += piece.numel()
-        flush()
+                if sums is not None:
+                    sums.add(i, a, piece)
+        _map_batch(foreach, batch, batch_kw, ls, sums)
+        self._map_sums = sums
+
+    @staticmethod
+    def _map_one(fn: Elementwise, grad: torch.Tensor, kw: dict, ls: float) -> None:
+        """A map without a multi-tensor form, on a widened copy of one slice."""
+        g = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        if ls != 1.0:
+            g = g / ls
+        out = fn.apply(g, **kw)
+        if ls != 1.0:
+            out = out * ls
+        grad.copy_(out)
+
+
+def _map_batch(foreach, batch: List[torch.Tensor], batch_kw: Dict[str, list], ls: float,
+               sums: Optional[_MapSums]) -> None:
+    """One batch of the map in place (16-bit tensors through fp32 copies, rounded once when
+    written back); then the partial norms of what was written, while it is in cache."""
+    if not batch:
+        return
+    wide = [x if x.dtype in (torch.float32, torch.float64) else x.float() for x in batch]
+    if ls != 1.0:
+        torch._foreach_div_(wide, ls)
+    foreach(wide, **batch_kw)
+    if ls != 1.0:
+        torch._foreach_mul_(wide, ls)
+    narrow = [(x, w) for x, w in zip(batch, wide) if w is not x]
+    if narrow:
+        torch._foreach_copy_([x for x, _ in narrow], [w for _, w in narrow])
+    if sums is not None:
+        sums.take()
 
 
 class SliceCache:
