@@ -403,6 +403,10 @@ class Zero3Adapter(_ZeroAdapter):
     """
     name = "zero3"
 
+    def __init__(self, engine):
+        super().__init__(engine)
+        self._extents: Dict[int, tuple] = {}      # id(param) -> (param, extent), see _extent
+
     def _rank(self, p):
         import deepspeed.comm as dist
         return dist.get_rank(group=p.ds_process_group)
@@ -441,12 +445,11 @@ class Zero3Adapter(_ZeroAdapter):
         """(partition_numel, flat start of this rank's partition, elements in it that are not the
         zero tail padding of the last partition), computed once per parameter: the rank in the
         parameter's process group and the partition sizes do not change between steps."""
-        cache = self.__dict__.setdefault("_extents", {})
-        hit = cache.get(id(p))
+        hit = self._extents.get(id(p))
         if hit is None or hit[0] is not p:
             n = p.partition_numel()
             start = self._rank(p) * n
-            hit = cache[id(p)] = (p, n, start, max(0, min(n, p.ds_numel - start)))
+            hit = self._extents[id(p)] = (p, n, start, max(0, min(n, p.ds_numel - start)))
         return hit[1:]
 
     def _offloaded(self) -> bool:
