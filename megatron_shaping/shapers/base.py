@@ -94,7 +94,14 @@ class Elementwise:
 
     ``params`` are [L] tensors; the driver passes each slice its group's values as floats.
     Subclasses implement ``apply(g, **group_params)`` and must keep f(0) = 0 and sign(f(g)) = sign(g).
+
+    ``exact_in_storage``: True for a map whose result, rounded to a 16-bit storage dtype, equals
+    the map run in that dtype on the stored values (a clamp: rounding is monotone and leaves
+    stored values unchanged, so round(clamp(g, lo, hi)) = clamp(g, round(lo), round(hi))); the
+    driver may then skip the fp32 copy when no loss scale has to be divided out.
     """
+    exact_in_storage = False
+
     def __init__(self, **params: torch.Tensor):
         self.params = params
 

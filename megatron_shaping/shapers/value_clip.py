@@ -28,6 +28,7 @@ from .base import SUMSQ, Elementwise, GroupLayout, Plan, Shaper, StepCount, Stat
 
 class ClampMap(Elementwise):
     """g -> clamp(g, -clip, clip); params: clip [L]."""
+    exact_in_storage = True
 
     def apply(self, g: torch.Tensor, clip: float) -> torch.Tensor:
         if math.isinf(clip):

@@ -813,6 +813,8 @@ class SliceSet:
         foreach = getattr(fn, "apply_foreach_", None)
         identity = getattr(fn, "is_identity", None)
         sums = _MapSums(self.meta, self._counted) if self._on_cpu() else None
+        # a clamp-like map runs on 16-bit storage as it is, exactly (Elementwise.exact_in_storage)
+        in_storage = ls == 1.0 and getattr(fn, "exact_in_storage", False)
         keys = list(params)
         batch: List[torch.Tensor] = []
         batch_kw: Dict[str, list] = {k: [] for k in keys}
@@ -833,7 +835,7 @@ class SliceSet:
             for a in range(0, n, WIDEN_BLOCK):
                 piece = s.grad if n <= WIDEN_BLOCK else s.grad.narrow(0, a, min(WIDEN_BLOCK, n - a))
                 if size + piece.numel() > WIDEN_BLOCK:
-                    _map_batch(foreach, batch, batch_kw, ls, sums)
+                    _map_batch(foreach, batch, batch_kw, ls, sums, in_storage)
                     batch, batch_kw, size = [], {k: [] for k in keys}, 0
                 batch.append(piece)
                 for k in keys:
@@ -841,7 +843,7 @@ class SliceSet:
                 size += piece.numel()
                 if sums is not None:
                     sums.add(i, a, piece)
-        _map_batch(foreach, batch, batch_kw, ls, sums)
+        _map_batch(foreach, batch, batch_kw, ls, sums, in_storage)
         self._map_sums = sums
 
     @staticmethod
@@ -857,12 +859,13 @@ class SliceSet:
 
 
 def _map_batch(foreach, batch: List[torch.Tensor], batch_kw: Dict[str, list], ls: float,
-               sums: Optional[_MapSums]) -> None:
+               sums: Optional[_MapSums], in_storage: bool = False) -> None:
     """One batch of the map in place (16-bit tensors through fp32 copies, rounded once when
-    written back); then the partial norms of what was written, while it is in cache."""
+    written back, unless ``in_storage``: the map is exact on the stored values); then the
+    partial norms of what was written, while it is in cache."""
     if not batch:
         return
-    wide = [x if x.dtype in (torch.float32, torch.float64) else x.float() for x in batch]
+    wide = [x if in_storage or x.dtype in (torch.float32, torch.float64) else x.float() for x in batch]
     if ls != 1.0:
         torch._foreach_div_(wide, ls)
     foreach(wide, **batch_kw)
