@@ -64,7 +64,7 @@ sys.path.insert(0, ROOT)
 from megatron_shaping import profiling  # noqa: E402
 from megatron_shaping.profiling import APPLY, HOOK, STATS  # noqa: E402
 from megatron_shaping.shapers import REGISTRY, default_params, default_section  # noqa: E402
-from tools.launching import deepspeed_cmd, free_port, launch_env  # noqa: E402
+from tools.launching import deepspeed_cmd, free_port, launch_env, shm_buffers, unlink_leaked_shm  # noqa: E402
 
 #: Step-time targets vs DeepSpeed's gradient_clipping (CPU time, issue 11): the hook's
 #: statistics pass replaces DeepSpeed's own norm pass, so a norm-based shaper costs nothing.
@@ -99,7 +99,11 @@ def launch(argv: List[str], world: int) -> int:
     env = launch_env(DS_ACCELERATOR=ACCELERATOR[0], OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = deepspeed_cmd() + ["--num_gpus", str(world), "--master_port", str(free_port()), os.path.abspath(__file__),
                              "--_worker"] + argv
-    return subprocess.call(cmd, env=env)
+    before = shm_buffers()
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        unlink_leaked_shm(before)       # the launch's /dev/shm buffers (DeepSpeed leaves them)
 
 
 # ---------------------------------------------------------------------------------- model
