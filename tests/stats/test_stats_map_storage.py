@@ -33,6 +33,20 @@ def _around(c: float, dtype) -> torch.Tensor:
     return torch.cat([near, -near, noise])
 
 
+@pytest.fixture
+def map_batches(monkeypatch):
+    """For each batch the map runs: whether it ran on the stored values (no fp32 copy)."""
+    seen = []
+    real = slices_mod._map_batch
+
+    def spy(foreach, batch, batch_kw, ls, sums, in_storage=False):
+        seen.append(in_storage)
+        return real(foreach, batch, batch_kw, ls, sums, in_storage)
+
+    monkeypatch.setattr(slices_mod, "_map_batch", spy)
+    return seen
+
+
 def _reference(g: torch.Tensor, c: float) -> torch.Tensor:
     return g.double().clamp(-c, c).to(g.dtype)
 
@@ -46,15 +60,8 @@ def _run(grads, bounds):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_clamp_on_storage_equals_clamp_of_true_values_rounded_once(dtype, monkeypatch):
-    seen = []
-    real = slices_mod._map_batch
-
-    def spy(foreach, batch, batch_kw, ls, sums, in_storage=False):
-        seen.append(in_storage)
-        return real(foreach, batch, batch_kw, ls, sums, in_storage)
-
-    monkeypatch.setattr(slices_mod, "_map_batch", spy)
+def test_clamp_on_storage_equals_clamp_of_true_values_rounded_once(dtype, map_batches):
+    seen = map_batches
     grads = [_around(c, dtype) for c in BOUNDS]
     refs = [_reference(g, c) for g, c in zip(grads, BOUNDS)]
     _run(grads, BOUNDS)
@@ -80,16 +87,9 @@ def test_control_a_bound_rounded_toward_zero_misses_the_reference(dtype):
     assert rounded_up >= 1
 
 
-def test_loss_scaled_fp16_keeps_the_fp32_copy(monkeypatch):
+def test_loss_scaled_fp16_keeps_the_fp32_copy(map_batches):
     # With a loss scale the map runs on g / S: not a clamp of the stored values, so no shortcut.
-    seen = []
-    real = slices_mod._map_batch
-
-    def spy(foreach, batch, batch_kw, ls, sums, in_storage=False):
-        seen.append(in_storage)
-        return real(foreach, batch, batch_kw, ls, sums, in_storage)
-
-    monkeypatch.setattr(slices_mod, "_map_batch", spy)
+    seen = map_batches
     g = _around(0.5, torch.float16) * 8
     ref = (g.double() / 8).clamp(-0.5, 0.5).mul(8).to(torch.float16)
     layout = make_layout(["t0"], [g.numel()])
