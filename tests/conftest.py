@@ -10,6 +10,7 @@ import pytest
 
 from hypothesis import settings
 
+from tests.distributed.launch import init_world_of_one
 from tools.launching import free_port, shm_buffers, unlink_leaked_shm
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -40,11 +41,8 @@ def one_rank():
     group someone else already initialised. The environment DeepSpeed reads is set for the
     module only (later launches must not inherit it)."""
     pytest.importorskip("deepspeed")
-    import torch.distributed as dist
     with pytest.MonkeyPatch.context() as mp:
-        port = free_port()
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        port = init_world_of_one() or free_port()
         for k, v in dict(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
                          WORLD_SIZE="1", LOCAL_RANK="0").items():
             if k not in os.environ:

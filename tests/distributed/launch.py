@@ -7,6 +7,17 @@ import subprocess
 from tools.launching import deepspeed_cmd, free_port, launch_env  # noqa: F401 (used by the launch tests)
 
 
+def init_world_of_one() -> int:
+    """A gloo process group of one in this process, unless one exists already (another test's);
+    returns the port it was made on (0 when reused)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return 0
+    port = free_port()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return port
+
+
 def run_deepspeed(world: int, script: str, *args: str, timeout: int = 1800, check: bool = True,
                   log: str = None) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus world script args`` with the CPU accelerator; ``log``: a file for the

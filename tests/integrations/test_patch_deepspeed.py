@@ -8,7 +8,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import sys
 import types
 
@@ -17,9 +16,9 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 import megatron_shaping  # noqa: E402
+from tests.distributed.launch import init_world_of_one  # noqa: E402
 
 SHAPING = {"type": "norm_clip", "params": {"max_norm": 0.01}}
 
@@ -42,11 +41,7 @@ def ds():
     """A world of one (gloo; reused if another test made one). DeepSpeed reads the rank from the
     environment: set for this module, restored after it (later tests launch subprocesses)."""
     saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_world_of_one()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     import deepspeed
