@@ -64,6 +64,9 @@ class ShapingSession:
         self.skipped = 0         # steps skipped (gradient not finite, or a gate's veto)
         self.last_code = 0       # flags of the last step (see step)
         self.last: Optional[StepRecord] = None
+        #: 0-d bool of a deferred step's decision until :meth:`resolve` (see :meth:`step`)
+        self.pending_veto: Optional[torch.Tensor] = None
+        self._pending_code: Optional[torch.Tensor] = None
 
     @staticmethod
     def _regrouped(member: Shaper, granularity: str, params, block_pattern, device) -> Regrouped:
@@ -77,8 +80,8 @@ class ShapingSession:
     def layout(self):
         return self.grouping.layout
 
-    def step(self, slices: SliceSet, gate: Optional[Callable[[Stats], Optional[torch.Tensor]]] = None
-             ) -> Optional[StepRecord]:
+    def step(self, slices: SliceSet, gate: Optional[Callable[[Stats], Optional[torch.Tensor]]] = None,
+             defer: bool = False) -> Optional[StepRecord]:
         """Shape the gradient held by ``slices`` in place. A non-finite gradient (overflow) is
         left untouched with the state, and None is returned: the caller skips the update.
 
@@ -91,7 +94,16 @@ class ShapingSession:
         the decision, and the decision is read with the plan's host values
         (:meth:`SliceSet.read_plan`); a pure scale reads nothing itself, so its plan is applied
         with the decision still on the device (a veto makes every factor 1) and the decision is
-        read after it. A veto drops the new state: the state and the gradient stay untouched."""
+        read after it. A veto drops the new state: the state and the gradient stay untouched.
+
+        ``defer``: a caller whose optimizer step reads a validity flag of its own (DeepSpeed's
+        check of the global norm) may take the decision there instead. When nothing read it
+        (pure scales, no gate flags), the step reads nothing: the state is selected on the
+        device (the old one on a veto), ``pending_veto`` holds the 0-d decision, and the
+        caller must call :meth:`resolve` with whether the step was skipped before the next
+        step (the record is returned as for an applied step)."""
+        if self.pending_veto is not None:
+            raise RuntimeError("ShapingSession.step: the previous deferred step was not resolved")
         needs = self.shaper.first_needs
         first = [slices.compute(needs)]
         code = (~torch.isfinite(first[0].sumsq).all()).long()
@@ -105,6 +117,8 @@ class ShapingSession:
         try:
             state, record = self.shaper.step(self.state, self.layout, compute, slices.apply,
                                              lambda plan: self._read_plan(slices, plan, pending))
+            if pending and defer and flags is None:
+                return self._defer(pending.pop(), state, record)
             if pending:
                 self._decide(int(pending.pop()))      # pure scales only: the step's one host read
         except _Vetoed:
@@ -116,6 +130,30 @@ class ShapingSession:
         self.steps += 1
         self.last = record
         return record
+
+    def _defer(self, code: torch.Tensor, state, record: StepRecord) -> StepRecord:
+        """The decision left on the device: the state selected there (the veto keeps the old)."""
+        veto = (code & VETO_MASK) != 0
+        self.state = tuple(type(n)(*(torch.where(veto, a, b) for a, b in zip(o, n)))
+                           for o, n in zip(self.state, state))
+        self.pending_veto = veto
+        self._pending_code = code
+        self.last = record
+        return record
+
+    def resolve(self, skipped: bool) -> Optional[StepRecord]:
+        """End a deferred step: ``skipped`` is whether the optimizer skipped it (its own read of
+        the validity flag). A skip reads the step's flags (host reads are fine then); an applied
+        step had none, since a veto makes the norm the caller checks invalid. Returns the
+        record, or None for a step that was vetoed."""
+        code, self.pending_veto, self._pending_code = self._pending_code, None, None
+        self.last_code = int(code) if skipped else 0
+        if self.last_code & VETO_MASK:
+            self.skipped += 1
+            self.last = None
+            return None
+        self.steps += 1
+        return self.last
 
     def _read_plan(self, slices: SliceSet, plan, pending: list):
         """A plan as it runs; the first one that reads host values also reads the decision."""

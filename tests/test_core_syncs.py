@@ -72,7 +72,7 @@ class Model:
         self.gs = GradientShaper(self.params.items(), shaper, granularity=granularity)
         self.dtype = dtype
 
-    def step(self, seed, scale=1.0, gate=None, grad=None):
+    def step(self, seed, scale=1.0, gate=None, grad=None, defer=False):
         for n, p in self.params.items():
             p.grad = grads(seed, self.dtype, scale)[n] if grad is None else grad(p)
         passes = [0]
@@ -86,9 +86,9 @@ class Model:
                 return out
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(SliceSet, "compute", compute)
-                if gate is not None:
+                if gate is not None or defer:
                     session = self.gs.session
-                    mp.setattr(session, "step", lambda ss, _s=ShapingSession.step: _s(session, ss, gate))
+                    mp.setattr(session, "step", lambda ss, _s=ShapingSession.step: _s(session, ss, gate, defer))
                 rec = self.gs.apply_(scale)
         return rec, reads, passes[0]
 
@@ -203,3 +203,74 @@ def test_control_reads_not_folded_into_one_copy_are_counted(monkeypatch):
     m.step(0)
     _, reads, _ = m.step(1)
     assert reads.n == 3 and sorted(reads.where) == ["__bool__", "__int__", "tolist"]
+
+
+PURE_SCALE = sorted(set(REGISTRY) - ELEMENTWISE)
+
+
+@pytest.mark.parametrize("name", PURE_SCALE)
+def test_deferred_decision_reads_nothing_and_a_veto_keeps_the_state(name):
+    """``defer=True`` (the DeepSpeed hook where the optimizer checks the norm itself): a pure
+    scale makes no read; the result equals the undeferred step's, and a vetoed step (a
+    non-finite entry) leaves the gradient and, once resolved, the state as they were."""
+    ref, m = Model(method(name)), Model(method(name))
+    for x in (ref, m):
+        x.step(0)
+    want, _, _ = ref.step(1)
+    rec, reads, _ = m.step(1, defer=True)
+    assert reads.n == 0, reads.where
+    session = m.gs.session
+    assert session.pending_veto is not None and not bool(session.pending_veto)
+    assert session.resolve(False) is rec and session.steps == 2 and session.last_code == 0
+    assert session.pending_veto is None
+    assert torch.equal(rec.factor, want.factor)
+    for a, b in zip(session.state, ref.gs.session.state):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for n, p in m.params.items():
+        assert torch.equal(p.grad, ref.params[n].grad)
+
+    # a veto: the step still reads nothing, every factor is 1, the state is selected on the device
+    old, before, reads = _vetoed_deferred_step(m)
+    # (the CPU statistics read which chunks to recompute exactly: the inf rows; not the step)
+    assert reads.n - reads.in_stats == 0, reads.where
+    for n, p in m.params.items():
+        assert torch.equal(p.grad, before[n])
+    assert session.resolve(True) is None and session.skipped == 1 and session.steps == 2
+    assert session.last_code & 1 and session.last is None
+    assert _same_state(session.state, old)
+
+
+def _vetoed_deferred_step(m):
+    """One deferred step on a gradient with one non-finite entry (the other tensors finite, so
+    a per-tensor shaper's own mask would still update their groups)."""
+    old = [[t.clone() for t in st] for st in m.gs.session.state]
+    g = grads(2)
+    g["l0.bias"][3] = math.inf
+    names = {id(q): k for k, q in m.params.items()}
+    _, reads, _ = m.step(2, grad=lambda p: g[names[id(p)]].clone(), defer=True)
+    assert bool(m.gs.session.pending_veto)
+    return old, g, reads
+
+
+def _same_state(state, old):
+    return all(torch.equal(x, y) for a, b in zip(state, old) for x, y in zip(a, b))
+
+
+def test_control_a_deferred_veto_without_the_select_changes_the_state(monkeypatch):
+    """The state check above can fail: a deferral that keeps the new state is caught."""
+    def broken(self, code, state, record):
+        self.state, self.pending_veto, self._pending_code, self.last = state, (code & 0xFF) != 0, code, record
+        return record
+    monkeypatch.setattr(ShapingSession, "_defer", broken)
+    m = Model(method("gradient_stabilizer"))
+    m.step(0)
+    old, _, _ = _vetoed_deferred_step(m)
+    m.gs.session.resolve(True)
+    assert not _same_state(m.gs.session.state, old)
+
+
+def test_deferred_step_must_be_resolved():
+    m = Model(method("norm_clip"))
+    m.step(0, defer=True)
+    with pytest.raises(RuntimeError, match="not resolved"):
+        m.step(1, defer=True)

@@ -419,6 +419,7 @@ def run_scenario(sc, world, rank):
     res["state_equal"] = _state_rel(shaping.state_dict(), ref_shaper.state_dict())
     res["global_steps"] = engine.global_steps
     res["skipped_steps"] = engine.skipped_steps
+    res["deferred_steps"] = shaping.deferred_steps
     engine.destroy() if hasattr(engine, "destroy") else None
     return res
 

@@ -19,6 +19,7 @@ Only this module and :mod:`.engine` know DeepSpeed's private attributes; each us
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -48,6 +49,13 @@ class Adapter:
     replace_norm = True
     #: Steps on which DeepSpeed's norm pass was replaced (for tests and the benchmark).
     norms_replaced = 0
+
+    def skips_invalid_norm(self) -> bool:
+        """True when DeepSpeed's step itself reads whether the global norm it is handed (ours,
+        :meth:`norm_guard`) is finite and skips the step as an overflow when it is not: the
+        shaping step's skip decision can then ride on that read (``ShapingSession.step(defer=
+        True)``) instead of a host read of its own."""
+        return False
 
     def backward_scale(self) -> float:
         return 1.0
@@ -82,7 +90,11 @@ class Adapter:
         record = shaping.session.last if shaping is not None else None
         if record is None or record.stats_after.sumsq is None:
             return None
-        return (record.stats_after.sumsq.sum().sqrt() * float(scale)).to(torch.float32)
+        norm = (record.stats_after.sumsq.sum().sqrt() * float(scale)).to(torch.float32)
+        veto = shaping.session.pending_veto
+        if veto is not None:        # a deferred decision: a veto makes DeepSpeed skip the step
+            norm = torch.where(veto, torch.full_like(norm, math.inf), norm)
+        return norm
 
     @contextlib.contextmanager
     def norm_guard(self, norm: torch.Tensor):
@@ -324,6 +336,14 @@ class Zero12Adapter(_ZeroAdapter):
     """
     name = "zero12"
 
+    def skips_invalid_norm(self) -> bool:
+        """DeepSpeedZeroOptimizer.step checks ``is_invalid_grad_norm(scaled_global_norm())``
+        unless the gradient is bf16 without ``check_grad_overflow``, and only when it computes
+        the norm at all (``compute_grad_norm``)."""
+        opt = self.opt
+        return self.replace_norm and bool(getattr(opt, "compute_grad_norm", False)) and (
+            opt.dtype != torch.bfloat16 or bool(getattr(opt, "check_grad_overflow", False)))
+
     def _position(self, i: int, partition_id: int, p) -> Tuple[int, int, int]:
         """(source offset in p, destination offset in the partition, element count)."""
         opt = self.opt
@@ -402,6 +422,11 @@ class Zero3Adapter(_ZeroAdapter):
     ``fp32_partitioned_groups_flat[i].grad``.
     """
     name = "zero3"
+
+    def skips_invalid_norm(self) -> bool:
+        """DeepSpeedZeroOptimizer_Stage3.step checks ``is_invalid_grad_norm`` of the combined
+        ``_get_norm_groups()`` on every step that did not overflow before."""
+        return self.replace_norm
 
     def __init__(self, engine):
         super().__init__(engine)

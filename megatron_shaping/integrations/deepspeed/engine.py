@@ -89,6 +89,8 @@ class DeepSpeedShaping:
         #: Why the last step was skipped: () or names from megatron_shaping.spike_skip.REASONS.
         self.last_skip_reasons: Tuple[str, ...] = ()
         self.collectives = 0
+        #: Steps whose skip decision DeepSpeed's own norm check took (see :meth:`_defers`).
+        self.deferred_steps = 0
         #: Called as ``cb(shaping, record)`` after every optimizer-step boundary, ``record`` being
         #: the StepRecord or None for a skipped step (monitors, spike log).
         self.callbacks: List[Any] = []
@@ -250,7 +252,12 @@ class DeepSpeedShaping:
         """Shape the reduced gradient in place; False when the step must be skipped."""
         ss, pieces = self._slice_set()
         self.last_loss_scale = ss.loss_scale
-        record = self.session.step(ss, self._gate)
+        record = self.session.step(ss, self._gate, defer=self._defers())
+        if self.session.pending_veto is not None:
+            # decided by DeepSpeed's own check of the norm we hand it (_take_model_step resolves)
+            self.deferred_steps += 1
+            self.adapter.after_shaping(pieces)
+            return True
         code = self.session.last_code
         if self.skip is not None:
             self.skip.commit(code)
@@ -268,6 +275,27 @@ class DeepSpeedShaping:
             cb(self, record)
         return record is not None
 
+    def _defers(self) -> bool:
+        """Whether this step's skip decision may be left to DeepSpeed's own validity check of
+        the global norm (no host read in the hook): the adapter's optimizer makes that check,
+        nothing here needs the decision before the optimizer step (no spike rule, no callbacks,
+        no update-size logging), and a non-finite gradient is skipped, not an error. fp16 keeps
+        its loss scaler's overflow path."""
+        return (self.adapter.skips_invalid_norm() and self.skip is None and not self.callbacks
+                and self.update_size is None and self.config.nonfinite == "skip"
+                and not self.engine.fp16_enabled())
+
+    def _resolve(self) -> None:
+        """End a deferred step: DeepSpeed skipped it (``optimizer.overflow``, a host flag) iff
+        the norm we handed it was invalid, i.e. iff the shaping step was vetoed."""
+        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+        record = self.session.resolve(skipped)
+        self.last_skipped = record is None
+        self.last_skip_reasons = reasons(self.session.last_code) if record is None else ()
+        if record is None:
+            logger.warning("gradient_shaping: step %d skipped: %s", self.engine.global_steps - 1,
+                           self._skip_message())
+
     def _take_model_step(self, lr_kwargs=None):
         ok = self.shape()
         if not ok:
@@ -280,6 +308,8 @@ class DeepSpeedShaping:
                 return self._skip(lr_kwargs)
         with self.adapter.unscale_guard(self.last_loss_scale):
             out = self._orig_take_model_step(lr_kwargs)
+        if self.session.pending_veto is not None:
+            self._resolve()
         if self.update_size is not None:
             self.update_size.after()        # logged steps: the update the optimizer just applied
         return out
