@@ -24,7 +24,6 @@
  *   clamp:      x <- min(max(x, -clip), clip).
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
@@ -161,22 +160,27 @@ static const ms_loop ms_loops[3][3][3] = {MS_TABLE(_base), MS_TABLE(_avx2), MS_T
 static const ms_loop ms_loops[1][3][3] = {MS_TABLE(_base)};
 #endif
 
-/* The instruction set of this CPU (same operations, same results, wider vectors); the
- * environment variable MEGATRON_SHAPING_KERNEL_ISA=0/1/2 caps it (tests, comparisons). */
+/* The instruction set of this CPU (same operations, same results, wider vectors). */
 static int ms_isa = -1;
-int ms_level(void) {
-    if (ms_isa < 0) {
-        int level = 0;
+static int ms_detect(void) {
+    int level = 0;
 #ifdef MS_X86
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
-        if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) level = 2;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+    if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) level = 2;
 #endif
-        const char *cap = getenv("MEGATRON_SHAPING_KERNEL_ISA");
-        if (cap && *cap >= '0' && *cap <= '2' && *cap - '0' < level) level = *cap - '0';
-        ms_isa = level;
-    }
+    return level;
+}
+int ms_level(void) {
+    if (ms_isa < 0)
+        ms_isa = ms_detect();
+    return ms_isa;
+}
+/* Use at most instruction set ``cap`` (tests compare the variants); returns the one in use. */
+int ms_cap_level(int cap) {
+    int level = ms_detect();
+    ms_isa = cap >= 0 && cap < level ? cap : level;
     return ms_isa;
 }
 

@@ -93,6 +93,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.ms_run.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.POINTER(ctypes.c_void_p),
                                ctypes.POINTER(ctypes.c_long), ctypes.POINTER(ctypes.c_int), dp, dp, ctypes.c_double]
         lib.ms_level.restype = ctypes.c_int
+        lib.ms_cap_level.restype = ctypes.c_int
+        lib.ms_cap_level.argtypes = [ctypes.c_int]
         _lib = lib
     except (OSError, RuntimeError, AttributeError) as e:
         _failed = True
@@ -105,10 +107,13 @@ def available() -> bool:
     return enabled() and _load() is not None
 
 
-def isa() -> int:
-    """The instruction set the kernels run with: 0 baseline, 1 AVX2+FMA, 2 AVX-512 (x86-64);
-    ``MEGATRON_SHAPING_KERNEL_ISA`` caps it, read once per process."""
-    return _lib.ms_level() if available() else -1
+def isa(cap: Optional[int] = None) -> int:
+    """The instruction set the kernels run with: 0 baseline, 1 AVX2+FMA, 2 AVX-512 (x86-64;
+    other CPUs 0); ``cap``: use at most that one from now on (None: leave it; -1: the best);
+    -1 when the kernels are unavailable."""
+    if not available():
+        return -1
+    return _lib.ms_level() if cap is None else _lib.ms_cap_level(cap)
 
 
 def supports(t: torch.Tensor) -> bool:
