@@ -93,6 +93,17 @@ class ShrinkMap(Elementwise):
         return b if b < torch.finfo(dtype).max else math.inf      # else |g| / T < B already
 
     @staticmethod
+    def kernel_args(T: float, p: float, absmax: float = math.inf):
+        """The fused kernel computing this map on an fp32 value, the same operations as
+        :meth:`apply_foreach_` (``shrink2``: the clamp, then g * rsqrt(1 + g * g * T^-2)), for
+        the p = 2 path; None (the multi-tensor ops) otherwise."""
+        if not (p == 2.0 and 1e-15 <= T <= 1e15):
+            return None
+        b = ShrinkMap._bound(T, p, torch.float32)
+        clamp = b < math.inf and not absmax * (1 + 1e-5) < b
+        return "shrink2", (1.0 / (T * T), b if clamp else math.inf)
+
+    @staticmethod
     def apply_foreach_(gs, T, p, absmax=None) -> None:
         """The map in place on every tensor of ``gs`` (group parameters per tensor), one
         temporary per tensor, as multi-tensor operations. p = 2 with 1e-15 <= T <= 1e15:

@@ -91,6 +91,13 @@ class PowerMap(Elementwise):
         return torch.copysign(t, g, out=g)
 
     @staticmethod
+    def kernel_args(alpha: float, coef: float):
+        """The fused kernel computing this map (``power``: copysign(coef * |g|^alpha, g) in
+        float64, rounded once: within 1 ulp of the exact value, where torch's pow is within
+        1 ulp before its own rounding of the product by coef)."""
+        return "power", (alpha, coef)
+
+    @staticmethod
     def apply_foreach_(gs, alpha, coef) -> None:
         """The map in place on every tensor of ``gs`` (group parameters per tensor), one
         temporary per tensor, the same operations as :meth:`apply_` as multi-tensor calls."""

@@ -45,6 +45,11 @@ class ClampMap(Elementwise):
         return g.clamp_(-clip, clip)
 
     @staticmethod
+    def kernel_args(clip: float):
+        """The fused kernel computing this map (``clamp``: the same operations, one pass)."""
+        return "clamp", (clip,)
+
+    @staticmethod
     def apply_foreach_(gs, clip) -> None:
         """The map in place on every tensor of ``gs`` (one clip value per tensor), no temporary."""
         if gs:

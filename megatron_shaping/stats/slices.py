@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..profiling import APPLY, STATS, marked
+from . import kernels
 from ..shapers.base import (STAT_DTYPE, SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, Elementwise, GroupLayout,
                             Plan, Stats)
 
@@ -807,10 +808,14 @@ class SliceSet:
         itself when it is fp32/fp64, and on fp32 copies of 16-bit slices (rounded once when
         written back), in batches of at most WIDEN_BLOCK elements (large slices in pieces of
         that size): the temporaries stay bounded and small slices cost one call per batch.
+        A map with ``kernel_args`` runs on CPU fp32/bf16/fp16 slices in a fused kernel instead
+        (:mod:`.kernels`: one pass, in place, 16-bit storage read and rounded once, no copy).
         On the CPU the group partial norms of the result are taken from each batch as it is
         written (:class:`_MapSums`), for the statistics pass that follows the map."""
         ls = float(self.loss_scale)
         foreach = getattr(fn, "apply_foreach_", None)
+        if foreach is not None:
+            foreach = _Foreach(foreach, getattr(fn, "kernel_args", None))
         identity = getattr(fn, "is_identity", None)
         sums = _MapSums(self.meta, self._counted) if self._on_cpu() else None
         # a clamp-like map runs on 16-bit storage as it is, exactly (Elementwise.exact_in_storage)
@@ -858,13 +863,59 @@ class SliceSet:
         grad.copy_(out)
 
 
+class _Foreach(NamedTuple):
+    """A map's multi-tensor form and its fused-kernel arguments (``kernel_args(**group_params)``:
+    ``(kernel, params)`` for :func:`kernels.run`, or None: the multi-tensor torch ops)."""
+    apply_foreach_: Callable
+    kernel_args: Optional[Callable] = None
+
+    def __call__(self, gs, **kw) -> None:
+        self.apply_foreach_(gs, **kw)
+
+
+def _fused(foreach, batch: List[torch.Tensor], batch_kw: Dict[str, list], ls: float) -> List[int]:
+    """Run the map's fused kernel on the tensors of ``batch`` it supports (CPU fp32/bf16/fp16,
+    kernels built and enabled), one call per kernel; the indices of the others, left alone."""
+    args_of = getattr(foreach, "kernel_args", None)
+    if args_of is None or batch[0].device.type != "cpu" or not kernels.available():
+        return list(range(len(batch)))
+    rest: List[int] = []
+    runs: Dict[str, Tuple[List[int], list]] = {}
+    for i, x in enumerate(batch):
+        args = args_of(**{k: v[i] for k, v in batch_kw.items()}) if kernels.supports(x) else None
+        if args is None:
+            rest.append(i)
+        else:
+            idx, prm = runs.setdefault(args[0], ([], []))
+            idx.append(i)
+            prm.append(args[1])
+    for name, (idx, prm) in runs.items():
+        if not kernels.run(name, [batch[i] for i in idx], list(zip(*prm)), ls):
+            rest += idx
+    return sorted(rest)
+
+
 def _map_batch(foreach, batch: List[torch.Tensor], batch_kw: Dict[str, list], ls: float,
                sums: Optional[_MapSums], in_storage: bool = False) -> None:
-    """One batch of the map in place (16-bit tensors through fp32 copies, rounded once when
+    """One batch of the map in place: by the map's fused kernel where it has one (:func:`_fused`),
+    else by its multi-tensor torch ops (16-bit tensors through fp32 copies, rounded once when
     written back, unless ``in_storage``: the map is exact on the stored values); then the
     partial norms of what was written, while it is in cache."""
     if not batch:
         return
+    rest = _fused(foreach, batch, batch_kw, ls)
+    if len(rest) < len(batch):
+        batch = [batch[i] for i in rest]
+        batch_kw = {k: [v[i] for i in rest] for k, v in batch_kw.items()}
+    if batch:
+        _map_torch(foreach, batch, batch_kw, ls, in_storage)
+    if sums is not None:
+        sums.take()
+
+
+def _map_torch(foreach, batch: List[torch.Tensor], batch_kw: Dict[str, list], ls: float, in_storage: bool) -> None:
+    """The map's multi-tensor torch ops on ``batch`` (16-bit tensors through fp32 copies unless
+    ``in_storage``), the loss scale divided out before and put back after."""
     wide = [x if in_storage or x.dtype in (torch.float32, torch.float64) else x.float() for x in batch]
     if ls != 1.0:
         torch._foreach_div_(wide, ls)
@@ -874,8 +925,6 @@ def _map_batch(foreach, batch: List[torch.Tensor], batch_kw: Dict[str, list], ls
     narrow = [(x, w) for x, w in zip(batch, wide) if w is not x]
     if narrow:
         torch._foreach_copy_([x for x, _ in narrow], [w for _, w in narrow])
-    if sums is not None:
-        sums.take()
 
 
 class SliceCache:

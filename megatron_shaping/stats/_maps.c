@@ -1,0 +1,206 @@
+/* Fused elementwise maps of megatron_shaping (CPU): one pass per tensor, in place, no temporary.
+ *
+ * Built by megatron_shaping/stats/kernels.py with the system C compiler into a shared library
+ * (called through ctypes on raw data pointers, entry point ms_run). On x86-64 each loop is also
+ * compiled for AVX2+FMA and AVX-512 and chosen at run time by the CPU (ms_level). Storage dtypes: fp32, bf16, fp16 (dtype codes
+ * 0, 1, 2); a 16-bit value is widened to fp32 exactly, the map runs in fp32 and the result is
+ * rounded once (round to nearest even) on write, as widen -> fp32 op -> copy_ back does.
+ * With a loss scale ls != 1 the value is divided by (float)ls before the map and multiplied
+ * by it after, both in fp32.
+ *
+ * Every element goes through the same IEEE operations whatever its position, vector width or
+ * clone (no fast-math, -ffp-contract=off: no implicit FMA contraction, only the explicit fmaf):
+ * the result of an element does not depend on how a tensor is split into shards, nor on the CPU.
+ *
+ *   power:      x <- copysign(coef * |x|^alpha, x), computed in float64 (own log2 / exp2
+ *               with explicit FMAs, relative error below 1e-10 before the one rounding to
+ *               fp32: at most 1 ulp, correctly rounded except within ~0.002 ulp of a halfway
+ *               point); x = 0 -> x. Needs hardware FMA: not run by the x86-64 baseline
+ *               variant (ms_run returns 1: the caller takes torch's pow).
+ *   shrink2:    x <- clamp(x, -bound, bound) (bound = inf: no clamp), then
+ *               x * (1 / sqrt(fma(invT2 * x, x, 1))), the operations of ShrinkMap's p = 2 path
+ *               as torch runs them on AVX2 / AVX-512 (addcmul contracted to an FMA, rsqrt as
+ *               1 / sqrt); fmaf is exact everywhere (in software on a CPU without FMA).
+ *   clamp:      x <- min(max(x, -clip), clip).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MS_X86 1
+#define MS_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define MS_AVX2 __attribute__((target("avx2,fma")))
+#endif
+#define MS_INLINE static inline __attribute__((always_inline))
+
+MS_INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+MS_INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+MS_INLINE uint64_t d2u(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+MS_INLINE double u2d(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
+
+/* bf16 <-> fp32: exact widening; rounding to nearest even (c10::BFloat16's rule) */
+MS_INLINE float bf16_load(uint16_t h) { return u2f((uint32_t)h << 16); }
+MS_INLINE uint16_t bf16_store(float f) {
+    uint32_t u = f2u(f);
+    uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : r;
+}
+
+/* fp16 <-> fp32: exact widening; rounding to nearest even (the FP16 library's, as c10::Half) */
+MS_INLINE float fp16_load(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+    uint32_t bits = two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized);
+    return u2f(sign | bits);
+}
+MS_INLINE uint16_t fp16_store(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    uint32_t w = f2u(f), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = u2f((bias >> 1) + 0x07800000u) + base;
+    uint32_t bits = f2u(base);
+    uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+/* coef * |x|^alpha in float64, rounded once to fp32 (sign of x restored) */
+MS_INLINE float power_one(float x, double alpha, double coef) {
+    double ax = fabs((double)x);                   /* every fp32 value, subnormals too, is a normal double */
+    uint64_t b = d2u(ax);
+    double e = u2d(0x4330000000000000ull | (b >> 52)) - 0x1.0p52 - 1023.0;
+    double m = u2d((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);   /* [1, 2) */
+    int big = m > 1.4142135623730951;
+    m = big ? m * 0.5 : m;                                                 /* [0.707, 1.414] */
+    e = big ? e + 1.0 : e;
+    double s = (m - 1.0) / (m + 1.0), z = s * s;                          /* |s| <= 0.1716 */
+    /* log2(m) = 2/ln2 * atanh(s) = 2/ln2 * (s + s^3/3 + ... + s^11/11), truncation < 3e-11 */
+    double p = 0.26230818925253882;                /* 2/ln2 / 11 */
+    p = fma(p, z, 0.32059889797532522);            /* / 9 */
+    p = fma(p, z, 0.41219858311113242);            /* / 7 */
+    p = fma(p, z, 0.57707801635558536);            /* / 5 */
+    p = fma(p, z, 0.96179669392597561);            /* / 3 */
+    p = fma(p, z, 2.8853900817779268);             /* 2/ln2 */
+    double y = alpha * fma(s, p, e);
+    y = y < -300.0 ? -300.0 : (y > 300.0 ? 300.0 : y);          /* fp32 under/overflow either way */
+    double t = y + 0x1.8p52;                                    /* round to an integer n */
+    double n = t - 0x1.8p52, f = y - n;                         /* |f| <= 0.5 */
+    double scale = u2d((d2u(t) + 1023ull) << 52);               /* 2^n */
+    /* 2^f = sum (f ln2)^k / k!, k <= 9: truncation < 7e-12 relative */
+    double q = 1.0178086009239696e-07;
+    q = fma(q, f, 1.3215486790144305e-06);
+    q = fma(q, f, 1.5252733804059838e-05);
+    q = fma(q, f, 1.5403530393381606e-04);
+    q = fma(q, f, 1.3333558146428441e-03);
+    q = fma(q, f, 9.618129107628477e-03);
+    q = fma(q, f, 5.5504108664821576e-02);
+    q = fma(q, f, 0.2402265069591007);
+    q = fma(q, f, 0.6931471805599453);
+    q = fma(q, f, 1.0);
+    float r = (float)(coef * (q * scale));
+    r = ax == 0.0 ? 0.0f : r;
+    r = x != x ? x : r;
+    return copysignf(r, x);
+}
+
+MS_INLINE float shrink2_one(float x, float invT2, float bound) {
+    x = x < -bound ? -bound : x;
+    x = x > bound ? bound : x;
+    float t = fmaf(invT2 * x, x, 1.0f);          /* as torch's addcmul on AVX2 / AVX-512 (an FMA) */
+    return x * (1.0f / sqrtf(t));
+}
+
+MS_INLINE float clamp_one(float x, float clip) {
+    x = x < -clip ? -clip : x;
+    return x > clip ? clip : x;
+}
+
+/* one loop per (map, storage dtype, instruction set); the loss scale divides before and
+ * multiplies after */
+#define MS_LOOPS(NAME, T, LOAD, STORE, ATTR)                                                    \
+ATTR static void power_##NAME(void *p, long n, double alpha, double coef, float ls) {         \
+    T *d = (T *)p;                                                                              \
+    if (ls == 1.0f) { for (long i = 0; i < n; i++) d[i] = STORE(power_one(LOAD(d[i]), alpha, coef)); } \
+    else { for (long i = 0; i < n; i++) d[i] = STORE(power_one(LOAD(d[i]) / ls, alpha, coef) * ls); } \
+}                                                                                               \
+ATTR static void shrink2_##NAME(void *p, long n, double invT2, double bound, float ls) {      \
+    T *d = (T *)p;                                                                              \
+    float i2 = (float)invT2, b = (float)bound;                                                  \
+    if (ls == 1.0f) { for (long i = 0; i < n; i++) d[i] = STORE(shrink2_one(LOAD(d[i]), i2, b)); } \
+    else { for (long i = 0; i < n; i++) d[i] = STORE(shrink2_one(LOAD(d[i]) / ls, i2, b) * ls); } \
+}                                                                                               \
+ATTR static void clamp_##NAME(void *p, long n, double clip, double unused, float ls) {        \
+    T *d = (T *)p;                                                                              \
+    float c = (float)clip;                                                                      \
+    (void)unused;                                                                               \
+    if (ls == 1.0f) { for (long i = 0; i < n; i++) d[i] = STORE(clamp_one(LOAD(d[i]), c)); }   \
+    else { for (long i = 0; i < n; i++) d[i] = STORE(clamp_one(LOAD(d[i]) / ls, c) * ls); }     \
+}
+
+#define MS_F32_LOAD(v) (v)
+#define MS_F32_STORE(v) (v)
+#define MS_ALL(SUFFIX, ATTR)                                                                    \
+MS_LOOPS(f32##SUFFIX, float, MS_F32_LOAD, MS_F32_STORE, ATTR)                                  \
+MS_LOOPS(bf16##SUFFIX, uint16_t, bf16_load, bf16_store, ATTR)                                  \
+MS_LOOPS(f16##SUFFIX, uint16_t, fp16_load, fp16_store, ATTR)
+
+typedef void (*ms_loop)(void *, long, double, double, float);
+/* [instruction set][map: power, shrink2, clamp][dtype: fp32, bf16, fp16] */
+MS_ALL(_base, )
+#ifdef MS_X86
+MS_ALL(_avx2, MS_AVX2)
+MS_ALL(_avx512, MS_AVX512)
+#define MS_TABLE(S) {{power_f32##S, power_bf16##S, power_f16##S}, {shrink2_f32##S, shrink2_bf16##S, shrink2_f16##S}, \
+                     {clamp_f32##S, clamp_bf16##S, clamp_f16##S}}
+static const ms_loop ms_loops[3][3][3] = {MS_TABLE(_base), MS_TABLE(_avx2), MS_TABLE(_avx512)};
+#else
+#define MS_TABLE(S) {{power_f32##S, power_bf16##S, power_f16##S}, {shrink2_f32##S, shrink2_bf16##S, shrink2_f16##S}, \
+                     {clamp_f32##S, clamp_bf16##S, clamp_f16##S}}
+static const ms_loop ms_loops[1][3][3] = {MS_TABLE(_base)};
+#endif
+
+/* The instruction set of this CPU (same operations, same results, wider vectors). */
+static int ms_isa = -1;
+static int ms_detect(void) {
+    int level = 0;
+#ifdef MS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = 1;
+    if (level == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) level = 2;
+#endif
+    return level;
+}
+int ms_level(void) {
+    if (ms_isa < 0)
+        ms_isa = ms_detect();
+    return ms_isa;
+}
+/* Use at most instruction set ``cap`` (tests compare the variants); returns the one in use. */
+int ms_cap_level(int cap) {
+    int level = ms_detect();
+    ms_isa = cap >= 0 && cap < level ? cap : level;
+    return ms_isa;
+}
+
+/* Map ``map`` (0 power, 1 shrink2, 2 clamp) on nt tensors (data pointers, lengths, dtype codes
+ * 0 fp32 / 1 bf16 / 2 fp16), per-tensor parameters a, b (b unused by clamp), one loss scale.
+ * Returns 0 (done), 1 (this map is not run on this CPU: nothing touched), or -1 (an unknown map
+ * or dtype code). */
+int ms_run(int map, long nt, void **ptrs, const long *lens, const int *dtypes, const double *a,
+           const double *b, double ls) {
+    int level = ms_level();
+    if (map < 0 || map > 2)
+        return -1;
+#ifdef MS_X86
+    if (map == 0 && level == 0)
+        return 1;                    /* fma() would be a library call per operation */
+#endif
+    for (long k = 0; k < nt; k++) {
+        if (dtypes[k] < 0 || dtypes[k] > 2)
+            return -1;
+        ms_loops[level][map][dtypes[k]](ptrs[k], lens[k], a[k], b ? b[k] : 0.0, (float)ls);
+    }
+    return 0;
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""The elementwise maps in-process, old path (multi-tensor torch ops) vs fused kernel (a benchmark).
+
+For each map (SPAMP's power map, entrywise_shrink's p = 2 map, value_clip's clamp), storage
+dtype and size: the CPU time of the map on one slice set of that many elements (one tensor per
+slice, sizes as a llama-tiny ZeRO-2 rank's), through ``slices._map_batch`` as the driver runs it,
+with ``MEGATRON_SHAPING_KERNELS=0`` (the torch ops: 16-bit slices through fp32 copies) and with
+the kernel; median of ``--reps`` runs, 1 thread by default. Also prints the kernel's one-off
+build time when it had to build (cold cache).
+
+    python tools/bench_maps.py                     # 1.2M and 6.3M elements, fp32 and bf16
+    python tools/bench_maps.py --sizes 1200000 --reps 31
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from megatron_shaping.shapers.entrywise_shrink import ShrinkMap
+from megatron_shaping.shapers.spamp import PowerMap
+from megatron_shaping.shapers.value_clip import ClampMap
+from megatron_shaping.stats import kernels
+from megatron_shaping.stats import slices
+
+#: per-tensor parameters of each map (the clip is below most entries: every entry is visited)
+MAPS = {
+    "spamp (power)": (PowerMap, {"alpha": 0.8, "coef": 1.7}),
+    "shrink p=2": (ShrinkMap, {"T": 2e-3, "p": 2.0}),
+    "value_clip": (ClampMap, {"clip": 1e-3}),
+}
+
+
+def _tensors(n: int, dtype) -> list:
+    """``n`` elements in tensors of 64K..1M elements (a transformer rank's mix)."""
+    sizes, left, k = [], n, 0
+    while left > 0:
+        s = min(left, (1 << 16) << (k % 5))
+        sizes.append(s)
+        left -= s
+        k += 1
+    return [(torch.randn(s) * 1e-3).to(dtype) for s in sizes]
+
+
+def _time_map(cls, kw: dict, xs: list, kernel: bool, reps: int) -> float:
+    os.environ["MEGATRON_SHAPING_KERNELS"] = "1" if kernel else "0"
+    foreach = slices._Foreach(cls.apply_foreach_, getattr(cls, "kernel_args", None))
+    times = []
+    for _ in range(reps):
+        work = [x.clone() for x in xs]
+        pieces, batch_kw = [], {k: [] for k in kw}
+        t0 = time.process_time()
+        for x in work:          # in batches of at most WIDEN_BLOCK elements, as SliceSet._map
+            for a in range(0, x.numel(), slices.WIDEN_BLOCK):
+                pieces.append(x.narrow(0, a, min(slices.WIDEN_BLOCK, x.numel() - a)))
+                for k, v in kw.items():
+                    batch_kw[k].append(v)
+                slices._map_batch(foreach, pieces, batch_kw, 1.0, None)
+                pieces, batch_kw = [], {k: [] for k in kw}
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_200_000, 6_300_000])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cold = not kernels.library_path().exists()
+    t0 = time.perf_counter()
+    ok = kernels.available()
+    print(f"kernels available: {ok}; {'built' if cold else 'loaded'} in {time.perf_counter() - t0:.2f} s "
+          f"({kernels.library_path()})")
+    dts = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    print(f"{'map':16s} {'dtype':5s} {'elements':>9s} {'torch ms':>9s} {'kernel ms':>9s} {'speed-up':>8s}")
+    for name, (cls, kw) in MAPS.items():
+        for d in args.dtypes:
+            for n in args.sizes:
+                xs = _tensors(n, dts[d])
+                old = _time_map(cls, kw, xs, False, args.reps)
+                new = _time_map(cls, kw, xs, True, args.reps)
+                print(f"{name:16s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
