@@ -387,9 +387,9 @@ def _exact_where_needed(vals: torch.Tensor, tensors, parts: _Partials, p: int,
     reads happen only when a partial needs the exact pass (a zero or tiny chunk, an overflow).
     ``more``: further (tensors, parts) whose partials follow those of ``parts`` in ``vals``
     (AGC's gradient and parameter rows: one check and at most two host reads for both)."""
-    finite = torch.isfinite(vals)
-    redo_big = (~finite).nonzero().view(-1)
-    redo_small = ((vals < _LOW) & finite).nonzero().view(-1) if p == 2 else None
+    # partials are norms (>= 0, +inf or nan): not finite <=> not below inf; below _LOW => finite
+    redo_big = (vals < math.inf).logical_not_().nonzero().view(-1)
+    redo_small = (vals < _LOW).nonzero().view(-1) if p == 2 else None
     vals = vals.to(STAT_DTYPE)
     segments = [(tensors, parts)] + list(more)
     for idx, scaled in ((redo_big, False), (redo_small, True)):
@@ -856,15 +856,26 @@ class SliceSet:
 
     def _scale_units(self, unit_scale: torch.Tensor) -> None:
         """Unit factors: slices that are one unit (vectors) by one multi-tensor multiply,
-        slices of rows by their row factors."""
+        slices of rows by their row factors: fp32/fp64 ones all in one more multi-tensor call
+        (the factors cast to each dtype once), 16-bit ones by :func:`_scale_rows_`."""
         meta = self.meta
         if meta.whole_units:
             factors = unit_scale.index_select(0, meta.whole_unit_ids.to(unit_scale.device)).unbind()
             _mul_rounded_once_([self.slices[i].grad for i in meta.whole_units], factors)
+        cast: Dict[torch.dtype, torch.Tensor] = {}
+        pieces = []
         for i in meta.row_units:
             s = self.slices[i]
             first, row_len, n_rows = meta.unit_geometry[i]
-            _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
+            if s.grad.dtype in _NARROW:
+                _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
+                continue
+            f = cast.get(s.grad.dtype)
+            if f is None:
+                f = cast[s.grad.dtype] = unit_scale.to(s.grad.dtype)   # as _scale_rows_ casts its rows
+            pieces += _row_pieces(s.grad, s.offset, row_len, f[first:first + n_rows])
+        if pieces:
+            torch._foreach_mul_([x for x, _ in pieces], [y for _, y in pieces])
 
     def _map(self, fn: Elementwise, params: Dict[str, list]) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
