@@ -28,6 +28,8 @@ References:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks
@@ -36,11 +38,12 @@ from .base import (SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ, GroupLayout, Plan, Shape
 
 
 def agc_factor(grad_norm: torch.Tensor, param_norm: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
-    """clipping * max(param_norm, eps) / grad_norm where that is < 1, else 1 (non-finite: 1)."""
-    max_norm = clipping * param_norm.clamp_min(eps)
-    trigger = grad_norm > max_norm
-    factor = max_norm / torch.where(trigger, grad_norm, torch.ones_like(grad_norm))
-    return torch.where(trigger & torch.isfinite(grad_norm), factor, torch.ones_like(grad_norm))
+    """clipping * max(param_norm, eps) / grad_norm where that is < 1, else 1 (non-finite: 1).
+    Norms are >= 0, +inf or nan, so "finite" is "below inf"."""
+    max_norm = param_norm.clamp_min(eps).mul_(clipping)
+    clip = (grad_norm > max_norm).logical_and_(grad_norm < math.inf)
+    # the quotient is only taken where it clips (elsewhere it may be x/0: not selected)
+    return torch.where(clip, max_norm.div_(grad_norm), 1.0)
 
 
 class AGC(Shaper):

@@ -271,7 +271,7 @@ def derive_stats(stats: Stats, plan: Plan, layout: GroupLayout) -> Stats:
     if plan.unit_scale is not None:
         if unit_sumsq is None:
             raise ValueError("a unit-scale plan needs unit_sumsq to derive the next statistics")
-        s_unit = s[layout.unit_group] * plan.unit_scale
+        s_unit = s.index_select(0, layout.unit_group) * plan.unit_scale
         unit_sumsq = unit_sumsq * s_unit.square()
         sumsq = segment_sum(unit_sumsq, layout.unit_group, layout.num_groups)
         sumabs = None

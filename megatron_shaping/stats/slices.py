@@ -381,18 +381,28 @@ def _run_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int, cpu
     return out
 
 
-def _exact_where_needed(vals: torch.Tensor, tensors, parts: _Partials, p: int) -> torch.Tensor:
+def _exact_where_needed(vals: torch.Tensor, tensors, parts: _Partials, p: int,
+                        more: Sequence[Tuple[Sequence[torch.Tensor], _Partials]] = ()) -> torch.Tensor:
     """fp32 CPU partials to float64, with the ones that may have over- or underflowed fp32 (and
     genuine inf/nan) recomputed exactly. nonzero() and numel() read no tensor value; the host
-    reads happen only when a partial needs the exact pass (a zero or tiny chunk, an overflow)."""
-    finite = torch.isfinite(vals)
-    redo_big = (~finite).nonzero().view(-1)
-    redo_small = ((vals < _LOW) & finite).nonzero().view(-1) if p == 2 else None
+    reads happen only when a partial needs the exact pass (a zero or tiny chunk, an overflow).
+    ``more``: further (tensors, parts) whose partials follow those of ``parts`` in ``vals``
+    (AGC's gradient and parameter rows: one check and at most two host reads for both)."""
+    # partials are norms (>= 0, +inf or nan): not finite <=> not below inf; below _LOW => finite
+    redo_big = (vals < math.inf).logical_not_().nonzero().view(-1)
+    redo_small = (vals < _LOW).nonzero().view(-1) if p == 2 else None
     vals = vals.to(STAT_DTYPE)
-    if redo_big.numel():
-        _exact_partials(tensors, parts, vals, redo_big, p, scaled=False)
-    if redo_small is not None and redo_small.numel():
-        _exact_partials(tensors, parts, vals, redo_small, p, scaled=True)
+    segments = [(tensors, parts)] + list(more)
+    for idx, scaled in ((redo_big, False), (redo_small, True)):
+        if idx is None or not idx.numel():
+            continue
+        todo, start = idx.tolist(), 0
+        for seg_tensors, seg_parts in segments:
+            n = len(seg_parts.where)
+            mine = [j - start for j in todo if start <= j < start + n]
+            if mine:
+                _exact_partials(seg_tensors, seg_parts, vals.narrow(0, start, n), mine, p, scaled)
+            start += n
     return vals
 
 
@@ -429,8 +439,33 @@ def _reduce_partials_sq_abs(tensors: Sequence[torch.Tensor], parts: _Partials) -
     return _sum_partials(sq, tensors, parts, 2), _sum_partials(ab, tensors, parts, 1)
 
 
-def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: torch.Tensor, p: int, scaled: bool) -> None:
-    """Recompute the partials at ``idx`` in place without fp32's range limits (CPU path).
+def _reduce_unit_pair(grads: Sequence[torch.Tensor], gparts: _Partials, params: Sequence[torch.Tensor],
+                      pparts: _Partials, index: torch.Tensor, out: torch.Tensor) -> None:
+    """AGC's unit sums of squares of the gradient (``out[:U]``) and of the parameters
+    (``out[U:]``), added into the zeros of ``out``: the partials of both as
+    :func:`_reduce_partials` takes them, checked for the exact pass together, squared and added
+    by one index_add_ (``index``: the gradient partials' unit ids, then the parameters' + U).
+    Bit for bit the two _reduce_partials calls (each unit's partials are added in the same
+    order); partials of different dtypes (float64 gradient, fp32 parameters) take those calls."""
+    if not grads:
+        return
+    cpu = grads[0].device.type == "cpu"
+    og = _run_partials(grads, gparts, 2, cpu)
+    op = _run_partials(params, pparts, 2, cpu)
+    if {v.dtype for v in og + op} != {og[0].dtype}:
+        U = gparts.size
+        out[:U].copy_(_sum_partials(og, grads, gparts, 2))
+        out[U:].copy_(_sum_partials(op, params, pparts, 2))
+        return
+    vals = torch.cat(og + op)
+    if vals.dtype != STAT_DTYPE:
+        vals = _exact_where_needed(vals, grads, gparts, 2, more=[(params, pparts)])
+    out.index_add_(0, index, vals.square())
+
+
+def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: Sequence[int], p: int, scaled: bool) -> None:
+    """Recompute the partials at positions ``idx`` of ``vals`` in place without fp32's range
+    limits (CPU path).
 
     ``scaled``: chunks whose fp32 norm is below _LOW (every entry < 1e-13, including all-zero
     chunks such as embedding rows no token hit) are reduced in fp32 after an exact scaling by
@@ -438,7 +473,7 @@ def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: torch.Te
     chunk is reduced in float64. The chunks of one run are gathered in batches of at most
     WIDEN_BLOCK elements, so the temporaries stay bounded."""
     by_len: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
-    for j in idx.tolist():
+    for j in idx:
         t, a, length = parts.where[j]
         by_len.setdefault((t, length), []).append((j, a))
     for (t, length), items in by_len.items():
@@ -594,6 +629,9 @@ class SliceMeta:
             self.param_unit_parts = _Partials([_split_runs(r, WIDEN_BLOCK) if w else r
                                                for r, w in zip(self._u_runs, wide)],
                                               self._u_ids, self.layout.unit_group.numel(), self.layout.device)
+            # unit ids of the gradient partials, then of the parameter partials + U (_reduce_unit_pair)
+            self.unit_pair_index = torch.cat([self.unit_parts.index,
+                                              self.param_unit_parts.index + self.param_unit_parts.size])
         return self.param_unit_parts
 
 
@@ -639,11 +677,32 @@ class SliceSet:
     @marked(STATS)
     def compute(self, needs: frozenset) -> Stats:
         """Local sums of what ``needs`` names, packed and reduced in one collective."""
+        fused, self._map_sums = self._map_sums, None
+        if UNIT_SUMSQ in needs and UNIT_PARAM_SUMSQ in needs and SUMABS not in needs:
+            keys, packed = self._unit_pair_packed(SUMSQ in needs)
+        else:
+            keys, packed = self._packed(needs, fused)
+        if self.reduce is not None and packed.numel():
+            self.reduce(packed)
+            self.collectives += 1
+        L, U = self.layout.num_groups, self.layout.unit_group.numel()
+        out = dict(zip(keys, torch.split(packed, [U if k in (UNIT_SUMSQ, UNIT_PARAM_SUMSQ) else L for k in keys])))
+        s = float(self.loss_scale)
+        if s != 1.0:
+            for k in (SUMSQ, UNIT_SUMSQ):
+                if k in out:
+                    out[k] = out[k] / (s * s)
+            if SUMABS in out:
+                out[SUMABS] = out[SUMABS] / s
+        self._fresh_sumsq = out.get(SUMSQ)
+        return Stats(**out)
+
+    def _packed(self, needs: frozenset, fused: Optional["_MapSums"]) -> Tuple[List[str], torch.Tensor]:
+        """(keys, their local sums concatenated in the order SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ)."""
         dev = self.layout.device
         parts: Dict[str, torch.Tensor] = {}
         if UNIT_SUMSQ in needs:
             parts[UNIT_SUMSQ] = self._unit_sum(None)
-        fused, self._map_sums = self._map_sums, None
         if SUMSQ in needs:
             if fused is not None and needs == {SUMSQ}:
                 parts[SUMSQ] = fused.result()    # taken by the map, bit for bit a second pass
@@ -661,19 +720,22 @@ class SliceSet:
             parts[UNIT_PARAM_SUMSQ] = self._unit_sum("param")
         keys = [k for k in (SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ) if k in parts]
         packed = torch.cat([parts[k] for k in keys]) if keys else torch.zeros(0, dtype=STAT_DTYPE, device=dev)
-        if self.reduce is not None and packed.numel():
-            self.reduce(packed)
-            self.collectives += 1
-        out = dict(zip(keys, torch.split(packed, [parts[k].numel() for k in keys])))
-        s = float(self.loss_scale)
-        if s != 1.0:
-            for k in (SUMSQ, UNIT_SUMSQ):
-                if k in out:
-                    out[k] = out[k] / (s * s)
-            if SUMABS in out:
-                out[SUMABS] = out[SUMABS] / s
-        self._fresh_sumsq = out.get(SUMSQ)
-        return Stats(**out)
+        return keys, packed
+
+    def _unit_pair_packed(self, with_sumsq: bool) -> Tuple[List[str], torch.Tensor]:
+        """AGC's statistics straight into the packed vector [SUMSQ (L), UNIT_SUMSQ (U),
+        UNIT_PARAM_SUMSQ (U)]: one reduction of both unit sums (:func:`_reduce_unit_pair`), the
+        group sums added from the unit sums in place (as :meth:`_packed` does), no concatenation."""
+        L, U = self.layout.num_groups, self.layout.unit_group.numel()
+        xs = self._params()
+        pparts = self.meta.param_parts(xs)
+        head = L if with_sumsq else 0
+        packed = torch.zeros(head + 2 * U, dtype=STAT_DTYPE, device=self.layout.device)
+        _reduce_unit_pair(self._counted, self.meta.unit_parts, xs, pparts, self.meta.unit_pair_index,
+                          packed.narrow(0, head, 2 * U))
+        if with_sumsq:
+            packed.narrow(0, 0, L).index_add_(0, self.layout.unit_group, packed.narrow(0, L, U))
+        return ([SUMSQ] if with_sumsq else []) + [UNIT_SUMSQ, UNIT_PARAM_SUMSQ], packed
 
     def _on_cpu(self) -> bool:
         return not self._counted or self._counted[0].device.type == "cpu"
@@ -686,11 +748,15 @@ class SliceSet:
             return acc.index_add_(0, self._counted_group, norms.square() if p == 2 else norms)
         return _reduce_partials(self._counted, self.meta.group_parts, p)
 
+    def _params(self) -> List[torch.Tensor]:
+        xs = [s.param for s in self._counted_slices]
+        if any(x is None for x in xs):
+            raise ValueError("unit-wise statistics need the parameter values of every slice")
+        return xs
+
     def _unit_sum(self, which: Optional[str]) -> torch.Tensor:
         if which == "param":
-            xs = [s.param for s in self._counted_slices]
-            if any(x is None for x in xs):
-                raise ValueError("unit-wise statistics need the parameter values of every slice")
+            xs = self._params()
             return _reduce_partials(xs, self.meta.param_parts(xs), 2)
         return _reduce_partials(self._counted, self.meta.unit_parts, 2)
 
@@ -791,15 +857,26 @@ class SliceSet:
 
     def _scale_units(self, unit_scale: torch.Tensor) -> None:
         """Unit factors: slices that are one unit (vectors) by one multi-tensor multiply,
-        slices of rows by their row factors."""
+        slices of rows by their row factors: fp32/fp64 ones all in one more multi-tensor call
+        (the factors cast to each dtype once), 16-bit ones by :func:`_scale_rows_`."""
         meta = self.meta
         if meta.whole_units:
             factors = unit_scale.index_select(0, meta.whole_unit_ids.to(unit_scale.device)).unbind()
             _mul_rounded_once_([self.slices[i].grad for i in meta.whole_units], factors)
+        cast: Dict[torch.dtype, torch.Tensor] = {}
+        pieces = []
         for i in meta.row_units:
             s = self.slices[i]
             first, row_len, n_rows = meta.unit_geometry[i]
-            _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
+            if s.grad.dtype in _NARROW:
+                _scale_rows_(s.grad, s.offset, row_len, unit_scale[first:first + n_rows])
+                continue
+            f = cast.get(s.grad.dtype)
+            if f is None:
+                f = cast[s.grad.dtype] = unit_scale.to(s.grad.dtype)   # as _scale_rows_ casts its rows
+            pieces += _row_pieces(s.grad, s.offset, row_len, f[first:first + n_rows])
+        if pieces:
+            torch._foreach_mul_([x for x, _ in pieces], [y for _, y in pieces])
 
     def _map(self, fn: Elementwise, params: Dict[str, list]) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
