@@ -85,8 +85,17 @@ def test_state_dict_format_unchanged(case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_old_state_continues_bit_exact(case):
-    """Resumed from the old file == the uninterrupted run of this code == what the old code did."""
+def test_old_state_continues_bit_exact(case, monkeypatch):
+    """Resumed from the old file == the uninterrupted run of this code == what the old code did.
+
+    The old code ran SPAMP's power map as torch ops; the fused CPU kernel that replaced them
+    (stats/kernels.py) rounds |g|^alpha within 1 ulp but not always to the same bits, so the
+    comparison with the old outputs takes the torch-op path (``MEGATRON_SHAPING_KERNELS=0``);
+    resumed == uninterrupted is checked with the kernel too."""
+    _, _, shaped = resumed(case, CASES[case])
+    _, _, fresh = run(CASES[case], range(TOTAL))
+    assert_grads_equal(shaped, fresh[SAVED_AT:])
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", "0")
     expected = torch.load(files(case)[1], weights_only=True)
     gs, _, shaped = resumed(case, CASES[case])
     _, _, fresh = run(CASES[case], range(TOTAL))
