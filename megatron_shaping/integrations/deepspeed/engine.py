@@ -278,11 +278,15 @@ class DeepSpeedShaping:
     def _defers(self) -> bool:
         """Whether this step's skip decision may be left to DeepSpeed's own validity check of
         the global norm (no host read in the hook): the adapter's optimizer makes that check,
-        nothing here needs the decision before the optimizer step (no spike rule, no callbacks,
+        nothing here needs the decision before the optimizer step (no spike rule, no monitor,
         no update-size logging), and a non-finite gradient is skipped, not an error. fp16 keeps
-        its loss scaler's overflow path."""
-        return (self.adapter.skips_invalid_norm() and self.skip is None and not self.callbacks
-                and self.update_size is None and self.config.nonfinite == "skip"
+        its loss scaler's overflow path. The answer depends only on the config and the
+        optimizer DeepSpeed built, so it is the same on every rank (a vetoed step then takes
+        the same path, with the same collectives, everywhere); callbacks of a deferred step
+        run after the optimizer step, with the resolved record."""
+        cfg = self.config
+        return (self.adapter.skips_invalid_norm() and self.skip is None and self.update_size is None
+                and not (cfg.log_interval > 0 or cfg.spike_log) and cfg.nonfinite == "skip"
                 and not self.engine.fp16_enabled())
 
     def _resolve(self) -> None:
@@ -295,6 +299,8 @@ class DeepSpeedShaping:
         if record is None:
             logger.warning("gradient_shaping: step %d skipped: %s", self.engine.global_steps - 1,
                            self._skip_message())
+        for cb in self.callbacks:
+            cb(self, record)
 
     def _take_model_step(self, lr_kwargs=None):
         ok = self.shape()
@@ -306,10 +312,12 @@ class DeepSpeedShaping:
                     raise FloatingPointError(f"gradient_shaping: non-finite gradient at step "
                                              f"{self.engine.global_steps} (gradient_shaping.nonfinite = 'error')")
                 return self._skip(lr_kwargs)
-        with self.adapter.unscale_guard(self.last_loss_scale):
-            out = self._orig_take_model_step(lr_kwargs)
-        if self.session.pending_veto is not None:
-            self._resolve()
+        try:
+            with self.adapter.unscale_guard(self.last_loss_scale):
+                out = self._orig_take_model_step(lr_kwargs)
+        finally:
+            if self.session.pending_veto is not None:
+                self._resolve()
         if self.update_size is not None:
             self.update_size.after()        # logged steps: the update the optimizer just applied
         return out
