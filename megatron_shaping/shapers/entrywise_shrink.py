@@ -46,7 +46,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -97,11 +97,21 @@ class ShrinkMap(Elementwise):
         """The fused kernel computing this map on an fp32 value, the same operations as
         :meth:`apply_foreach_` (``shrink2``: the clamp, then g * rsqrt(1 + g * g * T^-2)), for
         the p = 2 path; None (the multi-tensor ops) otherwise."""
-        if not (p == 2.0 and 1e-15 <= T <= 1e15):
+        if not ShrinkMap._fast(T, p):
             return None
-        b = ShrinkMap._bound(T, p, torch.float32)
-        clamp = b < math.inf and not absmax * (1 + 1e-5) < b
-        return "shrink2", (1.0 / (T * T), b if clamp else math.inf)
+        return "shrink2", (1.0 / (T * T), ShrinkMap._clamp_at(T, p, torch.float32, absmax))
+
+    @staticmethod
+    def _fast(T: float, p: float) -> bool:
+        """The p = 2 path: one addcmul and an inverse square root (T^-2 a normal fp32 number)."""
+        return p == 2.0 and 1e-15 <= T <= 1e15
+
+    @staticmethod
+    def _clamp_at(T: float, p: float, dtype, absmax: Optional[float]) -> float:
+        """The clamp bound this tensor needs, or inf: none when |g| < B * T already (the dtype's
+        range, or the bound ``absmax`` on |g|)."""
+        b = ShrinkMap._bound(T, p, dtype)
+        return b if b < math.inf and (absmax is None or not absmax * (1 + 1e-5) < b) else math.inf
 
     @staticmethod
     def apply_foreach_(gs, T, p, absmax=None) -> None:
@@ -112,13 +122,13 @@ class ShrinkMap(Elementwise):
         norm); tensors whose bound is below the clamp are not clamped (it would change nothing)."""
         if not gs:
             return
-        bounds = [ShrinkMap._bound(t, q, g.dtype) for g, t, q in zip(gs, T, p)]
-        clamp = [i for i, b in enumerate(bounds)
-                 if b < math.inf and (absmax is None or not absmax[i] * (1 + 1e-5) < b)]
+        bounds = [ShrinkMap._clamp_at(t, q, g.dtype, None if absmax is None else absmax[i])
+                  for i, (g, t, q) in enumerate(zip(gs, T, p))]
+        clamp = [i for i, b in enumerate(bounds) if b < math.inf]
         if clamp:
             torch._foreach_clamp_min_([gs[i] for i in clamp], [-bounds[i] for i in clamp])
             torch._foreach_clamp_max_([gs[i] for i in clamp], [bounds[i] for i in clamp])
-        fast = [i for i, (t, q) in enumerate(zip(T, p)) if q == 2.0 and 1e-15 <= t <= 1e15]
+        fast = [i for i, (t, q) in enumerate(zip(T, p)) if ShrinkMap._fast(t, q)]
         if fast:
             xs = [gs[i] for i in fast]
             one = torch.ones((), dtype=xs[0].dtype, device=xs[0].device)
