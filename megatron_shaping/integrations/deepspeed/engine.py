@@ -265,15 +265,20 @@ class DeepSpeedShaping:
                 self._warned_no_loss = True
                 logger.warning("gradient_shaping.skip.loss_z is set but no loss reached the rule: call "
                                "engine.gradient_shaping.observe_loss(loss) after each backward")
-        self.last_skipped = record is None
-        self.last_skip_reasons = reasons(code) if record is None else ()
         if record is not None:
             self.adapter.after_shaping(pieces)
             if self._track_update:
                 self.update_size.before(ss.slices)      # parameters before the optimizer step
+        self._ended(record)
+        return record is not None
+
+    def _ended(self, record) -> None:
+        """The step's outcome known (``record`` None: skipped): the last-step fields, then the
+        callbacks."""
+        self.last_skipped = record is None
+        self.last_skip_reasons = reasons(self.session.last_code) if record is None else ()
         for cb in self.callbacks:
             cb(self, record)
-        return record is not None
 
     def _defers(self) -> bool:
         """Whether this step's skip decision may be left to DeepSpeed's own validity check of
@@ -294,13 +299,9 @@ class DeepSpeedShaping:
         the norm we handed it was invalid, i.e. iff the shaping step was vetoed."""
         skipped = bool(getattr(self.engine.optimizer, "overflow", False))
         record = self.session.resolve(skipped)
-        self.last_skipped = record is None
-        self.last_skip_reasons = reasons(self.session.last_code) if record is None else ()
         if record is None:
-            logger.warning("gradient_shaping: step %d skipped: %s", self.engine.global_steps - 1,
-                           self._skip_message())
-        for cb in self.callbacks:
-            cb(self, record)
+            self._warn_skipped(self.engine.global_steps - 1)     # DeepSpeed has counted the step
+        self._ended(record)
 
     def _take_model_step(self, lr_kwargs=None):
         ok = self.shape()
@@ -331,7 +332,7 @@ class DeepSpeedShaping:
         ``optimizer.overflow = True`` makes ``_take_model_step`` count the step as skipped and
         leave the LR schedule alone, as it does for an fp16 overflow."""
         opt = self.engine.optimizer
-        logger.warning("gradient_shaping: step %d skipped: %s", self.engine.global_steps, self._skip_message())
+        self._warn_skipped(self.engine.global_steps)
         had_flag = "overflow" in opt.__dict__
         old_flag = opt.__dict__.get("overflow")
         with _patched_method(opt, "step", lambda orig: (lambda *a, **k: self.adapter.skip_step())):
@@ -343,6 +344,9 @@ class DeepSpeedShaping:
                     opt.overflow = old_flag
                 else:
                     del opt.overflow
+
+    def _warn_skipped(self, step: int) -> None:
+        logger.warning("gradient_shaping: step %d skipped: %s", step, self._skip_message())
 
     def _skip_message(self) -> str:
         code = self.session.last_code
