@@ -5,8 +5,10 @@ Every way PyTorch hands a tensor value to Python (``item``, ``tolist``, ``cpu``,
 ``wrapped``) is wrapped during one ``ShapingSession.step``
 (through :class:`GradientShaper`, i.e. a :class:`SliceSet` of whole-tensor slices): a single
 shaper makes exactly one read, the step's decision, which an elementwise plan's parameters share.
-A chain adds at most one read per further elementwise member. The controls show that the count
-catches a host branch put back into a shaper and reads that are not folded into one copy.
+A chain adds at most one read per further elementwise member; a deferred pure-scale step
+(``defer=True``: the DeepSpeed hook on ZeRO-1/2/3) makes none. The controls show that the count
+catches a host branch put back into a shaper and reads that are not folded into one copy, and
+that a deferral keeping the new state on a veto is caught.
 """
 import math
 from contextlib import contextmanager
