@@ -1,7 +1,7 @@
 """Fused CPU kernels: the elementwise maps (one pass per tensor, in place, no temporary) and
 the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer).
 
-The C source is ``_maps.c`` next to this file (what each map computes is documented there). It
+The C source is ``_maps.c`` next to this file (what each kernel computes is documented there). It
 is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a shared library
 cached on disk (``$MEGATRON_SHAPING_KERNEL_DIR``, else ``~/.cache/megatron_shaping/kernels``,
 one file per source and flags hash; 1.5-6.5 s to build on a loaded 2-core host) and called

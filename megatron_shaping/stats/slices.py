@@ -22,9 +22,10 @@ from ..shapers.base import (STAT_DTYPE, SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SU
                             Plan, Stats)
 
 
-#: Elements per partial sum on the CPU path: each partial is accumulated in fp32 by PyTorch's
-#: native row reduction (relative error ~1e-7 for 2048 elements) and the partials are added in
-#: float64.
+#: Elements per partial sum on the CPU path: each partial is the sum kernel's float64 sum of
+#: exact squares (relative error ~1e-16; :func:`_kernel_sums`), or on the torch path accumulated
+#: in fp32 by PyTorch's native row reduction (~1e-7 for 2048 elements); the partials are added
+#: in float64.
 CHUNK = 2048
 #: 16-bit slices are widened to fp32 in runs of at most this many elements (bounded temporary).
 WIDEN_BLOCK = 1 << 18
