@@ -20,6 +20,7 @@ from megatron_shaping import GradientShaper
 from megatron_shaping.core import ShapingSession
 from megatron_shaping.shapers import REGISTRY, build_shaper, chain
 from megatron_shaping.shapers.value_clip import ValueClip
+from megatron_shaping.stats import kernels as sum_kernels
 from megatron_shaping.stats.slices import SliceSet
 from tools.bench_overhead import SyncCounter, wrapped
 
@@ -127,13 +128,21 @@ def test_shortcut_without_the_map_reads_once(shaper, why):
             assert torch.equal(p.grad, before[n])
 
 
-def test_zero_gradient_shrink_skips_the_map_with_one_read():
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_zero_gradient_shrink_skips_the_map_with_one_read(kernels, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", kernels)
+    if kernels == "1" and not sum_kernels.available():
+        pytest.skip("no C compiler: the torch path is the only one")
     m = Model(build_shaper("entrywise_shrink", {"threshold": 2.0}))
     rec, reads, passes = m.step(0, grad=torch.zeros_like)
     assert rec is not None and passes == 1
-    # all-zero chunks take the CPU statistics' exact pass, which reads which chunks need it (a
-    # CPU-only read: accelerators reduce in float64 directly); the shaping step itself reads once
-    assert reads.in_stats >= 1 and reads.n - reads.in_stats == 1
+    if kernels == "0":
+        # torch path: all-zero chunks take the CPU statistics' exact pass, which reads which
+        # chunks need it (a CPU-only read: accelerators reduce in float64 directly)
+        assert reads.in_stats >= 1 and reads.n - reads.in_stats == 1
+    else:
+        # the sum kernel's float64 partials need no exact pass: no read in the statistics
+        assert reads.in_stats == 0 and reads.n == 1, reads.where
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in m.params.values())
 
 

@@ -10,6 +10,11 @@ build time when it had to build (cold cache).
 
     python tools/bench_maps.py                     # 1.2M and 6.3M elements, fp32 and bf16
     python tools/bench_maps.py --sizes 1200000 --reps 31
+
+``--stats``: the CPU statistics pass instead (``SliceSet.compute`` on the same slices, cut
+into rows of 1024 for the unit statistics): sums of squares (norm_clip), sums of squares and of
+|x| (entrywise_shrink's first pass) and AGC's gradient and parameter row sums, torch path
+(``MEGATRON_SHAPING_KERNELS=0``: fp32 partials, 16-bit widened, exact pass) vs the sum kernel.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import time
 
 import torch
 
+from megatron_shaping.shapers import make_layout
+from megatron_shaping.shapers.base import SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SUMSQ
 from megatron_shaping.shapers.entrywise_shrink import ShrinkMap
 from megatron_shaping.shapers.spamp import PowerMap
 from megatron_shaping.shapers.value_clip import ClampMap
@@ -64,12 +71,53 @@ def _time_map(cls, kw: dict, xs: list, kernel: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+#: the statistics passes of --stats: (name, what SliceSet.compute is asked)
+PASSES = [("sumsq (norm_clip)", frozenset({SUMSQ})), ("sumsq+sumabs (shrink)", frozenset({SUMSQ, SUMABS})),
+          ("agc unit pair", frozenset({SUMSQ, UNIT_SUMSQ, UNIT_PARAM_SUMSQ}))]
+ROW = 1024
+
+
+def _stats_set(xs: list) -> slices.SliceSet:
+    """One slice per tensor, its own group, rows of ROW elements (parameters: fp32 values)."""
+    units = [-(-x.numel() // ROW) for x in xs]
+    layout = make_layout([f"t{i}" for i in range(len(xs))], [x.numel() for x in xs], units_per_group=units,
+                         unit_numel=[min(ROW, x.numel() - r * ROW) for x in xs for r in range(-(-x.numel() // ROW))])
+    out, base = [], 0
+    for i, (x, u) in enumerate(zip(xs, units)):
+        out.append(slices.GradSlice(x, i, True, torch.randn(x.numel()), 0, ROW, base))
+        base += u
+    return slices.SliceSet(out, layout)
+
+
+def _time_stats(ss: slices.SliceSet, needs: frozenset, kernel: bool, reps: int) -> float:
+    os.environ["MEGATRON_SHAPING_KERNELS"] = "1" if kernel else "0"
+    ss.compute(needs)             # tables / parameter runs built once, as at attach time
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        ss.compute(needs)
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def stats_main(args, dts) -> None:
+    print(f"{'statistics pass':22s} {'dtype':5s} {'elements':>9s} {'torch ms':>9s} {'kernel ms':>9s} {'speed-up':>8s}")
+    for name, needs in PASSES:
+        for d in args.dtypes:
+            for n in args.sizes:
+                ss = _stats_set(_tensors(n, dts[d]))
+                old = _time_stats(ss, needs, False, args.reps)
+                new = _time_stats(ss, needs, True, args.reps)
+                print(f"{name:22s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_200_000, 6_300_000])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stats", action="store_true", help="time the statistics pass instead of the maps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cold = not kernels.library_path().exists()
@@ -78,6 +126,9 @@ def main() -> None:
     print(f"kernels available: {ok}; {'built' if cold else 'loaded'} in {time.perf_counter() - t0:.2f} s "
           f"({kernels.library_path()})")
     dts = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if args.stats:
+        stats_main(args, dts)
+        return
     print(f"{'map':16s} {'dtype':5s} {'elements':>9s} {'torch ms':>9s} {'kernel ms':>9s} {'speed-up':>8s}")
     for name, (cls, kw) in MAPS.items():
         for d in args.dtypes:

@@ -1,6 +1,7 @@
-"""Fused CPU kernels for the elementwise maps: one pass per tensor, in place, no temporary.
+"""Fused CPU kernels: the elementwise maps (one pass per tensor, in place, no temporary) and
+the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer).
 
-The C source is ``_maps.c`` next to this file (what each map computes is documented there). It
+The C source is ``_maps.c`` next to this file (what each kernel computes is documented there). It
 is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a shared library
 cached on disk (``$MEGATRON_SHAPING_KERNEL_DIR``, else ``~/.cache/megatron_shaping/kernels``,
 one file per source and flags hash; 1.5-6.5 s to build on a loaded 2-core host) and called
@@ -12,7 +13,7 @@ operations in every variant, so the same results).
 
 :func:`run` returns False (the caller takes the torch-op path) when the kernels are disabled
 (``MEGATRON_SHAPING_KERNELS=0``), the build failed (one logged warning), or a tensor is not a
-contiguous CPU tensor of fp32, bf16 or fp16.
+contiguous CPU tensor of fp32, bf16 or fp16; :func:`sums` returns None in the same cases.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,9 +61,10 @@ def library_path() -> Path:
     return _cache_dir() / f"maps_{key}.so"
 
 
-def build(path: Path) -> None:
+def build(path: Path, extra: Sequence[str] = ()) -> None:
     """Compile the source to ``path`` (written under a temporary name, then renamed: ranks that
-    build at the same time each get a whole file)."""
+    build at the same time each get a whole file). ``extra``: more compiler flags (the tests'
+    control variants, e.g. ``-DMS_SUMS_CONTROL=1``; never the package's own library)."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found)")
@@ -70,7 +72,7 @@ def build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -87,19 +89,28 @@ def _load() -> Optional[ctypes.CDLL]:
         path = library_path()
         if not path.exists():
             build(path)
-        lib = ctypes.CDLL(str(path))
-        dp = ctypes.POINTER(ctypes.c_double)
-        lib.ms_run.restype = ctypes.c_int
-        lib.ms_run.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.POINTER(ctypes.c_void_p),
-                               ctypes.POINTER(ctypes.c_long), ctypes.POINTER(ctypes.c_int), dp, dp, ctypes.c_double]
-        lib.ms_level.restype = ctypes.c_int
-        lib.ms_cap_level.restype = ctypes.c_int
-        lib.ms_cap_level.argtypes = [ctypes.c_int]
-        _lib = lib
+        _lib = bind(ctypes.CDLL(str(path)))
     except (OSError, RuntimeError, AttributeError) as e:
         _failed = True
         logger.warning("megatron_shaping: fused map kernels unavailable, using torch ops (%s)", e)
     return _lib
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the entry points' signatures on a loaded library (also a test's control build)."""
+    dp = ctypes.POINTER(ctypes.c_double)
+    lp = ctypes.POINTER(ctypes.c_long)
+    ip = ctypes.POINTER(ctypes.c_int)
+    lib.ms_run.restype = ctypes.c_int
+    lib.ms_run.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), lp, ip, dp, dp,
+                           ctypes.c_double]
+    lib.ms_sums.restype = ctypes.c_int
+    lib.ms_sums.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), ip, ip, lp, lp, lp, ctypes.c_void_p,
+                            ctypes.c_void_p]
+    lib.ms_level.restype = ctypes.c_int
+    lib.ms_cap_level.restype = ctypes.c_int
+    lib.ms_cap_level.argtypes = [ctypes.c_int]
+    return lib
 
 
 def available() -> bool:
@@ -142,3 +153,54 @@ def run(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequence[
     if rc:
         raise RuntimeError(f"kernel {kernel} failed ({rc})")
     return True
+
+
+def readable(t: torch.Tensor) -> bool:
+    """Whether :func:`sums` reads ``t``: a contiguous CPU tensor of fp32, bf16 or fp16."""
+    return t.dtype in DTYPES and t.device.type == "cpu" and t.is_contiguous()
+
+
+class RunTable:
+    """The runs of a statistics pass as ctypes arrays, built once per geometry and reused every
+    step: run r is ``ks[r]`` chunks of ``lens[r]`` elements of tensor ``rt[r]`` from element
+    ``starts[r]`` (partials in run order). ``need[t]``: elements tensor t must have."""
+
+    def __init__(self, runs: Sequence[tuple], n_tensors: int):
+        """``runs``: (tensor position, start, k, length) per run."""
+        nr = len(runs)
+        self.nr = nr
+        self.n_tensors = n_tensors
+        self.rt = (ctypes.c_int * nr)(*[r[0] for r in runs])
+        self.starts = (ctypes.c_long * nr)(*[r[1] for r in runs])
+        self.ks = (ctypes.c_long * nr)(*[r[2] for r in runs])
+        self.lens = (ctypes.c_long * nr)(*[r[3] for r in runs])
+        self.count = sum(r[2] for r in runs)
+        self.need = [0] * n_tensors
+        for t, a, k, length in runs:
+            self.need[t] = max(self.need[t], a + k * length)
+
+
+def sums(tensors: Sequence[torch.Tensor], table: RunTable, sq: bool = True, ab: bool = False,
+         lib: Optional[ctypes.CDLL] = None) -> Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """float64 partials of ``table``'s chunks of ``tensors``: (sum x^2 per chunk if ``sq``,
+    sum |x| per chunk if ``ab``), exact squares summed in float64 in a fixed order (``_maps.c``,
+    ms_sums). None (the caller takes the torch-op path) when the kernels are disabled or
+    unavailable or a tensor is not :func:`readable`. ``lib``: another build (tests' controls)."""
+    if lib is None:
+        if not enabled() or _load() is None:
+            return None
+        lib = _lib
+    if len(tensors) != table.n_tensors or not all(readable(t) and t.numel() >= m
+                                                  for t, m in zip(tensors, table.need)):
+        return None
+    n = len(tensors)
+    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    codes = (ctypes.c_int * n)(*[DTYPES[t.dtype] for t in tensors])
+    out_sq = torch.empty(table.count, dtype=torch.float64) if sq else None
+    out_ab = torch.empty(table.count, dtype=torch.float64) if ab else None
+    if table.count:
+        rc = lib.ms_sums(table.nr, ptrs, codes, table.rt, table.starts, table.ks, table.lens,
+                         out_sq.data_ptr() if sq else None, out_ab.data_ptr() if ab else None)
+        if rc:
+            raise RuntimeError(f"ms_sums failed ({rc})")
+    return out_sq, out_ab

@@ -22,9 +22,10 @@ from ..shapers.base import (STAT_DTYPE, SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_SU
                             Plan, Stats)
 
 
-#: Elements per partial sum on the CPU path: each partial is accumulated in fp32 by PyTorch's
-#: native row reduction (relative error ~1e-7 for 2048 elements) and the partials are added in
-#: float64.
+#: Elements per partial sum on the CPU path: each partial is the sum kernel's float64 sum of
+#: exact squares (relative error ~1e-16; :func:`_kernel_sums`), or on the torch path accumulated
+#: in fp32 by PyTorch's native row reduction (~1e-7 for 2048 elements); the partials are added
+#: in float64.
 CHUNK = 2048
 #: 16-bit slices are widened to fp32 in runs of at most this many elements (bounded temporary).
 WIDEN_BLOCK = 1 << 18
@@ -307,7 +308,46 @@ class _Partials:
                 self.where += [(t, a + j * length, length) for j in range(k)]
         self.index = torch.tensor(ids, dtype=torch.long, device=device)
         self.size = size
+        self.n = len(runs_per_tensor)
         self.max_run = max((k * length for _, runs in self.big for _, k, length in runs), default=0)
+        #: (tensor position, start, k, length) of every run in partial order (the kernel's table)
+        self.runs = [(t, 0, 1, runs_per_tensor[t][0][2]) for t in self.small] + \
+            [(t, a, k, length) for t, runs in self.big for a, k, length in runs]
+        self._table: Optional[kernels.RunTable] = None
+        self._pair: Optional[Tuple["_Partials", kernels.RunTable]] = None
+
+    def table(self) -> "kernels.RunTable":
+        """The runs as the sum kernel's table (built on first use, kept: the geometry is fixed)."""
+        if self._table is None:
+            self._table = kernels.RunTable(self.runs, self.n)
+        return self._table
+
+    def pair_table(self, other: "_Partials", n: int) -> "kernels.RunTable":
+        """These runs over tensors 0..n-1, then ``other``'s over tensors n.. (AGC's gradient and
+        parameter rows in one kernel call), kept for the same ``other``."""
+        if self._pair is None or self._pair[0] is not other:
+            runs = self.runs + [(t + n, a, k, length) for t, a, k, length in other.runs]
+            self._pair = (other, kernels.RunTable(runs, n + other.n))
+        return self._pair[1]
+
+
+def _kernel_ok(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the CPU sum kernel takes these tensors (enabled, built, every one fp32/bf16/fp16
+    contiguous on the CPU); float64 data and the fallback keep the torch path."""
+    return bool(tensors) and kernels.enabled() and all(kernels.readable(t) for t in tensors) and kernels.available()
+
+
+def _kernel_sums(tensors: Sequence[torch.Tensor], parts: _Partials, sq: bool = True, ab: bool = False):
+    """(sums of x^2, sums of |x|) of every chunk of ``parts``, float64, in partial order, from
+    one kernel call (:func:`kernels.sums`: exact squares, no exact pass needed), or None."""
+    if not _kernel_ok(tensors):
+        return None
+    return kernels.sums(tensors, parts.table(), sq, ab)
+
+
+def _index_sum(vals: torch.Tensor, parts: _Partials) -> torch.Tensor:
+    """float64 partials (already sums of squares or of |x|) added into their output ids."""
+    return torch.zeros(parts.size, dtype=STAT_DTYPE, device=vals.device).index_add_(0, parts.index, vals)
 
 
 def _acc_dtype(x: torch.Tensor, cpu: bool):
@@ -419,21 +459,30 @@ def _sum_partials(out: List[torch.Tensor], tensors, parts: _Partials, p: int) ->
 def _reduce_partials(tensors: Sequence[torch.Tensor], parts: _Partials, p: int) -> torch.Tensor:
     """float64 vector of ``parts.size`` sums: sum of x^2 (p=2) or |x| (p=1) per output id.
 
-    CPU: each run's partials come from PyTorch's native fp32 row reduction (16-bit runs widened
-    to fp32 in bounded blocks), no float64 copy of the gradient, and are added in float64;
-    partials that may have overflowed or underflowed in fp32 (and genuine inf/nan) are
+    CPU, fp32/bf16/fp16 with the kernels built: the float64 partials of every chunk from one
+    call of the sum kernel (:func:`_kernel_sums`: reads the storage once, squares exact in
+    float64, nothing to recompute). Otherwise (float64 data, ``MEGATRON_SHAPING_KERNELS=0``, no
+    compiler) each run's partials come from PyTorch's native fp32 row reduction (16-bit runs
+    widened to fp32 in bounded blocks), no float64 copy of the gradient, and are added in
+    float64; partials that may have overflowed or underflowed in fp32 (and genuine inf/nan) are
     recomputed exactly. Other devices: the same runs reduced with ``dtype=float64``."""
     if not tensors:
         return torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
+    got = _kernel_sums(tensors, parts, sq=p == 2, ab=p == 1)
+    if got is not None:
+        return _index_sum(got[0] if p == 2 else got[1], parts)
     return _sum_partials(_run_partials(tensors, parts, p, tensors[0].device.type == "cpu"), tensors, parts, p)
 
 
 def _reduce_partials_sq_abs(tensors: Sequence[torch.Tensor], parts: _Partials) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sums of x^2, sums of |x|) per output id, as two _reduce_partials calls give them, from
-    one pass over the data."""
+    one pass over the data (one kernel call for both where the kernel runs)."""
     if not tensors:
         z = torch.zeros(parts.size, dtype=STAT_DTYPE, device=parts.index.device)
         return z, z.clone()
+    got = _kernel_sums(tensors, parts, sq=True, ab=True)
+    if got is not None:
+        return _index_sum(got[0], parts), _index_sum(got[1], parts)
     sq: List[torch.Tensor] = []
     ab = _run_partials(tensors, parts, 1, tensors[0].device.type == "cpu", sq)
     return _sum_partials(sq, tensors, parts, 2), _sum_partials(ab, tensors, parts, 1)
@@ -446,14 +495,25 @@ def _reduce_unit_pair(grads: Sequence[torch.Tensor], gparts: _Partials, params: 
     :func:`_reduce_partials` takes them, checked for the exact pass together, squared and added
     by one index_add_ (``index``: the gradient partials' unit ids, then the parameters' + U).
     Bit for bit the two _reduce_partials calls (each unit's partials are added in the same
-    order); partials of different dtypes (float64 gradient, fp32 parameters) take those calls."""
+    order); partials of different dtypes (float64 gradient, fp32 parameters) take those calls.
+    With the sum kernel: one kernel call for the gradient and parameter rows (already float64
+    squares: no exact pass)."""
     if not grads:
+        return
+    if _kernel_ok(list(grads) + list(params)):
+        vals = kernels.sums(list(grads) + list(params), gparts.pair_table(pparts, len(grads)))
+        if vals is not None:
+            out.index_add_(0, index, vals[0])
+            return
+    U = gparts.size
+    if _kernel_ok(grads) or _kernel_ok(params):     # one side by the kernel: as the two calls
+        out[:U].copy_(_reduce_partials(grads, gparts, 2))
+        out[U:].copy_(_reduce_partials(params, pparts, 2))
         return
     cpu = grads[0].device.type == "cpu"
     og = _run_partials(grads, gparts, 2, cpu)
     op = _run_partials(params, pparts, 2, cpu)
     if {v.dtype for v in og + op} != {og[0].dtype}:
-        U = gparts.size
         out[:U].copy_(_sum_partials(og, grads, gparts, 2))
         out[U:].copy_(_sum_partials(op, params, pparts, 2))
         return
@@ -499,16 +559,19 @@ class _MapSums:
     The second statistics pass after an elementwise map (``compute({SUMSQ})``) would read every
     counted slice again for the partials of ``meta.group_parts``. The map hands each block it
     wrote (:meth:`add`: a view of slice ``i`` starting ``start`` elements in, a multiple of
-    CHUNK) and the partials are taken from it right away, with the same reduction per chunk
-    (:func:`_run_partials`'s p = 2 form: chunks of CHUNK, fp32 or float64 accumulation); small
-    tensors (one partial each) and slices the map left alone are reduced in :meth:`result`.
-    :meth:`result` orders the partials as ``group_parts`` does and adds them by the same
-    :func:`_sum_partials` (exact recomputation included), so the sums are those of the second
+    CHUNK) and the partials are taken from it right away, with the same reduction per chunk as
+    that pass: the sum kernel's float64 sums of squares where it runs (``kern``: a chunk's sum
+    depends only on its values), else :func:`_run_partials`'s p = 2 form (chunks of CHUNK, fp32
+    or float64 accumulation); small tensors (one partial each) and slices the map left alone are
+    reduced in :meth:`result`. :meth:`result` orders the partials as ``group_parts`` does and
+    adds them as :func:`_reduce_partials` does (kernel sums by :func:`_index_sum`, else
+    :func:`_sum_partials`, exact recomputation included), so the sums are those of the second
     pass, bit for bit."""
 
     def __init__(self, meta: "SliceMeta", counted: List[torch.Tensor]):
         self.parts = meta.group_parts
         self.counted = counted
+        self.kern = _kernel_ok(counted)
         self.pos = {i: t for t, i in enumerate(meta.counted)}
         self.small = set(self.parts.small)
         self.runs = dict(self.parts.big)
@@ -523,10 +586,15 @@ class _MapSums:
     def take(self) -> None:
         """Partials of the blocks added since the last call (the map has written them); small
         tensors are left to :meth:`result` (one multi-tensor call for all, as the second pass)."""
-        for t, a, x in self._todo:
+        todo, self._todo = self._todo, []
+        blocks = []
+        for t, a, x in todo:
             have = self.got.setdefault(t, [])
             if have is None or a % CHUNK or sum(v.numel() for v in have) != _chunks_before(self.runs[t], a):
                 self.got[t] = None      # off the chunk grid: reduced again in result()
+                continue
+            if self.kern:
+                blocks.append((t, x))
                 continue
             q, r = divmod(x.numel(), CHUNK)
             dt = _acc_dtype(x, True)
@@ -534,23 +602,56 @@ class _MapSums:
                 have.append(torch.linalg.vector_norm(x[:q * CHUNK].view(q, CHUNK), 2, dim=1, dtype=dt))
             if r:
                 have.append(torch.linalg.vector_norm(x[q * CHUNK:].view(1, r), 2, dim=1, dtype=dt))
-        self._todo = []
+        if blocks:
+            self._take_kernel(blocks)
+
+    def _take_kernel(self, blocks: List[Tuple[int, torch.Tensor]]) -> None:
+        """The kernel's sums of squares of the blocks' chunks of CHUNK, one call for all."""
+        runs = [(j, a, k, length) for j, (_, x) in enumerate(blocks) for a, k, length in _chunk_runs(0, x.numel(), CHUNK)]
+        got = kernels.sums([x for _, x in blocks], kernels.RunTable(runs, len(blocks)))
+        if got is None:
+            for t, _ in blocks:
+                self.got[t] = None
+            return
+        counts = [-(-x.numel() // CHUNK) for _, x in blocks]
+        for (t, _), v in zip(blocks, got[0].split(counts)):
+            self.got[t].append(v)
 
     def result(self) -> torch.Tensor:
         """float64 group sums of squares of the counted slices as they are now."""
         if not self.counted:      # e.g. a rank that holds only replicas
             return torch.zeros(self.parts.size, dtype=STAT_DTYPE, device=self.parts.index.device)
         self.take()
+        full = {t for t, runs in self.parts.big if self._complete(t, runs)}
+        if self.kern:
+            return self._result_kernel(full)
         out: List[torch.Tensor] = []
         if self.parts.small:
             out += _small_partials([self.counted[t] for t in self.parts.small], 2, True)
         for t, runs in self.parts.big:
-            have = self.got.get(t)
-            if have and sum(v.numel() for v in have) == sum(k for _, k, _ in runs):
-                out += have
-            else:
-                out += _run_partials_p2(self.counted[t], runs)
+            out += self.got[t] if t in full else _run_partials_p2(self.counted[t], runs)
         return _sum_partials(out, self.counted, self.parts, 2)
+
+    def _complete(self, t: int, runs) -> bool:
+        have = self.got.get(t)
+        return bool(have) and sum(v.numel() for v in have) == sum(k for _, k, _ in runs)
+
+    def _result_kernel(self, full: set) -> torch.Tensor:
+        """The kernel's sums of the chunks not taken yet (small tensors, slices the map left
+        alone, blocks off the grid), one call, merged in partial order with those taken."""
+        rest = [r for r in self.parts.runs if r[0] not in full]
+        sums = kernels.sums(self.counted, kernels.RunTable(rest, len(self.counted)))[0] if rest else None
+        out: List[torch.Tensor] = []
+        at, done = 0, set()
+        for t, _, k, _ in self.parts.runs:
+            if t in full:
+                if t not in done:
+                    out += self.got[t]
+                    done.add(t)
+            else:
+                out.append(sums.narrow(0, at, k))
+                at += k
+        return _index_sum(torch.cat(out), self.parts)
 
 
 def _chunks_before(runs, a: int) -> int:

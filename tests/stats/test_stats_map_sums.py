@@ -69,10 +69,16 @@ def _fused_and_second_pass(dtype, name, loss_scale):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kernels", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("name", ["shrink", "shrink_p3", "clamp", "clamp_plain"])
 @pytest.mark.parametrize("loss_scale", [1.0, 1024.0])
-def test_fused_sums_equal_second_pass_bit_for_bit(dtype, name, loss_scale):
+def test_fused_sums_equal_second_pass_bit_for_bit(dtype, name, loss_scale, kernels, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", kernels)
+    # the path taken: the kernel for fp32/16-bit when enabled and built, the torch ops otherwise
+    kern = _slice_set(_grads(dtype))
+    kern.apply(torch.ones(L, dtype=torch.float64), None, _maps()[name])
+    assert kern._map_sums.kern == (kernels == "1" and dtype != torch.float64 and S.kernels.available())
     fused, second = _fused_and_second_pass(dtype, name, loss_scale)
     assert torch.equal(fused, second), (fused - second)
     # and the sums are those of the mapped values (float64 reference, replica not counted)
@@ -132,10 +138,26 @@ def _broken_stale(self, i, start, piece):
         S._MapSums.take(self)
 
 
-@pytest.mark.parametrize("broken", ["float64", "stale"])
-def test_controls_broken_fusion_is_caught(broken, monkeypatch):
+def _broken_fp32_norms(self):
+    """Control (kernel path): the blocks' partials taken by the torch path's fp32 norms, squared
+    in float64, while the second pass takes the kernel's float64 sums of squares."""
+    for t, a, x in self._todo:
+        q, r = divmod(x.numel(), CHUNK)
+        v = [torch.linalg.vector_norm(x[:q * CHUNK].view(q, CHUNK), 2, dim=1)] if q else []
+        v += [torch.linalg.vector_norm(x[q * CHUNK:].view(1, r), 2, dim=1)] if r else []
+        self.got.setdefault(t, []).append(torch.cat(v).double().square())
+    self._todo = []
+
+
+@pytest.mark.parametrize("broken, kernels", [("float64", "0"), ("stale", "0"), ("fp32_norms", "1"), ("stale", "1")])
+def test_controls_broken_fusion_is_caught(broken, kernels, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", kernels)
+    if kernels == "1" and not S.kernels.available():
+        pytest.skip("no C compiler: the torch path is the only one")
     if broken == "float64":
         monkeypatch.setattr(S._MapSums, "take", _broken_float64)
+    elif broken == "fp32_norms":
+        monkeypatch.setattr(S._MapSums, "take", _broken_fp32_norms)
     else:
         monkeypatch.setattr(S._MapSums, "add", _broken_stale)
     fused, second = _fused_and_second_pass(torch.float32, "shrink", 1.0)

@@ -1,4 +1,8 @@
-"""The CPU statistics pass: fp32 partial sums added in float64, exact where fp32 cannot be.
+"""The CPU statistics pass: per-chunk partial sums added in float64, exact where fp32 cannot be.
+
+Every test runs on both CPU paths (the ``kernel_path`` fixture): the sum kernel (float64 sums
+of exact squares per chunk, stats/kernels.py) and the torch ops (``MEGATRON_SHAPING_KERNELS=0``:
+fp32 partials, recomputed exactly where they may have over- or underflowed).
 
 References are float64 sums of the stored values (exact to ~1e-16). Each property is shown to
 have power: the plain single-pass fp32 reduction a broken variant would use misses the same
@@ -13,6 +17,12 @@ from megatron_shaping.shapers.base import SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_
 from megatron_shaping.stats.slices import ABS_BLOCK, CHUNK, WIDEN_BLOCK, GradSlice, SliceCache, SliceSet
 
 ALL = frozenset({SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ})
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def kernel_path(request, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", "1" if request.param == "kernel" else "0")
+    return request.param
 TOL = 5e-6
 
 

@@ -8,8 +8,10 @@ each: ``_reduce_partials`` per statistic with the group sums from the unit sums,
 ``_scale_rows_`` per slice. They must agree bit for bit (``torch.equal``), on slices cut across
 rows, rows longer than a chunk (several partials per unit), zero, tiny and overflowing rows
 (the exact recomputation), 16-bit gradients with fp32 or 16-bit parameters, float64 gradients
-with fp32 parameters (partials of two dtypes), a loss scale and a replica. Controls: parameter
-partials added without the +U offset, or with the fp32 partials left unchecked, are caught.
+with fp32 parameters (partials of two dtypes), a loss scale and a replica; with the CPU sum
+kernel (float64 partials, one call for both) and on the torch path (``MEGATRON_SHAPING_KERNELS=0``).
+Controls: parameter partials added without the +U offset, the torch path's fp32 partials left
+unchecked, or the kernel's sums of squares squared again (taken for norms), are caught.
 """
 import pytest
 import torch
@@ -67,9 +69,11 @@ DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torc
           (torch.float16, torch.float32), (torch.float64, torch.float64), (torch.float64, torch.float32)]
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])
 @pytest.mark.parametrize("gdt, pdt", DTYPES)
 @pytest.mark.parametrize("ls", [1.0, 256.0])
-def test_fused_unit_statistics_equal_the_separate_reductions(gdt, pdt, ls):
+def test_fused_unit_statistics_equal_the_separate_reductions(gdt, pdt, ls, kernels, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", kernels)
     layout, slices = build(gdt, pdt)
     ss = SliceSet(slices, layout)
     ss.loss_scale = ls
@@ -93,7 +97,17 @@ def test_controls_are_caught(monkeypatch):
     ss.meta.unit_pair_index = torch.cat([ss.meta.unit_parts.index, ss.meta.param_unit_parts.index])
     st = ss.compute(NEEDS)
     assert not torch.equal(st.unit_sumsq, ref[1])
-    # fp32 partials taken as they are (no exact recomputation of zero/tiny/overflowing chunks)
+    # the kernel's float64 sums of squares taken for norms and squared again
+    sums = S.kernels.sums
+    if S._kernel_ok([s.grad for s in slices]):
+        monkeypatch.setattr(S.kernels, "sums", lambda *a, **k: tuple(v if v is None else v.square()
+                                                                       for v in sums(*a, **k)))
+        st = SliceSet(slices, layout).compute(NEEDS)
+        assert not torch.equal(st.unit_sumsq, ref[1])
+        monkeypatch.setattr(S.kernels, "sums", sums)
+    # torch path: fp32 partials taken as they are (no exact recomputation of zero/tiny/overflowing chunks)
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", "0")
+    ref = unfused_stats(SliceSet(slices, layout), 1.0)
     monkeypatch.setattr(S, "_exact_where_needed", lambda vals, *a, **k: vals.to(STAT_DTYPE))
     st = SliceSet(slices, layout).compute(NEEDS)
     assert not torch.equal(st.unit_sumsq, ref[1])
