@@ -45,6 +45,14 @@ class ClampMap(Elementwise):
         return g.clamp_(-clip, clip)
 
     @staticmethod
+    def map_into(src: torch.Tensor, dst: torch.Tensor, clip: float) -> torch.Tensor:
+        """The map of ``src`` written into ``dst`` (same dtype) in one pass: the values
+        :meth:`apply_foreach_` (and the fused kernel) leave in a copy of ``src``, bit for bit
+        (the bound in fp32, a 16-bit result rounded once: a clamp of a stored value is the
+        stored value or the rounded bound)."""
+        return torch.clamp(src, -clip, clip, out=dst)
+
+    @staticmethod
     def kernel_args(clip: float):
         """The fused kernel computing this map (``clamp``: the same operations, one pass)."""
         return "clamp", (clip,)

@@ -756,12 +756,13 @@ class SliceSet:
     def _premap_sums(self, premap: "Premap", plain: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(group sums of squares of the gradient or None, those of premap(gradient) or None).
 
-        CPU: :func:`_premap_partials` (each block copied into a bounded buffer, mapped there by
-        the map's own code, reduced as the pass after the map reduces it; ``plain``: the
-        gradient's own partials from the same read), added by :func:`_sum_partials` with the
-        exact recomputation of the mapped partials that need it (:class:`_MappedRows`).
-        Accelerators: :func:`_premap_device_sums`. A loss scale other than 1 (the map runs on
-        the unscaled values there) or a map without a multi-tensor form: (None, None)."""
+        CPU: :func:`_premap_partials` (each block mapped into a bounded buffer by the map's
+        ``map_into``, else copied and mapped there by the map's own code; reduced as the pass
+        after the map reduces it; ``plain``: the gradient's own partials from the same read),
+        added by :func:`_sum_partials` with the exact recomputation of the mapped partials that
+        need it (:class:`_MappedRows`). Accelerators: :func:`_premap_device_sums` (copies
+        mapped by the map's own code). A loss scale other than 1 (the map runs on the unscaled
+        values there) or a map without a multi-tensor form: (None, None)."""
         fn = premap.fn
         if getattr(fn, "apply_foreach_", None) is None or float(self.loss_scale) != 1.0:
             return None, None
@@ -772,8 +773,10 @@ class SliceSet:
         for i in self.meta.counted:
             kw = {k: v[self._group_of[i]] for k, v in premap.params.items()}
             kws.append(None if identity is not None and identity(**kw) else kw)
+        # map_into: proven against the CPU map (kernel, torch ops); elsewhere the map's own code
         run_map = _PremapRun(_Foreach(fn.apply_foreach_, getattr(fn, "kernel_args", None)),
-                             getattr(fn, "exact_in_storage", False))
+                             getattr(fn, "exact_in_storage", False),
+                             getattr(fn, "map_into", None) if self._on_cpu() else None)
         if not self._on_cpu():
             return None, _premap_device_sums(self._counted, self._counted_group, kws, run_map,
                                              self.layout.num_groups)
@@ -1070,33 +1073,32 @@ PREMAP_BLOCK = ABS_BLOCK
 
 class _PremapRun(NamedTuple):
     """A premap run on copies: the same code as the map on the gradient (:func:`_map_batch`,
-    loss scale 1), so the copies hold what the map would store, bit for bit."""
+    loss scale 1), so the copies hold what the map would store, bit for bit; or the map's
+    ``map_into(src, dst, **params)`` (one pass from the gradient into the copy, the same values)."""
     foreach: "_Foreach"
     in_storage: bool
+    into: Optional[Callable] = None
 
     def __call__(self, batch: List[torch.Tensor], kws: List[dict]) -> None:
         batch_kw = {k: [kw[k] for kw in kws] for k in kws[0]}
         _map_batch(self.foreach, batch, batch_kw, 1.0, None, self.in_storage)
 
-
-class _Block(NamedTuple):
-    """One block of a run, in the form :func:`_run_partials` reads (a big run, never a small
-    tensor: the same row reduction as the run it is cut from)."""
-    small: list
-    big: list
-    max_run: int
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, kw: dict) -> torch.Tensor:
+        """``dst`` (as long as ``src``, same dtype) holding map(src)."""
+        if self.into is not None:
+            return self.into(src, dst, **kw)
+        self([dst.copy_(src)], [kw])
+        return dst
 
 
 def _premap_partials(tensors: Sequence[torch.Tensor], parts: _Partials, kws: List[Optional[dict]],
                      run_map: _PremapRun, plain: Optional[List[torch.Tensor]]) -> List[torch.Tensor]:
     """(CPU) The p = 2 partials of map(x) in ``parts``' order, bit for bit those a pass over
     the mapped tensors takes: small tensors mapped as copies in batches of at most
-    PREMAP_BLOCK elements and reduced by :func:`_small_partials`; big runs block by block,
-    each block copied into a buffer of its storage dtype (one per dtype, PREMAP_BLOCK
-    elements), mapped there and reduced by :func:`_run_partials` (the same chunks and
-    accumulation). ``kws[t]``: tensor t's map parameters, None where the map is the identity
-    (x itself is reduced). ``plain``: the partials of x itself are appended to it, from the
-    same read (in cache)."""
+    PREMAP_BLOCK elements and reduced by :func:`_small_partials`; big runs block by block
+    (:func:`_premap_blocks`). ``kws[t]``: tensor t's map parameters, None where the map is
+    the identity (x itself is reduced). ``plain``: the partials of x itself are appended to
+    it, from the same read (in cache)."""
     out: List[torch.Tensor] = []
     batch: List[int] = []
     size = 0
@@ -1110,32 +1112,40 @@ def _premap_partials(tensors: Sequence[torch.Tensor], parts: _Partials, kws: Lis
         _premap_small([tensors[u] for u in batch], [kws[u] for u in batch], run_map, out, plain)
     bufs: Dict[torch.dtype, torch.Tensor] = {}
     for t, runs in parts.big:
-        x, kw = tensors[t], kws[t]
-        for a, k, length in runs:
-            per = max(1, PREMAP_BLOCK // length)
-            for j in range(0, k, per):
-                kk = min(per, k - j)
-                blk = x.narrow(0, a + j * length, kk * length)
-                one = _Block([], [(0, [(0, kk, length)])], kk * length)
-                if plain is not None:
-                    plain += _run_partials([blk], one, 2, True)
-                if kw is not None:
-                    buf = bufs.get(x.dtype)
-                    if buf is None or buf.numel() < kk * length:
-                        buf = bufs[x.dtype] = torch.empty(max(PREMAP_BLOCK, length), dtype=x.dtype, device=x.device)
-                    blk = buf[:kk * length].copy_(blk)
-                    run_map([blk], [kw])
-                out += _run_partials([blk], one, 2, True)
+        _premap_blocks(tensors[t], runs, kws[t], run_map, bufs, out, plain)
     return out
+
+
+def _premap_blocks(x: torch.Tensor, runs, kw: Optional[dict], run_map: _PremapRun,
+                   bufs: Dict[torch.dtype, torch.Tensor], out: List[torch.Tensor],
+                   plain: Optional[List[torch.Tensor]]) -> None:
+    """One big tensor's runs, block by block: each block's partials (``plain``), then the block
+    mapped into a buffer of its storage dtype (``bufs``, one per dtype, PREMAP_BLOCK elements)
+    and its partials (``out``), by the reduction :func:`_run_partials` makes of a run on the
+    CPU (as :class:`_MapSums` and :func:`_run_partials_p2` take it: the same chunks, the same
+    fp32 or float64 accumulation; a row's result does not depend on the rows beside it)."""
+    dt = _acc_dtype(x, True)
+    buf = None
+    if kw is not None:
+        buf = bufs.get(x.dtype)
+        if buf is None or buf.numel() < max(PREMAP_BLOCK, max(length for _, _, length in runs)):
+            buf = bufs[x.dtype] = torch.empty(max(PREMAP_BLOCK, max(length for _, _, length in runs)),
+                                              dtype=x.dtype, device=x.device)
+    for a, k, length in runs:
+        per = max(1, PREMAP_BLOCK // length)
+        for j in range(0, k, per):
+            kk = min(per, k - j)
+            blk = x[a + j * length:a + (j + kk) * length]
+            if plain is not None:
+                plain.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
+            if buf is not None:
+                blk = run_map.copy(blk, buf[:kk * length], kw)
+            out.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
 
 
 def _mapped_copies(xs: List[torch.Tensor], kws: List[Optional[dict]], run_map: _PremapRun) -> List[torch.Tensor]:
     """Copies of ``xs`` with the map run on them (x itself where its map is the identity)."""
-    ys = [x if kw is None else x.clone() for x, kw in zip(xs, kws)]
-    todo = [(y, kw) for y, kw in zip(ys, kws) if kw is not None]
-    if todo:
-        run_map([y for y, _ in todo], [kw for _, kw in todo])
-    return ys
+    return [x if kw is None else run_map.copy(x, torch.empty_like(x), kw) for x, kw in zip(xs, kws)]
 
 
 def _premap_small(xs: List[torch.Tensor], kws: List[Optional[dict]], run_map: _PremapRun,
@@ -1160,9 +1170,7 @@ class _MappedRows:
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         rows = self.x.index_select(dim, index)
-        if self.kw is not None:
-            self.run_map([rows], [self.kw])
-        return rows
+        return rows if self.kw is None else self.run_map.copy(rows, torch.empty_like(rows), self.kw)
 
 
 def _premap_device_sums(tensors: Sequence[torch.Tensor], groups: torch.Tensor, kws: List[Optional[dict]],
