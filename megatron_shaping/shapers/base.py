@@ -363,8 +363,9 @@ class Chain(Shaper):
         return tuple(s.init(layout) for s in self.shapers)
 
     def premap(self, layout: GroupLayout) -> Optional[Elementwise]:
-        """The first member's: only it sees the incoming gradient the first pass reads."""
-        return self.shapers[0].premap(layout)
+        """The first member's (only it sees the incoming gradient the first pass reads), when
+        the members after it need only sums of squares (else a pass follows its map anyway)."""
+        return self.shapers[0].premap(layout) if self._rest_needs[0] == {SUMSQ} else None
 
     def update(self, stats: Stats, state: tuple):
         raise TypeError("a chain's members see the gradient their predecessors produced: drive it with "

@@ -156,6 +156,14 @@ def test_chains_with_norm_clip(dtype, order):
     assert float(one[1].factor.min()) < 1.0 and float(one[1].factor.max()) <= 1.0
 
 
+def test_chain_whose_rest_needs_more_than_sums_of_squares():
+    """value_clip -> agc: agc needs unit statistics of the clamped gradient, a pass after the
+    map anyway, so no premap sums are taken (same results, two collectives)."""
+    from megatron_shaping.shapers.agc import AGC
+    assert _session(chain(ValueClip(CLIP), AGC())).premap is None
+    assert _session(chain(ValueClip(CLIP), NormClip(0.05))).premap is not None
+
+
 def test_skip_map_and_identity():
     """Nothing above the clip: the map is skipped, premap sums unused, the gradient untouched;
     clip_value = inf has no premap."""
