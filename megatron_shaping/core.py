@@ -14,7 +14,7 @@ from .shapers import Chain, Shaper, StepRecord, build_shaper
 from .shapers.regroup import Regrouped
 from .shapers.base import Plan, Stats
 from .stats.layout import ParamGrouping, ParamInfo, build_grouping
-from .stats.slices import SliceSet
+from .stats.slices import Premap, SliceSet
 
 logger = logging.getLogger("megatron_shaping")
 
@@ -60,6 +60,8 @@ class ShapingSession:
         self.shaper = Chain(*(m if g == self.granularity else self._regrouped(m, g, params, block_pattern, device)
                               for m, g in zip(configured.shapers, grans)), granularities=grans)
         self.state = self.shaper.init(self.grouping.layout)
+        #: the first member's map when known before the statistics (host values read once)
+        self.premap: Optional[Premap] = Premap.of(self.shaper.premap(self.grouping.layout))
         self.steps = 0           # shaping steps applied
         self.skipped = 0         # steps skipped (gradient not finite, or a gate's veto)
         self.last_code = 0       # flags of the last step (see step)
@@ -105,7 +107,8 @@ class ShapingSession:
         if self.pending_veto is not None:
             raise RuntimeError("ShapingSession.step: the previous deferred step was not resolved")
         needs = self.shaper.first_needs
-        first = [slices.compute(needs)]
+        # a map known before the statistics: its sums of squares from the same pass and collective
+        first = [slices.compute(needs) if self.premap is None else slices.compute(needs, self.premap)]
         code = (~torch.isfinite(first[0].sumsq).all()).long()
         flags = gate(first[0]) if gate is not None else None
         pending = [code | flags if flags is not None else code]

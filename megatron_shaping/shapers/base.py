@@ -79,6 +79,9 @@ class Stats(NamedTuple):
     sumabs: Optional[torch.Tensor] = None            # [L] sum of |g|
     unit_sumsq: Optional[torch.Tensor] = None        # [U] sum of g^2 per unit
     unit_param_sumsq: Optional[torch.Tensor] = None  # [U] sum of w^2 per unit
+    #: [L] sum of premap(g)^2 (:meth:`Shaper.premap`), taken in the same pass; the first
+    #: statistics of a step only, and only where the driver could take them exactly
+    mapped_sumsq: Optional[torch.Tensor] = None
 
     def norm(self) -> torch.Tensor:
         """[L] L2 norm of each group."""
@@ -121,12 +124,19 @@ class Plan(NamedTuple):
     true, the plan is the pure scale (``scale``, ``unit_scale``) alone, without the map, the
     finish and their statistics pass (the shaper then puts the shortcut's factors in ``scale``).
     The driver reads it with the plan's other host values in one copy (:meth:`resolve`).
+
+    ``after_sumsq`` ([L] float64, optional): the group sums of squares of the gradient after
+    the whole plan, when the shaper knows them before it runs (its map is its
+    :meth:`Shaper.premap`, whose sums the first statistics pass took: ``Stats.mapped_sumsq``).
+    A chain then uses them instead of a statistics pass after the map (:meth:`Chain.step`);
+    :meth:`resolve` drops them with the map when ``skip_map`` fires.
     """
     scale: torch.Tensor                              # [L] float64
     unit_scale: Optional[torch.Tensor] = None        # [U] float64
     elementwise: Optional[Elementwise] = None
     finish: Optional[Callable[[Stats], torch.Tensor]] = None
     skip_map: Optional[torch.Tensor] = None          # 0-d bool
+    after_sumsq: Optional[torch.Tensor] = None       # [L] float64
 
     @property
     def is_pure_scale(self) -> bool:
@@ -156,6 +166,16 @@ class Shaper:
 
     def update(self, stats: Stats, state: NamedTuple) -> Tuple[Plan, NamedTuple]:  # pragma: no cover
         raise NotImplementedError
+
+    def premap(self, layout: GroupLayout) -> Optional[Elementwise]:
+        """The map this shaper's plans apply when it is known before the statistics (fixed by
+        the hyperparameters, a scale of ones before it), else None. A session asks once; the
+        first statistics pass of each step then also takes the group sums of squares of the
+        mapped gradient (``Stats.mapped_sumsq``, None where the driver cannot take them
+        exactly) and the shaper hands them on as its plan's ``after_sumsq``: no statistics
+        pass after the map. Only a chain's first member sees the incoming gradient: only its
+        premap is asked for."""
+        return None
 
     def state_layout(self, layout: GroupLayout) -> GroupLayout:
         """The groups this shaper keeps state for when it runs on ``layout``'s groups: those
@@ -283,7 +303,8 @@ def derive_stats(stats: Stats, plan: Plan, layout: GroupLayout) -> Stats:
 
 
 ComputeStats = Callable[[frozenset], Stats]
-ApplyPlan = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[Elementwise]], None]
+#: ``apply_plan(scale, unit_scale, elementwise)``, optionally ``stats_after=False`` (see :meth:`Chain.step`)
+ApplyPlan = Callable[..., None]
 ReadPlan = Callable[[Plan], Plan]
 
 
@@ -341,6 +362,11 @@ class Chain(Shaper):
     def init(self, layout: GroupLayout) -> tuple:
         return tuple(s.init(layout) for s in self.shapers)
 
+    def premap(self, layout: GroupLayout) -> Optional[Elementwise]:
+        """The first member's (only it sees the incoming gradient the first pass reads), when
+        the members after it need only sums of squares (else a pass follows its map anyway)."""
+        return self.shapers[0].premap(layout) if self._rest_needs[0] == {SUMSQ} else None
+
     def update(self, stats: Stats, state: tuple):
         raise TypeError("a chain's members see the gradient their predecessors produced: drive it with "
                         "Chain.step, not update")
@@ -354,19 +380,25 @@ class Chain(Shaper):
         collective per call in the distributed drivers). ``read_plan(plan)`` returns the plan as
         it runs (``skip_map`` resolved, :meth:`Plan.resolve` by default); the session reads its
         host values there, in one copy. ``apply_plan(scale, unit_scale, elementwise)`` changes
-        the gradient in place.
+        the gradient in place; ``apply_plan(..., stats_after=False)`` when no statistics pass
+        follows the map (the first member's ``after_sumsq`` stand for it: the members after
+        it need only sums of squares), so the map need not prepare one.
         """
         stats = first = compute_stats(self.first_needs)
         new_states = []
-        for member, st, rest_needs in zip(self.shapers, state, self._rest_needs):
-            plan, st = member.update(stats, st)
+        for i, (member, st, rest_needs) in enumerate(zip(self.shapers, state, self._rest_needs)):
+            plan, st = member.update(self._seen_by(i, stats, first), st)
             plan = read_plan(plan) if read_plan is not None else plan.resolve()
             new_states.append(st)
-            apply_plan(plan.scale, plan.unit_scale, plan.elementwise)
+            known = plan.after_sumsq is not None and not plan.is_pure_scale and rest_needs == {SUMSQ}
+            if known:
+                apply_plan(plan.scale, plan.unit_scale, plan.elementwise, stats_after=False)
+            else:
+                apply_plan(plan.scale, plan.unit_scale, plan.elementwise)
             if plan.is_pure_scale:
                 stats = _scaled_stats(stats, plan, layout, rest_needs, compute_stats)
                 continue
-            stats = compute_stats(rest_needs)
+            stats = Stats(sumsq=plan.after_sumsq) if known else compute_stats(rest_needs)
             if plan.finish is not None:
                 post = plan.finish(stats)
                 apply_plan(post, None, None)
@@ -376,6 +408,12 @@ class Chain(Shaper):
         factor = torch.where(before > 0, after / before.clamp_min(torch.finfo(STAT_DTYPE).tiny),
                              torch.ones_like(before))
         return tuple(new_states), StepRecord(first, factor, stats)
+
+    @staticmethod
+    def _seen_by(i: int, stats: Stats, first: Stats) -> Stats:
+        """The statistics member ``i`` updates on: premap statistics are of the incoming
+        gradient (``first``), so only the first member gets them."""
+        return stats if i == 0 else stats._replace(mapped_sumsq=None)
 
     def diagnostics(self, prev: tuple, new: tuple) -> Dict[str, torch.Tensor]:
         """``stat`` of the first member only (the only one that sees the incoming gradient whose

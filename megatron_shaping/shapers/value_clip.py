@@ -23,7 +23,7 @@ import math
 import torch
 
 from . import _checks
-from .base import SUMSQ, Elementwise, GroupLayout, Plan, Shaper, StepCount, Stats
+from .base import STAT_DTYPE, SUMSQ, Elementwise, GroupLayout, Plan, Shaper, StepCount, Stats
 
 
 class ClampMap(Elementwise):
@@ -43,6 +43,14 @@ class ClampMap(Elementwise):
     def apply_(g: torch.Tensor, clip: float) -> torch.Tensor:
         """The map in place on ``g`` (a tensor the caller owns), no temporary."""
         return g.clamp_(-clip, clip)
+
+    @staticmethod
+    def map_into(src: torch.Tensor, dst: torch.Tensor, clip: float) -> torch.Tensor:
+        """The map of ``src`` written into ``dst`` (same dtype) in one pass: the values
+        :meth:`apply_foreach_` (and the fused kernel) leave in a copy of ``src``, bit for bit
+        (the bound in fp32, a 16-bit result rounded once: a clamp of a stored value is the
+        stored value or the rounded bound)."""
+        return torch.clamp(src, -clip, clip, out=dst)
 
     @staticmethod
     def kernel_args(clip: float):
@@ -69,6 +77,14 @@ class ValueClip(Shaper):
     def init(self, layout: GroupLayout) -> StepCount:
         return StepCount.zeros(layout)
 
+    def premap(self, layout: GroupLayout):
+        """The clamp, known before the statistics (None for the identity, clip_value = inf):
+        the first statistics pass also takes the sums of squares of the clamped gradient."""
+        if math.isinf(self.clip_value):
+            return None
+        return ClampMap(clip=torch.full((layout.num_groups,), self.clip_value, dtype=STAT_DTYPE,
+                                        device=layout.device))
+
     def update(self, stats: Stats, state: StepCount):
         ok = torch.isfinite(stats.sumsq)
         new = state.counted(ok)
@@ -78,4 +94,6 @@ class ValueClip(Shaper):
         # Nothing above the threshold (max |g_i| <= ||g||_2 <= clip): skip the map and its pass
         # (decided on the device, read by the driver with the map's parameters).
         below = (stats.sumsq <= self.clip_value ** 2).all()
-        return Plan(ones, elementwise=ClampMap(clip=torch.full_like(ones, self.clip_value)), skip_map=below), new
+        # The sums of squares of the clamped gradient, when the first pass took them (premap).
+        return Plan(ones, elementwise=ClampMap(clip=torch.full_like(ones, self.clip_value)), skip_map=below,
+                    after_sumsq=stats.mapped_sumsq), new

@@ -776,13 +776,25 @@ class SliceSet:
 
     # -------------------------------------------------------------- statistics
     @marked(STATS)
-    def compute(self, needs: frozenset) -> Stats:
-        """Local sums of what ``needs`` names, packed and reduced in one collective."""
+    def compute(self, needs: frozenset, premap: Optional["Premap"] = None) -> Stats:
+        """Local sums of what ``needs`` names, packed and reduced in one collective.
+
+        ``premap`` (a map known before the statistics, :meth:`Shaper.premap`): the group sums
+        of squares of the gradient as that map would store it are taken in the same pass and
+        reduced in the same collective (``Stats.mapped_sumsq``), bit for bit what a pass over
+        the mapped gradient gives; None where they cannot be taken exactly (a loss scale, a
+        map without a multi-tensor form): the caller then makes that pass after the map."""
         fused, self._map_sums = self._map_sums, None
+        sumsq = mapped = None
+        if premap is not None:
+            plain = fused is None and SUMSQ in needs and not needs & {UNIT_SUMSQ, SUMABS}
+            sumsq, mapped = self._premap_sums(premap, plain)
         if UNIT_SUMSQ in needs and UNIT_PARAM_SUMSQ in needs and SUMABS not in needs:
             keys, packed = self._unit_pair_packed(SUMSQ in needs)
         else:
-            keys, packed = self._packed(needs, fused)
+            keys, packed = self._packed(needs, fused, sumsq)
+        if mapped is not None:
+            keys, packed = keys + ["mapped_sumsq"], torch.cat([packed, mapped])
         if self.reduce is not None and packed.numel():
             self.reduce(packed)
             self.collectives += 1
@@ -798,14 +810,18 @@ class SliceSet:
         self._fresh_sumsq = out.get(SUMSQ)
         return Stats(**out)
 
-    def _packed(self, needs: frozenset, fused: Optional["_MapSums"]) -> Tuple[List[str], torch.Tensor]:
-        """(keys, their local sums concatenated in the order SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ)."""
+    def _packed(self, needs: frozenset, fused: Optional["_MapSums"],
+                sumsq: Optional[torch.Tensor] = None) -> Tuple[List[str], torch.Tensor]:
+        """(keys, their local sums concatenated in the order SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ).
+        ``sumsq``: the group sums of squares, already taken (:meth:`_premap_sums`)."""
         dev = self.layout.device
         parts: Dict[str, torch.Tensor] = {}
         if UNIT_SUMSQ in needs:
             parts[UNIT_SUMSQ] = self._unit_sum(None)
         if SUMSQ in needs:
-            if fused is not None and needs == {SUMSQ}:
+            if sumsq is not None:
+                parts[SUMSQ] = sumsq
+            elif fused is not None and needs == {SUMSQ}:
                 parts[SUMSQ] = fused.result()    # taken by the map, bit for bit a second pass
             elif UNIT_SUMSQ in parts:
                 # The unit partials cover the same elements: their group sums are the group's.
@@ -837,6 +853,40 @@ class SliceSet:
         if with_sumsq:
             packed.narrow(0, 0, L).index_add_(0, self.layout.unit_group, packed.narrow(0, L, U))
         return ([SUMSQ] if with_sumsq else []) + [UNIT_SUMSQ, UNIT_PARAM_SUMSQ], packed
+
+    def _premap_sums(self, premap: "Premap", plain: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(group sums of squares of the gradient or None, those of premap(gradient) or None).
+
+        CPU: :func:`_premap_partials` (each block mapped into a bounded buffer by the map's
+        ``map_into``, else copied and mapped there by the map's own code; reduced as the pass
+        after the map reduces it; ``plain``: the gradient's own partials from the same read),
+        added by :func:`_sum_partials` with the exact recomputation of the mapped partials that
+        need it (:class:`_MappedRows`). Accelerators: :func:`_premap_device_sums` (copies
+        mapped by the map's own code). A loss scale other than 1 (the map runs on the unscaled
+        values there) or a map without a multi-tensor form: (None, None)."""
+        fn = premap.fn
+        if getattr(fn, "apply_foreach_", None) is None or float(self.loss_scale) != 1.0:
+            return None, None
+        if not self._counted:
+            return None, torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=self.layout.device)
+        identity = getattr(fn, "is_identity", None)
+        kws = []
+        for i in self.meta.counted:
+            kw = {k: v[self._group_of[i]] for k, v in premap.params.items()}
+            kws.append(None if identity is not None and identity(**kw) else kw)
+        # map_into: proven against the CPU map (kernel, torch ops); elsewhere the map's own code
+        run_map = _PremapRun(_Foreach(fn.apply_foreach_, getattr(fn, "kernel_args", None)),
+                             getattr(fn, "exact_in_storage", False),
+                             getattr(fn, "map_into", None) if self._on_cpu() else None)
+        if not self._on_cpu():
+            return None, _premap_device_sums(self._counted, self._counted_group, kws, run_map,
+                                             self.layout.num_groups)
+        parts = self.meta.group_parts
+        got: Optional[List[torch.Tensor]] = [] if plain else None
+        mapped = _premap_partials(self._counted, parts, kws, run_map, got)
+        rows = [_MappedRows(x, kw, run_map) for x, kw in zip(self._counted, kws)]
+        return (None if got is None else _sum_partials(got, self._counted, parts, 2),
+                _sum_partials(mapped, rows, parts, 2))
 
     def _on_cpu(self) -> bool:
         return not self._counted or self._counted[0].device.type == "cpu"
@@ -919,13 +969,15 @@ class SliceSet:
 
     @marked(APPLY)
     def apply(self, scale: torch.Tensor, unit_scale: Optional[torch.Tensor],
-              elementwise: Optional[Elementwise]) -> None:
+              elementwise: Optional[Elementwise], stats_after: bool = True) -> None:
         """Multiply each slice by its group's factor, then unit factors, then the map.
 
         Host reads: none for a pure scale (the factors stay on the device and every slice is
         multiplied by its own, a 0-d tensor); for a map, the values :meth:`read_plan` read
         (else one copy here): its per-group parameters and the group factors (slices whose
-        factor is 1 or whose map is the identity are then left alone)."""
+        factor is 1 or whose map is the identity are then left alone). ``stats_after=False``:
+        no statistics pass follows the map (its sums are known: ``Plan.after_sumsq``), so the
+        map does not take its partial norms."""
         params = None
         self._map_sums = None
         if elementwise is None and unit_scale is not None:
@@ -947,7 +999,7 @@ class SliceSet:
         if unit_scale is not None:
             self._scale_units(unit_scale)
         if elementwise is not None:
-            self._map(elementwise, params)
+            self._map(elementwise, params, stats_after)
 
     def _scale_on_device(self, scale: torch.Tensor) -> None:
         live = self.meta.live
@@ -979,7 +1031,7 @@ class SliceSet:
         if pieces:
             torch._foreach_mul_([x for x, _ in pieces], [y for _, y in pieces])
 
-    def _map(self, fn: Elementwise, params: Dict[str, list]) -> None:
+    def _map(self, fn: Elementwise, params: Dict[str, list], stats_after: bool = True) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
         (|g|^alpha of a bf16 value is not a bf16 operation; an fp64 gradient is not rounded to
         fp32). Maps with an in-place multi-tensor form (``apply_foreach_``) run on the gradient
@@ -995,7 +1047,7 @@ class SliceSet:
         if foreach is not None:
             foreach = _Foreach(foreach, getattr(fn, "kernel_args", None))
         identity = getattr(fn, "is_identity", None)
-        sums = _MapSums(self.meta, self._counted) if self._on_cpu() else None
+        sums = _MapSums(self.meta, self._counted) if self._on_cpu() and stats_after else None
         # a clamp-like map runs on 16-bit storage as it is, exactly (Elementwise.exact_in_storage)
         in_storage = ls == 1.0 and getattr(fn, "exact_in_storage", False)
         keys = list(params)
@@ -1103,6 +1155,148 @@ def _map_torch(foreach, batch: List[torch.Tensor], batch_kw: Dict[str, list], ls
     narrow = [(x, w) for x, w in zip(batch, wide) if w is not x]
     if narrow:
         torch._foreach_copy_([x for x, _ in narrow], [w for _, w in narrow])
+
+
+class Premap(NamedTuple):
+    """A map known before the statistics (:meth:`Shaper.premap`) and its per-group parameters
+    as host values, read once when the session is built (no host read per step)."""
+    fn: Elementwise
+    params: Dict[str, list]
+
+    @classmethod
+    def of(cls, fn: Optional[Elementwise]) -> Optional["Premap"]:
+        return None if fn is None else cls(fn, {k: v.tolist() for k, v in fn.params.items()})
+
+
+#: Elements per block of :func:`_premap_partials` (the buffer a block is mapped in, in cache).
+PREMAP_BLOCK = ABS_BLOCK
+
+
+class _PremapRun(NamedTuple):
+    """A premap run on copies: the same code as the map on the gradient (:func:`_map_batch`,
+    loss scale 1), so the copies hold what the map would store, bit for bit; or the map's
+    ``map_into(src, dst, **params)`` (one pass from the gradient into the copy, the same values)."""
+    foreach: "_Foreach"
+    in_storage: bool
+    into: Optional[Callable] = None
+
+    def __call__(self, batch: List[torch.Tensor], kws: List[dict]) -> None:
+        batch_kw = {k: [kw[k] for kw in kws] for k in kws[0]}
+        _map_batch(self.foreach, batch, batch_kw, 1.0, None, self.in_storage)
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, kw: dict) -> torch.Tensor:
+        """``dst`` (as long as ``src``, same dtype) holding map(src)."""
+        if self.into is not None:
+            return self.into(src, dst, **kw)
+        self([dst.copy_(src)], [kw])
+        return dst
+
+
+def _premap_partials(tensors: Sequence[torch.Tensor], parts: _Partials, kws: List[Optional[dict]],
+                     run_map: _PremapRun, plain: Optional[List[torch.Tensor]]) -> List[torch.Tensor]:
+    """(CPU) The p = 2 partials of map(x) in ``parts``' order, bit for bit those a pass over
+    the mapped tensors takes: small tensors mapped as copies in batches of at most
+    PREMAP_BLOCK elements and reduced by :func:`_small_partials`; big runs block by block
+    (:func:`_premap_blocks`). ``kws[t]``: tensor t's map parameters, None where the map is
+    the identity (x itself is reduced). ``plain``: the partials of x itself are appended to
+    it, from the same read (in cache)."""
+    out: List[torch.Tensor] = []
+    batch: List[int] = []
+    size = 0
+    for t in parts.small:
+        batch.append(t)
+        size += tensors[t].numel()
+        if size >= PREMAP_BLOCK:
+            _premap_small([tensors[u] for u in batch], [kws[u] for u in batch], run_map, out, plain)
+            batch, size = [], 0
+    if batch:
+        _premap_small([tensors[u] for u in batch], [kws[u] for u in batch], run_map, out, plain)
+    bufs: Dict[torch.dtype, torch.Tensor] = {}
+    for t, runs in parts.big:
+        _premap_blocks(tensors[t], runs, kws[t], run_map, bufs, out, plain)
+    return out
+
+
+def _premap_blocks(x: torch.Tensor, runs, kw: Optional[dict], run_map: _PremapRun,
+                   bufs: Dict[torch.dtype, torch.Tensor], out: List[torch.Tensor],
+                   plain: Optional[List[torch.Tensor]]) -> None:
+    """One big tensor's runs, block by block: each block's partials (``plain``), then the block
+    mapped into a buffer of its storage dtype (``bufs``, one per dtype, PREMAP_BLOCK elements)
+    and its partials (``out``), by the reduction :func:`_run_partials` makes of a run on the
+    CPU (as :class:`_MapSums` and :func:`_run_partials_p2` take it: the same chunks, the same
+    fp32 or float64 accumulation; a row's result does not depend on the rows beside it)."""
+    dt = _acc_dtype(x, True)
+    buf = None
+    if kw is not None:
+        buf = bufs.get(x.dtype)
+        if buf is None or buf.numel() < max(PREMAP_BLOCK, max(length for _, _, length in runs)):
+            buf = bufs[x.dtype] = torch.empty(max(PREMAP_BLOCK, max(length for _, _, length in runs)),
+                                              dtype=x.dtype, device=x.device)
+    for a, k, length in runs:
+        per = max(1, PREMAP_BLOCK // length)
+        for j in range(0, k, per):
+            kk = min(per, k - j)
+            blk = x[a + j * length:a + (j + kk) * length]
+            if plain is not None:
+                plain.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
+            if buf is not None:
+                blk = run_map.copy(blk, buf[:kk * length], kw)
+            out.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
+
+
+def _mapped_copies(xs: List[torch.Tensor], kws: List[Optional[dict]], run_map: _PremapRun) -> List[torch.Tensor]:
+    """Copies of ``xs`` with the map run on them (x itself where its map is the identity)."""
+    return [x if kw is None else run_map.copy(x, torch.empty_like(x), kw) for x, kw in zip(xs, kws)]
+
+
+def _premap_small(xs: List[torch.Tensor], kws: List[Optional[dict]], run_map: _PremapRun,
+                  out: List[torch.Tensor], plain: Optional[List[torch.Tensor]]) -> None:
+    """Partials of a batch of small tensors (one each) and of their mapped copies."""
+    if plain is not None:
+        plain += _small_partials(xs, 2, True)
+    out += _small_partials(_mapped_copies(xs, kws, run_map), 2, True)
+
+
+class _MappedRows:
+    """A tensor as the premap would store it, for the exact recomputation of its partials
+    (:func:`_exact_partials` gathers rows with ``index_select``): the gathered rows are mapped
+    as a copy (at most WIDEN_BLOCK elements)."""
+
+    def __init__(self, x: torch.Tensor, kw: Optional[dict], run_map: _PremapRun):
+        self.x, self.kw, self.run_map = x, kw, run_map
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        rows = self.x.index_select(dim, index)
+        return rows if self.kw is None else self.run_map.copy(rows, torch.empty_like(rows), self.kw)
+
+
+def _premap_device_sums(tensors: Sequence[torch.Tensor], groups: torch.Tensor, kws: List[Optional[dict]],
+                        run_map: _PremapRun, L: int) -> torch.Tensor:
+    """(Accelerators) float64 group sums of squares of map(x), as the pass after the map takes
+    them there (``torch._foreach_norm(dtype=float64)``), on mapped copies in batches of at most
+    PREMAP_BLOCK elements (a tensor longer than that in pieces: the sum of the pieces' squared
+    norms, equal to the whole tensor's up to float64 rounding)."""
+    acc = torch.zeros(L, dtype=STAT_DTYPE, device=groups.device)
+    pieces: List[Tuple[torch.Tensor, Optional[dict], int]] = []
+    for t, x in enumerate(tensors):
+        n = x.numel()
+        pieces += [(x.narrow(0, a, min(PREMAP_BLOCK, n - a)), kws[t], t) for a in range(0, n, PREMAP_BLOCK)]
+    batch: List[Tuple[torch.Tensor, Optional[dict], int]] = []
+    size = 0
+    for j, pc in enumerate(pieces):
+        batch.append(pc)
+        size += pc[0].numel()
+        if j == len(pieces) - 1 or size + pieces[j + 1][0].numel() > PREMAP_BLOCK:
+            ys = _mapped_copies([x for x, _, _ in batch], [kw for _, kw, _ in batch], run_map)
+            norms = torch.stack(torch._foreach_norm(ys, 2, dtype=STAT_DTYPE))
+            idx = groups.index_select(0, torch.tensor([t for _, _, t in batch], device=groups.device))
+            acc.index_add_(0, idx, norms.square())
+            batch, size = [], 0
+    return acc
 
 
 class SliceCache:

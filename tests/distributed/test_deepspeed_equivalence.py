@@ -101,9 +101,12 @@ def _expected_collectives(sc):
     spec = sc["shaping"]
     members = spec["shapers"] if spec["type"] == "chain" else [spec]
     # one reduction per statistics pass: one for the first statistics, one more after an
-    # elementwise map (SPAMP, value_clip, entrywise_shrink) for the post-map norms.
+    # elementwise map (SPAMP, value_clip, entrywise_shrink) for the post-map norms, except a
+    # first member's map known before the statistics (value_clip's clamp: Shaper.premap),
+    # whose sums ride in the first reduction; not under an fp16 loss scale (second pass).
     elementwise = {"spamp", "value_clip", "entrywise_shrink"}
-    return 1 + sum(1 for m in members if m["type"] in elementwise)
+    premapped = members[0]["type"] == "value_clip" and sc["dtype"] != "fp16"
+    return 1 + sum(1 for m in members if m["type"] in elementwise) - premapped
 
 
 def _ranks(world, sc, tmp_root):

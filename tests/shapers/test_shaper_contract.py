@@ -151,7 +151,7 @@ def test_update_leaves_a_non_finite_group_untouched(name):
         set_grads(model, 4)
         clean = _stats_for(model, grouping, ALL_STATS)
         fields = {}
-        for k in Stats._fields:
+        for k in ALL_STATS:
             t = getattr(clean, k).clone()
             t[unit_bad if k in (UNIT_SUMSQ, UNIT_PARAM_SUMSQ) else bad] = float("nan")
             fields[k] = t
