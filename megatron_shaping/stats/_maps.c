@@ -34,7 +34,9 @@
  * element, not from an address) into lane i % MS_LANES in order, and the lanes are combined in
  * one fixed tree: a partial depends only on the chunk's values, never on the instruction set,
  * the alignment or where the chunk lies. inf and NaN propagate (inf -> inf, NaN -> NaN; all
- * terms are >= 0, so inf - inf cannot occur).
+ * terms are >= 0, so inf - inf cannot occur). ms_clamp_sums takes, in the same chunks, lanes
+ * and tree, the sums of squares of x and of the value the clamp map would store for x (value
+ * clipping's sums after its map, from the first pass: bit for bit a pass after the map).
  */
 #include <stdint.h>
 #include <string.h>
@@ -222,24 +224,55 @@ ATTR static void NAME(const void *p, long n, double *sq, double *ab) {          
     if (AB) *ab = ms_tree(a);                                                                   \
 }
 
+/* One chunk: sum x^2 (sq, may be NULL) and sum w^2 (csq), w the value the clamp map stores for
+ * x at loss scale 1 (clamp_ loops: w = STORE(clamp_one(x, c)), widened exactly): the sums a pass
+ * over the clamped gradient takes, bit for bit (same lanes, same tree), from the unclamped one. */
+#define MS_CHUNK_CL(NAME, T, LOAD, STORE, ATTR)                                                 \
+ATTR static void NAME(const void *p, long n, float c, double *sq, double *csq) {               \
+    const T *d = (const T *)p;                                                                  \
+    ms_acc s[MS_LANES] = {0}, w[MS_LANES] = {0};                                                \
+    long i = 0;                                                                                 \
+    for (; i + MS_LANES <= n; i += MS_LANES) {                                                  \
+        for (int l = 0; l < MS_LANES; l++) {                                                    \
+            float x = LOAD(d[i + l]);                                                           \
+            double v = (double)x, m = (double)LOAD(STORE(clamp_one(x, c)));                     \
+            s[l] += v * v;                                                                      \
+            w[l] += m * m;                                                                      \
+        }                                                                                       \
+    }                                                                                           \
+    for (int l = 0; i + l < n; l++) {                                                           \
+        float x = LOAD(d[i + l]);                                                               \
+        double v = (double)x, m = (double)LOAD(STORE(clamp_one(x, c)));                         \
+        s[l] += v * v;                                                                          \
+        w[l] += m * m;                                                                          \
+    }                                                                                           \
+    if (sq) *sq = ms_tree(s);                                                                   \
+    *csq = ms_tree(w);                                                                          \
+}
+
 typedef void (*ms_chunk_fn)(const void *, long, double *, double *);
+typedef void (*ms_clamp_fn)(const void *, long, float, double *, double *);
 /* chunk loops per (storage dtype, sum x^2 / sum |x|); both sums of a chunk are taken by two
  * loops over it while it is in L1 (one loop with both vectorises worse: 2.5 vs 2 x 0.8 ms) */
-#define MS_SUMS_DT(DT, T, LOAD, S, ATTR)                                                        \
+#define MS_SUMS_DT(DT, T, LOAD, STORE, S, ATTR)                                                 \
 MS_CHUNK(sq_##DT##S, T, LOAD, 1, 0, ATTR)                                                      \
-MS_CHUNK(ab_##DT##S, T, LOAD, 0, 1, ATTR)
+MS_CHUNK(ab_##DT##S, T, LOAD, 0, 1, ATTR)                                                      \
+MS_CHUNK_CL(cl_##DT##S, T, LOAD, STORE, ATTR)
 #define MS_SUMS_ALL(S, ATTR)                                                                    \
-MS_SUMS_DT(f32, float, MS_F32_LOAD, S, ATTR)                                                   \
-MS_SUMS_DT(bf16, uint16_t, bf16_load, S, ATTR)                                                 \
-MS_SUMS_DT(f16, uint16_t, fp16_load, S, ATTR)
+MS_SUMS_DT(f32, float, MS_F32_LOAD, MS_F32_STORE, S, ATTR)                                     \
+MS_SUMS_DT(bf16, uint16_t, bf16_load, bf16_store, S, ATTR)                                     \
+MS_SUMS_DT(f16, uint16_t, fp16_load, fp16_store, S, ATTR)
 #define MS_SUMS_TABLE(S) {{sq_f32##S, ab_f32##S}, {sq_bf16##S, ab_bf16##S}, {sq_f16##S, ab_f16##S}}
+#define MS_CLAMP_TABLE(S) {cl_f32##S, cl_bf16##S, cl_f16##S}
 MS_SUMS_ALL(_base, )
 #ifdef MS_X86
 MS_SUMS_ALL(_avx2, MS_AVX2)
 MS_SUMS_ALL(_avx512, MS_AVX512)
 static const ms_chunk_fn ms_sums_loops[3][3][2] = {MS_SUMS_TABLE(_base), MS_SUMS_TABLE(_avx2), MS_SUMS_TABLE(_avx512)};
+static const ms_clamp_fn ms_clamp_loops[3][3] = {MS_CLAMP_TABLE(_base), MS_CLAMP_TABLE(_avx2), MS_CLAMP_TABLE(_avx512)};
 #else
 static const ms_chunk_fn ms_sums_loops[1][3][2] = {MS_SUMS_TABLE(_base)};
+static const ms_clamp_fn ms_clamp_loops[1][3] = {MS_CLAMP_TABLE(_base)};
 #endif
 
 /* The instruction set of this CPU (same operations, same results, wider vectors). */
@@ -311,6 +344,27 @@ int ms_sums(long nr, void *const *tptrs, const int *tcodes, const int *rt, const
             if (ab)
                 fab(c, lens[r], NULL, ab + out);
         }
+    }
+    return 0;
+}
+
+/* Partials of nr runs as ms_sums takes them, of x (sq, may be NULL) and of the values the clamp
+ * map stores at loss scale 1 with bound cl[r] for run r (csq; inf: x itself): the premap sums of
+ * value clipping from the gradient before it is clamped. Returns 0, or -1 (an unknown dtype code). */
+int ms_clamp_sums(long nr, void *const *tptrs, const int *tcodes, const int *rt, const long *starts, const long *ks,
+                  const long *lens, const double *cl, double *sq, double *csq) {
+    int level = ms_level();
+    long out = 0;
+    for (long r = 0; r < nr; r++) {
+        int code = tcodes[rt[r]];
+        if (code < 0 || code > 2)
+            return -1;
+        ms_clamp_fn f = ms_clamp_loops[level][code];
+        size_t es = code == 0 ? 4 : 2;
+        const char *base = (const char *)tptrs[rt[r]] + (size_t)starts[r] * es;
+        float c = (float)cl[r];                  /* as the clamp_ map loops convert it */
+        for (long j = 0; j < ks[r]; j++, out++)
+            f(base + (size_t)(j * lens[r]) * es, lens[r], c, sq ? sq + out : NULL, csq + out);
     }
     return 0;
 }

@@ -107,6 +107,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ms_sums.restype = ctypes.c_int
     lib.ms_sums.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), ip, ip, lp, lp, lp, ctypes.c_void_p,
                             ctypes.c_void_p]
+    lib.ms_clamp_sums.restype = ctypes.c_int
+    lib.ms_clamp_sums.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), ip, ip, lp, lp, lp, dp,
+                                  ctypes.c_void_p, ctypes.c_void_p]
     lib.ms_level.restype = ctypes.c_int
     lib.ms_cap_level.restype = ctypes.c_int
     lib.ms_cap_level.argtypes = [ctypes.c_int]
@@ -180,6 +183,17 @@ class RunTable:
             self.need[t] = max(self.need[t], a + k * length)
 
 
+def _tensor_arrays(tensors: Sequence[torch.Tensor], table: RunTable):
+    """(data pointers, dtype codes) as ctypes arrays, or None when a tensor is not
+    :func:`readable` or shorter than ``table``'s runs need."""
+    if len(tensors) != table.n_tensors or not all(readable(t) and t.numel() >= m
+                                                  for t, m in zip(tensors, table.need)):
+        return None
+    n = len(tensors)
+    return ((ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors]),
+            (ctypes.c_int * n)(*[DTYPES[t.dtype] for t in tensors]))
+
+
 def sums(tensors: Sequence[torch.Tensor], table: RunTable, sq: bool = True, ab: bool = False,
          lib: Optional[ctypes.CDLL] = None) -> Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
     """float64 partials of ``table``'s chunks of ``tensors``: (sum x^2 per chunk if ``sq``,
@@ -190,12 +204,10 @@ def sums(tensors: Sequence[torch.Tensor], table: RunTable, sq: bool = True, ab: 
         if not enabled() or _load() is None:
             return None
         lib = _lib
-    if len(tensors) != table.n_tensors or not all(readable(t) and t.numel() >= m
-                                                  for t, m in zip(tensors, table.need)):
+    arrays = _tensor_arrays(tensors, table)
+    if arrays is None:
         return None
-    n = len(tensors)
-    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-    codes = (ctypes.c_int * n)(*[DTYPES[t.dtype] for t in tensors])
+    ptrs, codes = arrays
     out_sq = torch.empty(table.count, dtype=torch.float64) if sq else None
     out_ab = torch.empty(table.count, dtype=torch.float64) if ab else None
     if table.count:
@@ -204,3 +216,26 @@ def sums(tensors: Sequence[torch.Tensor], table: RunTable, sq: bool = True, ab: 
         if rc:
             raise RuntimeError(f"ms_sums failed ({rc})")
     return out_sq, out_ab
+
+
+def clamp_sums(tensors: Sequence[torch.Tensor], table: RunTable, bounds: Sequence[float], sq: bool = True
+               ) -> Optional[Tuple[Optional[torch.Tensor], torch.Tensor]]:
+    """(sum x^2 per chunk if ``sq``, sum w^2 per chunk) of ``table``'s chunks, w the value the
+    ``clamp`` map stores for x at loss scale 1 with run r's bound ``bounds[r]`` (inf: x): the
+    partials :func:`sums` takes of the clamped tensors, bit for bit, read before the clamp
+    (``_maps.c``, ms_clamp_sums). None as :func:`sums`."""
+    if not enabled() or _load() is None or len(bounds) != table.nr:
+        return None
+    arrays = _tensor_arrays(tensors, table)
+    if arrays is None:
+        return None
+    ptrs, codes = arrays
+    cl = (ctypes.c_double * table.nr)(*[float(b) for b in bounds])
+    out_sq = torch.empty(table.count, dtype=torch.float64) if sq else None
+    out_cl = torch.empty(table.count, dtype=torch.float64)
+    if table.count:
+        rc = _lib.ms_clamp_sums(table.nr, ptrs, codes, table.rt, table.starts, table.ks, table.lens, cl,
+                                out_sq.data_ptr() if sq else None, out_cl.data_ptr())
+        if rc:
+            raise RuntimeError(f"ms_clamp_sums failed ({rc})")
+    return out_sq, out_cl

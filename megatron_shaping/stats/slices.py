@@ -881,12 +881,31 @@ class SliceSet:
         if not self._on_cpu():
             return None, _premap_device_sums(self._counted, self._counted_group, kws, run_map,
                                              self.layout.num_groups)
+        if _kernel_ok(self._counted):
+            return self._premap_kernel_sums(run_map.foreach.kernel_args, kws, plain)
         parts = self.meta.group_parts
         got: Optional[List[torch.Tensor]] = [] if plain else None
         mapped = _premap_partials(self._counted, parts, kws, run_map, got)
         rows = [_MappedRows(x, kw, run_map) for x, kw in zip(self._counted, kws)]
         return (None if got is None else _sum_partials(got, self._counted, parts, 2),
                 _sum_partials(mapped, rows, parts, 2))
+
+    def _premap_kernel_sums(self, kernel_args, kws: List[Optional[dict]], plain: bool):
+        """(CPU, the sum kernel runs the statistics) The premap sums by the kernel, which the
+        pass after the map would take with it: a clamp's by :func:`kernels.clamp_sums` (both
+        sums from one read, bit for bit the pass over the clamped gradient); (None, None) for
+        another map (that pass then runs after the map)."""
+        bounds = []
+        for kw in kws:
+            args = None if kw is None or kernel_args is None else kernel_args(**kw)
+            if kw is not None and (args is None or args[0] != "clamp"):
+                return None, None
+            bounds.append(math.inf if kw is None else args[1][0])
+        parts = self.meta.group_parts
+        got = kernels.clamp_sums(self._counted, parts.table(), [bounds[r[0]] for r in parts.runs], sq=plain)
+        if got is None:
+            return None, None
+        return (_index_sum(got[0], parts) if plain else None), _index_sum(got[1], parts)
 
     def _on_cpu(self) -> bool:
         return not self._counted or self._counted[0].device.type == "cpu"

@@ -11,6 +11,14 @@ recomputation) in fp32, bf16 and fp16: the same gradient, the same ``stats_after
 collective instead of two. Controls (each must differ from the two-pass step): mapped sums of
 the unclamped gradient, a bf16 bound not rounded to bf16, premap statistics handed to a
 chain's second member.
+
+Every test runs on both CPU paths (the ``kernel_path`` fixture): the sum kernel, where the
+clamp's sums come from ``kernels.clamp_sums`` (the value the clamp map stores for each entry,
+squared exactly in float64, in the chunks, lanes and tree of the pass after the map), and the
+torch ops (``MEGATRON_SHAPING_KERNELS=0``: blocks clamped into a buffer, fp32 partials). On the
+kernel path the bf16 rounding inside the kernel is what the bf16 cases check: without it the
+clamped entries (1e-3 in fp32, 0.00099945 as stored) give other sums (seen failing once with
+the kernel's STORE/LOAD removed).
 """
 import sys
 
@@ -34,6 +42,12 @@ PARAMS = [("emb", (97, 3001)), ("w", (5, 4099)), ("b", (7,)), ("n", (2049,)), ("
 PIECES = [(0, 0, 3), (0, 3, 150001), (0, 150001, 97 * 3001), (1, 17, 5 * 4099), (1, 0, 17), (2, 0, 7),
           (3, 0, 2049), (5, 0, 2049, False), (4, 0, 300)]
 GROUP = [0, 1, 2, 3, 4, 3]
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def kernel_path(request, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", "1" if request.param == "kernel" else "0")
+    return request.param
 
 
 class TwoPass(ValueClip):
@@ -234,11 +248,15 @@ def _second_member_sees_premap(i, stats, first):
 
 
 @pytest.mark.parametrize("broken", ["unclamped", "bf16_bound_unrounded", "second_member"])
-def test_controls_differ_from_the_two_pass_step(broken, monkeypatch):
+def test_controls_differ_from_the_two_pass_step(broken, monkeypatch, kernel_path):
     dtype = torch.bfloat16 if broken == "bf16_bound_unrounded" else torch.float32
     make = (lambda vc: chain(NormClip(0.5), vc, granularities=["tensor", None])) if broken == "second_member" else (lambda vc: vc)
     two = _run(make(TwoPass(CLIP)), dtype)
-    if broken == "unclamped":
+    if broken == "unclamped" and kernel_path == "kernel":
+        clamp_sums = S.kernels.clamp_sums
+        monkeypatch.setattr(S.kernels, "clamp_sums",
+                            lambda xs, table, bounds, sq=True: clamp_sums(xs, table, [float("inf")] * len(bounds), sq))
+    elif broken == "unclamped":
         monkeypatch.setattr(S._PremapRun, "copy", _unclamped)
     elif broken == "bf16_bound_unrounded":
         monkeypatch.setattr(SliceSet, "_premap_sums", _clamped_sums(lambda c, dt: _rounded(c, torch.float32)))
@@ -261,7 +279,10 @@ def _huge(dtype, seed, spike=True):
 
 
 @pytest.mark.parametrize("broken", [False, True])
-def test_exact_recomputation_reads_the_mapped_values(broken, monkeypatch):
+def test_exact_recomputation_reads_the_mapped_values(broken, monkeypatch, kernel_path):
+    """(The kernel squares exactly in float64: no exact pass, nothing to break there.)"""
+    if broken and kernel_path == "kernel":
+        pytest.skip("the sum kernel has no exact recomputation")
     monkeypatch.setattr(sys.modules[__name__], "_grads_of", _huge)
     two = _run(TwoPass(1e25), torch.float32)
     if broken:   # control: the exact pass of the mapped partials reads the unmapped gradient

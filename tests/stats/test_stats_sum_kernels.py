@@ -109,6 +109,33 @@ def test_isa_clones_give_the_same_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_clamp_sums_are_the_sums_of_the_clamped_tensor(dtype):
+    """``clamp_sums`` (value_clip's premap sums, read before the clamp): its plain sums are
+    ``sums``' and its clamped sums are ``sums`` of the tensor the clamp map kernel leaves, bit
+    for bit, on every instruction-set clone, with a bound per run (inf: the values themselves).
+    The clamped entries are many and the bound (1e-3) is no 16-bit number, so sums of values
+    clamped but not rounded to the storage dtype would differ."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(30_000, generator=gen) * 2e-3).to(dtype)
+    runs = [(0, 0, 3, CHUNK), (0, 3 * CHUNK + 7, 2, 1000), (0, 20_000, 1, 9_999)]
+    bounds = [1e-3, math.inf, 1e-3]
+    table = kernels.RunTable(runs, 1)
+    clamped = x.clone()
+    for (_, a, k, ln), b in zip(runs, bounds):
+        if b != math.inf:
+            assert kernels.run("clamp", [clamped[a:a + k * ln]], [[b]])
+    try:
+        for cap in sorted({kernels.isa(cap) for cap in (0, 1, 2)}):
+            kernels.isa(cap)
+            sq, cl = kernels.clamp_sums([x], table, bounds)
+            assert torch.equal(sq, kernels.sums([x], table)[0])
+            assert torch.equal(cl, kernels.sums([clamped], table)[0])
+            assert not torch.equal(cl, sq)
+    finally:
+        kernels.isa(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("length", [CHUNK, 1000, 37])
 def test_a_chunk_gives_the_same_bits_wherever_it_lies(dtype, length):
     """The same values at element offsets 0..17 of a larger tensor (every alignment), alone or
