@@ -224,34 +224,38 @@ ATTR static void NAME(const void *p, long n, double *sq, double *ab) {          
     if (AB) *ab = ms_tree(a);                                                                   \
 }
 
-/* One chunk: sum x^2 (sq, may be NULL) and sum w^2 (csq), w the value the clamp map stores for
- * x at loss scale 1 (clamp_ loops: w = STORE(clamp_one(x, c)), widened exactly): the sums a pass
- * over the clamped gradient takes, bit for bit (same lanes, same tree), from the unclamped one. */
+/* One chunk: sum w^2, w the value the clamp map stores for x at loss scale 1 (clamp_ loops:
+ * STORE(clamp_one(x, c)), widened exactly). For a stored x that is clamp(x, -cb, cb) with
+ * cb = STORE(c) widened (rounding is monotone and leaves stored values alone:
+ * ClampMap.exact_in_storage), computed here in float64 on the widened value: the sum a pass over
+ * the clamped chunk takes, bit for bit (same lanes, same tree), from the unclamped one. One
+ * accumulator array, as MS_CHUNK (the compiler vectorises that form, not two sums in one loop;
+ * ms_clamp_sums takes sum x^2 by MS_CHUNK's loop while the chunk is in L1). */
 #define MS_CHUNK_CL(NAME, T, LOAD, STORE, ATTR)                                                 \
-ATTR static void NAME(const void *p, long n, float c, double *sq, double *csq) {               \
+ATTR static void NAME(const void *p, long n, float c, double *csq) {                           \
     const T *d = (const T *)p;                                                                  \
-    ms_acc s[MS_LANES] = {0}, w[MS_LANES] = {0};                                                \
+    ms_acc w[MS_LANES] = {0};                                                                   \
+    const double cb = (double)LOAD(STORE(c));                                                   \
     long i = 0;                                                                                 \
     for (; i + MS_LANES <= n; i += MS_LANES) {                                                  \
         for (int l = 0; l < MS_LANES; l++) {                                                    \
-            float x = LOAD(d[i + l]);                                                           \
-            double v = (double)x, m = (double)LOAD(STORE(clamp_one(x, c)));                     \
-            s[l] += v * v;                                                                      \
-            w[l] += m * m;                                                                      \
+            double v = (double)LOAD(d[i + l]);                                                  \
+            v = v < -cb ? -cb : v;                                                              \
+            v = v > cb ? cb : v;                                                                \
+            w[l] += v * v;                                                                      \
         }                                                                                       \
     }                                                                                           \
     for (int l = 0; i + l < n; l++) {                                                           \
-        float x = LOAD(d[i + l]);                                                               \
-        double v = (double)x, m = (double)LOAD(STORE(clamp_one(x, c)));                         \
-        s[l] += v * v;                                                                          \
-        w[l] += m * m;                                                                          \
+        double v = (double)LOAD(d[i + l]);                                                      \
+        v = v < -cb ? -cb : v;                                                                  \
+        v = v > cb ? cb : v;                                                                    \
+        w[l] += v * v;                                                                          \
     }                                                                                           \
-    if (sq) *sq = ms_tree(s);                                                                   \
     *csq = ms_tree(w);                                                                          \
 }
 
 typedef void (*ms_chunk_fn)(const void *, long, double *, double *);
-typedef void (*ms_clamp_fn)(const void *, long, float, double *, double *);
+typedef void (*ms_clamp_fn)(const void *, long, float, double *);
 /* chunk loops per (storage dtype, sum x^2 / sum |x|); both sums of a chunk are taken by two
  * loops over it while it is in L1 (one loop with both vectorises worse: 2.5 vs 2 x 0.8 ms) */
 #define MS_SUMS_DT(DT, T, LOAD, STORE, S, ATTR)                                                 \
@@ -360,11 +364,16 @@ int ms_clamp_sums(long nr, void *const *tptrs, const int *tcodes, const int *rt,
         if (code < 0 || code > 2)
             return -1;
         ms_clamp_fn f = ms_clamp_loops[level][code];
+        ms_chunk_fn fsq = ms_sums_loops[level][code][0];
         size_t es = code == 0 ? 4 : 2;
         const char *base = (const char *)tptrs[rt[r]] + (size_t)starts[r] * es;
         float c = (float)cl[r];                  /* as the clamp_ map loops convert it */
-        for (long j = 0; j < ks[r]; j++, out++)
-            f(base + (size_t)(j * lens[r]) * es, lens[r], c, sq ? sq + out : NULL, csq + out);
+        for (long j = 0; j < ks[r]; j++, out++) {
+            const char *chunk = base + (size_t)(j * lens[r]) * es;
+            if (sq)
+                fsq(chunk, lens[r], sq + out, NULL);
+            f(chunk, lens[r], c, csq + out);
+        }
     }
     return 0;
 }

@@ -18,7 +18,7 @@ squared exactly in float64, in the chunks, lanes and tree of the pass after the 
 torch ops (``MEGATRON_SHAPING_KERNELS=0``: blocks clamped into a buffer, fp32 partials). On the
 kernel path the bf16 rounding inside the kernel is what the bf16 cases check: without it the
 clamped entries (1e-3 in fp32, 0.00099945 as stored) give other sums (seen failing once with
-the kernel's STORE/LOAD removed).
+the kernel's bound not rounded to the storage dtype).
 """
 import sys
 
