@@ -1,5 +1,6 @@
-"""Fused CPU kernels: the elementwise maps (one pass per tensor, in place, no temporary) and
-the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer).
+"""Fused CPU kernels: the elementwise maps (one pass per tensor, in place, no temporary),
+the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer) and AGC's row
+factors (:func:`rows`: in place).
 
 The C source is ``_maps.c`` next to this file (what each kernel computes is documented there). It
 is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a shared library
