@@ -37,6 +37,9 @@
  * terms are >= 0, so inf - inf cannot occur). ms_clamp_sums takes, in the same chunks, lanes
  * and tree, the sums of squares of x and of the value the clamp map would store for x (value
  * clipping's sums after its map, from the first pass: bit for bit a pass after the map).
+ *
+ * Row factors (entry point ms_rows, in place): AGC's unit factors on slices of rows, each
+ * element times its row's float64 factor rounded to fp32, in fp32, rounded once on store.
  */
 #include <stdint.h>
 #include <string.h>
@@ -374,6 +377,76 @@ int ms_clamp_sums(long nr, void *const *tptrs, const int *tcodes, const int *rt,
                 fsq(chunk, lens[r], sq + out, NULL);
             f(chunk, lens[r], c, csq + out);
         }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ row factors (ms_rows)
+ * AGC's unit factors on slices of rows, in place: element j of a slice lies in row
+ * (offset + j) / row_len of its matrix; the slice's first ``head`` = (-offset) mod row_len
+ * elements (at most n) are the end of a partial first row, then whole rows, then a partial
+ * last row (SliceSet's _row_pieces). Each element is multiplied by its row's factor rounded to
+ * fp32 ((float) of the float64 factor, as torch's .to(torch.float32)), in fp32, and rounded
+ * once on store: for fp32 the multi-tensor multiply by the fp32 factors, for bf16 / fp16 the
+ * widened copy multiplied by them and copied back, bit for bit; no temporary.
+ * MS_ROWS_CONTROL (tests only): 1 multiplies by the float64 factor in float64 before the one
+ * rounding to fp32 (the factor not rounded to fp32 first); 2 gives the first whole row after a
+ * partial head the head's factor (rows off by one). */
+#ifndef MS_ROWS_CONTROL
+#define MS_ROWS_CONTROL 0
+#endif
+#if MS_ROWS_CONTROL == 1
+typedef double ms_fac;
+#define MS_ROW_MUL(v, c) ((float)((double)(v) * (c)))
+#else
+typedef float ms_fac;
+#define MS_ROW_MUL(v, c) ((v) * (c))
+#endif
+
+#define MS_ROWS(NAME, T, LOAD, STORE, ATTR)                                                    \
+ATTR static void rows_##NAME(void *p, long n, long head, long row_len, const double *f) {      \
+    T *d = (T *)p;                                                                              \
+    long i = 0, r = 0;                                                                          \
+    if (head > 0) {                                                                             \
+        long m = head < n ? head : n;                                                           \
+        const ms_fac c = (ms_fac)f[0];                                                          \
+        for (long j = 0; j < m; j++) d[j] = STORE(MS_ROW_MUL(LOAD(d[j]), c));                   \
+        i = m;                                                                                  \
+        r = MS_ROWS_CONTROL == 2 ? 0 : 1;                                                       \
+    }                                                                                           \
+    for (; i < n; i += row_len, r++) {                                                          \
+        long m = n - i < row_len ? n - i : row_len;                                             \
+        const ms_fac c = (ms_fac)f[r];                                                          \
+        T *q = d + i;                                                                           \
+        for (long j = 0; j < m; j++) q[j] = STORE(MS_ROW_MUL(LOAD(q[j]), c));                   \
+    }                                                                                           \
+}
+#define MS_ROWS_ALL(S, ATTR)                                                                    \
+MS_ROWS(f32##S, float, MS_F32_LOAD, MS_F32_STORE, ATTR)                                        \
+MS_ROWS(bf16##S, uint16_t, bf16_load, bf16_store, ATTR)                                        \
+MS_ROWS(f16##S, uint16_t, fp16_load, fp16_store, ATTR)
+typedef void (*ms_rows_fn)(void *, long, long, long, const double *);
+#define MS_ROWS_TABLE(S) {rows_f32##S, rows_bf16##S, rows_f16##S}
+MS_ROWS_ALL(_base, )
+#ifdef MS_X86
+MS_ROWS_ALL(_avx2, MS_AVX2)
+MS_ROWS_ALL(_avx512, MS_AVX512)
+static const ms_rows_fn ms_rows_loops[3][3] = {MS_ROWS_TABLE(_base), MS_ROWS_TABLE(_avx2), MS_ROWS_TABLE(_avx512)};
+#else
+static const ms_rows_fn ms_rows_loops[1][3] = {MS_ROWS_TABLE(_base)};
+#endif
+
+/* Row factors on ns slices: slice k is lens[k] elements at ptrs[k] of dtype code codes[k], its
+ * first heads[k] elements (0 <= heads[k] < row_lens[k]) the end of a partial row, the factors
+ * of its rows float64 factors[firsts[k]], factors[firsts[k] + 1], ... (one vector for all).
+ * Returns 0, or -1 (an unknown dtype code or a bad geometry; the slices before it are done). */
+int ms_rows(long ns, void *const *ptrs, const int *codes, const long *lens, const long *heads,
+            const long *row_lens, const long *firsts, const double *factors) {
+    int level = ms_level();
+    for (long k = 0; k < ns; k++) {
+        if (codes[k] < 0 || codes[k] > 2 || row_lens[k] <= 0 || heads[k] < 0 || heads[k] >= row_lens[k])
+            return -1;
+        ms_rows_loops[level][codes[k]](ptrs[k], lens[k], heads[k], row_lens[k], factors + firsts[k]);
     }
     return 0;
 }

@@ -1,5 +1,6 @@
-"""Fused CPU kernels: the elementwise maps (one pass per tensor, in place, no temporary) and
-the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer).
+"""Fused CPU kernels: the elementwise maps (one pass per tensor, in place, no temporary),
+the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer) and AGC's row
+factors (:func:`rows`: in place).
 
 The C source is ``_maps.c`` next to this file (what each kernel computes is documented there). It
 is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a shared library
@@ -13,7 +14,8 @@ operations in every variant, so the same results).
 
 :func:`run` returns False (the caller takes the torch-op path) when the kernels are disabled
 (``MEGATRON_SHAPING_KERNELS=0``), the build failed (one logged warning), or a tensor is not a
-contiguous CPU tensor of fp32, bf16 or fp16; :func:`sums` returns None in the same cases.
+contiguous CPU tensor of fp32, bf16 or fp16; :func:`sums` returns None in the same cases, and
+:func:`rows` (AGC's row factors) False.
 """
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ms_clamp_sums.restype = ctypes.c_int
     lib.ms_clamp_sums.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), ip, ip, lp, lp, lp, dp,
                                   ctypes.c_void_p, ctypes.c_void_p]
+    lib.ms_rows.restype = ctypes.c_int
+    lib.ms_rows.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), ip, lp, lp, lp, lp, ctypes.c_void_p]
     lib.ms_level.restype = ctypes.c_int
     lib.ms_cap_level.restype = ctypes.c_int
     lib.ms_cap_level.argtypes = [ctypes.c_int]
@@ -239,3 +243,49 @@ def clamp_sums(tensors: Sequence[torch.Tensor], table: RunTable, bounds: Sequenc
         if rc:
             raise RuntimeError(f"ms_clamp_sums failed ({rc})")
     return out_sq, out_cl
+
+
+class RowTable:
+    """Slices of rows as ctypes arrays, built once per geometry: slice k has ``lens[k]``
+    elements of dtype ``dtypes[k]`` starting at element ``offsets[k]`` of a matrix of rows of
+    ``row_lens[k]`` elements, its first row's factor at ``firsts[k]`` of the factor vector."""
+
+    def __init__(self, dtypes: Sequence[torch.dtype], lens: Sequence[int], offsets: Sequence[int],
+                 row_lens: Sequence[int], firsts: Sequence[int]):
+        n = len(lens)
+        self.n = n
+        self.dtypes = list(dtypes)
+        self.numel = list(lens)
+        self.codes = (ctypes.c_int * n)(*[DTYPES[d] for d in dtypes])
+        self.lens = (ctypes.c_long * n)(*lens)
+        self.heads = (ctypes.c_long * n)(*[(-a) % r for a, r in zip(offsets, row_lens)])
+        self.row_lens = (ctypes.c_long * n)(*row_lens)
+        self.firsts = (ctypes.c_long * n)(*firsts)
+        #: factors the vector must have: the last row of every slice
+        self.need = max([f + ((a + m - 1) // r - a // r) + 1 for f, a, m, r in
+                         zip(firsts, offsets, lens, row_lens) if m] or [0])
+
+
+def rows(tensors: Sequence[torch.Tensor], table: RowTable, factors: torch.Tensor,
+         lib: Optional[ctypes.CDLL] = None) -> bool:
+    """Every element of ``tensors[k]`` times its row's factor from ``factors`` (float64, CPU),
+    rounded to fp32, the product in fp32 rounded once to the storage dtype, in place, one call
+    (``_maps.c``, ms_rows). False (nothing touched) when the kernels are disabled or unavailable,
+    a tensor is not :func:`readable` or not of ``table``'s geometry, or ``factors`` is not a
+    contiguous float64 CPU vector of at least ``table.need`` factors. ``lib``: another build."""
+    if lib is None:
+        if not enabled() or _load() is None:
+            return False
+        lib = _lib
+    if (len(tensors) != table.n or factors.dtype != torch.float64 or factors.device.type != "cpu"
+            or not factors.is_contiguous() or factors.numel() < table.need
+            or not all(readable(t) and t.dtype == d and t.numel() == m
+                       for t, d, m in zip(tensors, table.dtypes, table.numel))):
+        return False
+    if table.n:
+        ptrs = (ctypes.c_void_p * table.n)(*[t.data_ptr() for t in tensors])
+        rc = lib.ms_rows(table.n, ptrs, table.codes, table.lens, table.heads, table.row_lens, table.firsts,
+                         factors.data_ptr())
+        if rc:
+            raise RuntimeError(f"ms_rows failed ({rc})")
+    return True

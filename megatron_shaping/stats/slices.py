@@ -721,6 +721,8 @@ class SliceMeta:
         self.whole_unit_ids = torch.tensor([self.unit_geometry[i][0] for i in self.whole_units], dtype=torch.long,
                                            device=dev)
         self.row_units = [i for i in self.live if self.unit_geometry[i][1] is not None]
+        #: the row kernel's tables (kernels.RowTable), by the row slices it reads
+        self.row_tables: Dict[tuple, "kernels.RowTable"] = {}
         self._u_runs = u_runs
         self._u_ids = u_ids
 
@@ -1029,15 +1031,17 @@ class SliceSet:
 
     def _scale_units(self, unit_scale: torch.Tensor) -> None:
         """Unit factors: slices that are one unit (vectors) by one multi-tensor multiply,
-        slices of rows by their row factors: fp32/fp64 ones all in one more multi-tensor call
-        (the factors cast to each dtype once), 16-bit ones by :func:`_scale_rows_`."""
+        slices of rows by their row factors: on the CPU the fp32/bf16/fp16 ones by one call of the
+        row kernel (:meth:`_scale_rows_kernel`), the others (float64, an accelerator, kernels off)
+        fp32/fp64 ones all in one more multi-tensor call (the factors cast to each dtype once),
+        16-bit ones by :func:`_scale_rows_`."""
         meta = self.meta
         if meta.whole_units:
             factors = unit_scale.index_select(0, meta.whole_unit_ids.to(unit_scale.device)).unbind()
             _mul_rounded_once_([self.slices[i].grad for i in meta.whole_units], factors)
         cast: Dict[torch.dtype, torch.Tensor] = {}
         pieces = []
-        for i in meta.row_units:
+        for i in self._scale_rows_kernel(unit_scale):
             s = self.slices[i]
             first, row_len, n_rows = meta.unit_geometry[i]
             if s.grad.dtype in _NARROW:
@@ -1049,6 +1053,30 @@ class SliceSet:
             pieces += _row_pieces(s.grad, s.offset, row_len, f[first:first + n_rows])
         if pieces:
             torch._foreach_mul_([x for x, _ in pieces], [y for _, y in pieces])
+
+    def _scale_rows_kernel(self, unit_scale: torch.Tensor) -> List[int]:
+        """The row slices the CPU kernel reads (:func:`kernels.rows`: each element times its
+        row's factor rounded to fp32, in fp32, rounded once: the bits of :func:`_scale_rows_` and
+        of the fp32 multi-tensor multiply, without the widened copy), all in one call; returns
+        the row slices left to the torch ops (all of them when the kernel does not run)."""
+        meta = self.meta
+        rows = meta.row_units
+        if not rows or unit_scale.device.type != "cpu" or not kernels.enabled():
+            return rows
+        todo = [i for i in rows if kernels.readable(self.slices[i].grad)]
+        if not todo or not kernels.available():
+            return rows
+        key = tuple(todo)
+        table = meta.row_tables.get(key)
+        if table is None:
+            geo = [meta.unit_geometry[i] for i in todo]
+            table = meta.row_tables[key] = kernels.RowTable(
+                [self.slices[i].grad.dtype for i in todo], [self.slices[i].grad.numel() for i in todo],
+                [self.slices[i].offset for i in todo], [g[1] for g in geo], [g[0] for g in geo])
+        if not kernels.rows([self.slices[i].grad for i in todo], table, unit_scale.to(torch.float64).contiguous()):
+            return rows
+        done = set(todo)
+        return [i for i in rows if i not in done]
 
     def _map(self, fn: Elementwise, params: Dict[str, list], stats_after: bool = True) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype

@@ -121,6 +121,8 @@ def test_unit_scale_paths_both_correctly_rounded(monkeypatch, dtype, rows_native
     ss = SliceSet([GradSlice(grad=g, group=0, offset=offset, row_len=C, unit_base=0),
                    GradSlice(grad=v, group=1, unit_base=R)], layout)
     calls = _force(monkeypatch, rows_native, rows_native=rows_native)
+    # the torch paths (the CPU's row kernel is test_unit_scale_of_16bit_slices_is_correctly_rounded's)
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", "0")
     ss.apply(torch.ones(2, dtype=torch.float64), torch.cat([row_f, vec_f]), None)
     assert calls["float"] == (0 if rows_native else 2)
     assert torch.equal(g, ref), f"{int((g != ref).sum())} of {g.numel()} elements not correctly rounded"
