@@ -26,6 +26,7 @@ from megatron_shaping.shapers.spamp import PowerMap
 from megatron_shaping.shapers.value_clip import ClampMap
 from megatron_shaping.stats import kernels
 from megatron_shaping.stats.slices import GradSlice, SliceSet
+from tests.kernel_checks import per_isa
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the torch-op path is the only one")
 
@@ -207,13 +208,7 @@ def test_result_does_not_depend_on_where_the_tensor_is_cut():
 def test_instruction_set_variants_agree():
     x = _all_floats(1 << 16, seed=5)
     maps = [("power", [0.77, 1.3]), ("shrink2", [1e4, 1e-2]), ("clamp", [1e-2])]
-    results = {}
-    try:
-        for cap in (2, 1, 0):
-            level = kernels.isa(cap)
-            results[level] = [_kernel_or_none(x, name, params) for name, params in maps]
-    finally:
-        kernels.isa(-1)
+    results = per_isa(lambda: [_kernel_or_none(x, name, params) for name, params in maps])
     if kernels.isa() > 0:
         assert len(results) >= 2, "the variants were not exercised"
     base = results[min(results)]

@@ -9,7 +9,6 @@ the gradient; on every instruction-set variant; and through AGC end to end. Cont
 the same source (``-DMS_ROWS_CONTROL``): the factor applied in float64 before the rounding (bf16
 and fp32 differ), and the first whole row after a partial head given the head's factor.
 """
-import ctypes
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from megatron_shaping.shapers.agc import AGC
 from megatron_shaping.stats import kernels
 from megatron_shaping.stats.slices import GradSlice, SliceSet, _scale_rows_
 from megatron_shaping.torch_api import GradientShaper
+from tests.kernel_checks import control_builds, per_isa
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the torch-op path is the only one")
 
@@ -100,12 +100,7 @@ def test_kernel_equals_the_torch_path_bit_for_bit(dtype):
 def test_instruction_set_variants_agree(dtype):
     f = _factors(40, 2)
     grads, offsets, firsts = _slices(dtype, seed=7)
-    results = {}
-    try:
-        for cap in (2, 1, 0):
-            results[kernels.isa(cap)] = _kernel(grads, offsets, firsts, f)
-    finally:
-        kernels.isa(-1)
+    results = per_isa(lambda: _kernel(grads, offsets, firsts, f))
     if kernels.isa() > 0:
         assert len(results) >= 2, "the variants were not exercised"
     base = results[min(results)]
@@ -194,15 +189,7 @@ def test_agc_end_to_end_identical_on_both_paths(dtype, monkeypatch):
 @pytest.fixture(scope="module")
 def control(tmp_path_factory):
     """The source built with MS_ROWS_CONTROL=n, loaded beside the real library."""
-    built = {}
-
-    def get(n: int):
-        if n not in built:
-            path = tmp_path_factory.mktemp("rows") / f"rows{n}.so"
-            kernels.build(path, [f"-DMS_ROWS_CONTROL={n}"])
-            built[n] = kernels.bind(ctypes.CDLL(str(path)))
-        return built[n]
-    return get
+    return control_builds(tmp_path_factory, "MS_ROWS_CONTROL")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -11,7 +11,6 @@ float64 data. Controls, built from the same source with ``-DMS_SUMS_CONTROL``: f
 accumulation fails the precision bound; lanes aligned to the address (the head peeled into one
 lane) fail position independence.
 """
-import ctypes
 import math
 
 import pytest
@@ -22,6 +21,7 @@ from megatron_shaping.shapers.base import SUMABS, SUMSQ, UNIT_PARAM_SUMSQ, UNIT_
 from megatron_shaping.stats import kernels
 from megatron_shaping.stats import slices as S
 from megatron_shaping.stats.slices import CHUNK, GradSlice, SliceSet
+from tests.kernel_checks import control_builds, per_isa
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: the torch path is the only one")
 
@@ -94,17 +94,11 @@ def test_isa_clones_give_the_same_bits(dtype):
         runs.append((0, a, 2, ln))
         a += 2 * ln + 5
     table = kernels.RunTable(runs, 1)
-    got = []
-    try:
-        levels = sorted({kernels.isa(cap) for cap in (0, 1, 2)})
-        for cap in levels:
-            assert kernels.isa(cap) == cap
-            got.append(kernels.sums([x], table, True, True))
-    finally:
-        kernels.isa(-1)
-    for sq, ab in got[1:]:
-        assert torch.equal(sq, got[0][0]) and torch.equal(ab, got[0][1])
-    if len(levels) == 1:
+    got = per_isa(lambda: kernels.sums([x], table, True, True))
+    first = got[min(got)]
+    for sq, ab in got.values():
+        assert torch.equal(sq, first[0]) and torch.equal(ab, first[1])
+    if len(got) == 1:
         pytest.skip("one instruction set on this CPU: nothing to compare")
 
 
@@ -124,15 +118,9 @@ def test_clamp_sums_are_the_sums_of_the_clamped_tensor(dtype):
     for (_, a, k, ln), b in zip(runs, bounds):
         if b != math.inf:
             assert kernels.run("clamp", [clamped[a:a + k * ln]], [[b]])
-    try:
-        for cap in sorted({kernels.isa(cap) for cap in (0, 1, 2)}):
-            kernels.isa(cap)
-            sq, cl = kernels.clamp_sums([x], table, bounds)
-            assert torch.equal(sq, kernels.sums([x], table)[0])
-            assert torch.equal(cl, kernels.sums([clamped], table)[0])
-            assert not torch.equal(cl, sq)
-    finally:
-        kernels.isa(-1)
+    for sq, cl, plain, of_clamped in per_isa(lambda: kernels.clamp_sums([x], table, bounds) + (
+            kernels.sums([x], table)[0], kernels.sums([clamped], table)[0])).values():
+        assert torch.equal(sq, plain) and torch.equal(cl, of_clamped) and not torch.equal(cl, sq)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -247,15 +235,7 @@ def test_torch_path_when_disabled_or_not_readable(monkeypatch):
 @pytest.fixture(scope="module")
 def control(tmp_path_factory):
     """The source built with a broken variant (MS_SUMS_CONTROL=n), loaded beside the real one."""
-    built = {}
-
-    def get(n: int):
-        if n not in built:
-            path = tmp_path_factory.mktemp("ctl") / f"ctl{n}.so"
-            kernels.build(path, [f"-DMS_SUMS_CONTROL={n}"])
-            built[n] = kernels.bind(ctypes.CDLL(str(path)))
-        return built[n]
-    return get
+    return control_builds(tmp_path_factory, "MS_SUMS_CONTROL")
 
 
 def test_control_fp32_accumulation_fails_the_precision_bound(control):
