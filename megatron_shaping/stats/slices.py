@@ -596,12 +596,7 @@ class _MapSums:
             if self.kern:
                 blocks.append((t, x))
                 continue
-            q, r = divmod(x.numel(), CHUNK)
-            dt = _acc_dtype(x, True)
-            if q:
-                have.append(torch.linalg.vector_norm(x[:q * CHUNK].view(q, CHUNK), 2, dim=1, dtype=dt))
-            if r:
-                have.append(torch.linalg.vector_norm(x[q * CHUNK:].view(1, r), 2, dim=1, dtype=dt))
+            have += _run_partials_p2(x, _chunk_runs(0, x.numel(), CHUNK))
         if blocks:
             self._take_kernel(blocks)
 
@@ -859,13 +854,15 @@ class SliceSet:
     def _premap_sums(self, premap: "Premap", plain: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(group sums of squares of the gradient or None, those of premap(gradient) or None).
 
-        CPU: :func:`_premap_partials` (each block mapped into a bounded buffer by the map's
-        ``map_into``, else copied and mapped there by the map's own code; reduced as the pass
-        after the map reduces it; ``plain``: the gradient's own partials from the same read),
-        added by :func:`_sum_partials` with the exact recomputation of the mapped partials that
-        need it (:class:`_MappedRows`). Accelerators: :func:`_premap_device_sums` (copies
-        mapped by the map's own code). A loss scale other than 1 (the map runs on the unscaled
-        values there) or a map without a multi-tensor form: (None, None)."""
+        CPU with the sum kernel: :meth:`_premap_kernel_sums` (a clamp's sums from one kernel
+        read; another map: (None, None)). CPU torch path: :func:`_premap_partials` (each block
+        mapped into a bounded buffer by the map's ``map_into``, else copied and mapped there by
+        the map's own code; reduced as the pass after the map reduces it), added by
+        :func:`_sum_partials` with the exact recomputation of the mapped partials that need it
+        (:class:`_MappedRows`). ``plain``: the gradient's own sums from the same read.
+        Accelerators: :func:`_premap_device_sums` (copies mapped by the map's own code). A loss
+        scale other than 1 (the map runs on the unscaled values there) or a map without a
+        multi-tensor form: (None, None)."""
         fn = premap.fn
         if getattr(fn, "apply_foreach_", None) is None or float(self.loss_scale) != 1.0:
             return None, None
@@ -1272,7 +1269,6 @@ def _premap_blocks(x: torch.Tensor, runs, kw: Optional[dict], run_map: _PremapRu
     and its partials (``out``), by the reduction :func:`_run_partials` makes of a run on the
     CPU (as :class:`_MapSums` and :func:`_run_partials_p2` take it: the same chunks, the same
     fp32 or float64 accumulation; a row's result does not depend on the rows beside it)."""
-    dt = _acc_dtype(x, True)
     buf = None
     if kw is not None:
         buf = bufs.get(x.dtype)
@@ -1285,10 +1281,10 @@ def _premap_blocks(x: torch.Tensor, runs, kw: Optional[dict], run_map: _PremapRu
             kk = min(per, k - j)
             blk = x[a + j * length:a + (j + kk) * length]
             if plain is not None:
-                plain.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
+                plain += _run_partials_p2(blk, [(0, kk, length)])
             if buf is not None:
                 blk = run_map.copy(blk, buf[:kk * length], kw)
-            out.append(torch.linalg.vector_norm(blk.view(kk, length), 2, dim=1, dtype=dt))
+            out += _run_partials_p2(blk, [(0, kk, length)])
 
 
 def _mapped_copies(xs: List[torch.Tensor], kws: List[Optional[dict]], run_map: _PremapRun) -> List[torch.Tensor]:
