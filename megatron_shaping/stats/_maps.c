@@ -37,6 +37,8 @@
  * terms are >= 0, so inf - inf cannot occur). ms_clamp_sums takes, in the same chunks, lanes
  * and tree, the sums of squares of x and of the value the clamp map would store for x (value
  * clipping's sums after its map, from the first pass: bit for bit a pass after the map).
+ * ms_run_sums maps and takes ms_sums' partials of what it stored, chunk by chunk in L1 (the
+ * statistics pass after a map, in the map's call).
  *
  * Row factors (entry point ms_rows, in place): AGC's unit factors on slices of rows, each
  * element times its row's float64 factor rounded to fp32, in fp32, rounded once on store.
@@ -376,6 +378,62 @@ int ms_clamp_sums(long nr, void *const *tptrs, const int *tcodes, const int *rt,
             if (sq)
                 fsq(chunk, lens[r], sq + out, NULL);
             f(chunk, lens[r], c, csq + out);
+        }
+    }
+    return 0;
+}
+
+/* ms_run's map and, from the values it stores, ms_sums' partials of them, in one call (the
+ * statistics pass after an elementwise map taken while each chunk is in L1). Tensors k < nt as
+ * ms_run (pointer, length, dtype code, per-tensor a, b; one loss scale), on[k] = 0: tensor k is
+ * not mapped (an identity map, an empty slice), only read. Runs as ms_sums (rt[r] indexes the
+ * same tensors): every chunk of a run is mapped and then summed by ms_sums' chunk loop (the
+ * bits a pass after the map takes), sum x^2 per chunk into sq in run order. The runs of a tensor
+ * must tile it ([0, length), no overlap: the caller's table guarantees it); a tensor in no run
+ * (whole[k] = 1) is mapped as ms_run maps it. nr = 0: the map alone. Returns 0, 1 (this map is
+ * not run on this CPU: nothing touched) or -1 (an unknown map or dtype code, a run outside its
+ * tensor: nothing touched). MS_RUNSUMS_CONTROL (tests only): 1 sums a chunk before mapping it
+ * (the partials of the gradient, not of the map's result). */
+#ifndef MS_RUNSUMS_CONTROL
+#define MS_RUNSUMS_CONTROL 0
+#endif
+int ms_run_sums(int map, long nt, void **ptrs, const long *lens, const int *dtypes, const double *a,
+                const double *b, const unsigned char *on, const unsigned char *whole, double ls,
+                long nr, const int *rt, const long *starts, const long *ks, const long *clens, double *sq) {
+    int level = ms_level();
+    if (map < 0 || map > 2)
+        return -1;
+#ifdef MS_X86
+    if (map == 0 && level == 0)
+        return 1;
+#endif
+    for (long k = 0; k < nt; k++)
+        if (dtypes[k] < 0 || dtypes[k] > 2)
+            return -1;
+    for (long r = 0; r < nr; r++)
+        if (rt[r] < 0 || rt[r] >= nt || starts[r] < 0 || ks[r] < 0 || clens[r] < 0
+            || starts[r] + ks[r] * clens[r] > lens[rt[r]])
+            return -1;
+    float fl = (float)ls;
+    for (long k = 0; k < nt; k++)
+        if (on[k] && whole[k])
+            ms_loops[level][map][dtypes[k]](ptrs[k], lens[k], a[k], b ? b[k] : 0.0, fl);
+    long out = 0;
+    for (long r = 0; r < nr; r++) {
+        long t = rt[r];
+        int code = dtypes[t];
+        ms_loop f = on[t] ? ms_loops[level][map][code] : NULL;
+        ms_chunk_fn fsq = ms_sums_loops[level][code][0];
+        size_t es = code == 0 ? 4 : 2;
+        char *base = (char *)ptrs[t] + (size_t)starts[r] * es;
+        for (long j = 0; j < ks[r]; j++, out++) {
+            char *c = base + (size_t)(j * clens[r]) * es;
+            if (MS_RUNSUMS_CONTROL == 1)
+                fsq(c, clens[r], sq + out, NULL);
+            if (f)
+                f(c, clens[r], a[t], b ? b[t] : 0.0, fl);
+            if (MS_RUNSUMS_CONTROL != 1)
+                fsq(c, clens[r], sq + out, NULL);
         }
     }
     return 0;

@@ -1,6 +1,7 @@
 """Fused CPU kernels: the elementwise maps (one pass per tensor, in place, no temporary),
-the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer) and AGC's row
-factors (:func:`rows`: in place).
+the statistics pass's per-chunk float64 sums (:func:`sums`: read only, no buffer), both in one
+call (:func:`run_sums`: the map and the sums of what it stored) and AGC's row factors
+(:func:`rows`: in place).
 
 The C source is ``_maps.c`` next to this file (what each kernel computes is documented there). It
 is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a shared library
@@ -15,7 +16,7 @@ operations in every variant, so the same results).
 :func:`run` returns False (the caller takes the torch-op path) when the kernels are disabled
 (``MEGATRON_SHAPING_KERNELS=0``), the build failed (one logged warning), or a tensor is not a
 contiguous CPU tensor of fp32, bf16 or fp16; :func:`sums` returns None in the same cases, and
-:func:`rows` (AGC's row factors) False.
+:func:`rows` (AGC's row factors) False, :func:`run_sums` None.
 """
 from __future__ import annotations
 
@@ -112,6 +113,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ms_clamp_sums.restype = ctypes.c_int
     lib.ms_clamp_sums.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), ip, ip, lp, lp, lp, dp,
                                   ctypes.c_void_p, ctypes.c_void_p]
+    ub = ctypes.POINTER(ctypes.c_ubyte)
+    lib.ms_run_sums.restype = ctypes.c_int
+    lib.ms_run_sums.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), lp, ip, dp, dp, ub,
+                                ub, ctypes.c_double, ctypes.c_long, ip, lp, lp, lp, ctypes.c_void_p]
     lib.ms_rows.restype = ctypes.c_int
     lib.ms_rows.argtypes = [ctypes.c_long, ctypes.POINTER(ctypes.c_void_p), ip, lp, lp, lp, lp, ctypes.c_void_p]
     lib.ms_level.restype = ctypes.c_int
@@ -185,6 +190,65 @@ class RunTable:
         self.need = [0] * n_tensors
         for t, a, k, length in runs:
             self.need[t] = max(self.need[t], a + k * length)
+
+
+class MapTable(RunTable):
+    """The runs of a statistics pass over the tensors a map runs on (:func:`run_sums`), built
+    once per geometry: a :class:`RunTable` whose runs tile each tensor they name (``[0, numel)``,
+    no gap, no overlap: checked here, so every element is mapped once); ``whole[k]``: tensor k
+    is in no run (mapped on its own). ``numel``: every tensor's length."""
+
+    def __init__(self, runs: Sequence[tuple], numel: Sequence[int]):
+        super().__init__(runs, len(numel))
+        self.numel = list(numel)
+        spans: dict = {}
+        for t, a, k, length in runs:
+            spans.setdefault(t, []).append((a, a + k * length))
+        for t, sp in spans.items():
+            at = 0
+            for a, b in sorted(sp):
+                if a != at:
+                    raise ValueError(f"runs of tensor {t} do not tile it (gap or overlap at element {at})")
+                at = b
+            if at != self.numel[t]:
+                raise ValueError(f"runs of tensor {t} cover {at} of its {self.numel[t]} elements")
+        self.whole = (ctypes.c_ubyte * len(numel))(*[0 if t in spans else 1 for t in range(len(numel))])
+
+
+def run_sums(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequence[float]], on: Sequence[bool],
+             table: MapTable, ls: float = 1.0, lib: Optional[ctypes.CDLL] = None) -> Optional[torch.Tensor]:
+    """Kernel ``kernel`` in place on every tensor k with ``on[k]`` (``params[j][k]``: its
+    parameter j; ignored where ``on[k]`` is false), with loss scale ``ls``, and the float64 sums of
+    squares of ``table``'s chunks of what it stored (the partials :func:`sums` takes after
+    :func:`run`, bit for bit), in one call (``_maps.c``, ms_run_sums). None (nothing touched:
+    the caller takes :func:`run` and :func:`sums`, or the torch ops) when the kernels are
+    disabled or unavailable, a tensor is not :func:`supports`-ed or not of ``table``'s
+    lengths, or this CPU does not run the map. ``lib``: another build (tests' controls)."""
+    if lib is None:
+        if not enabled() or _load() is None:
+            return None
+        lib = _lib
+    n = len(tensors)
+    if (n != table.n_tensors or len(on) != n or not all(supports(t) and t.numel() == m
+                                                        for t, m in zip(tensors, table.numel))):
+        return None
+    index, arity = MAPS[kernel]
+    if len(params) != arity or any(len(c) != n for c in params):
+        raise ValueError(f"kernel {kernel}: {arity} parameters per tensor expected")
+    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
+    lens = (ctypes.c_long * n)(*table.numel)
+    codes = (ctypes.c_int * n)(*[DTYPES[t.dtype] for t in tensors])
+    cols = [(ctypes.c_double * n)(*[float(v) for v in col]) for col in params]
+    flags = (ctypes.c_ubyte * n)(*[1 if f else 0 for f in on])
+    out = torch.empty(table.count, dtype=torch.float64)
+    rc = lib.ms_run_sums(index, n, ptrs, lens, codes, cols[0], cols[1] if arity > 1 else None, flags, table.whole,
+                         float(ls), table.nr, table.rt, table.starts, table.ks, table.lens,
+                         out.data_ptr() if table.count else None)
+    if rc == 1:
+        return None
+    if rc:
+        raise RuntimeError(f"ms_run_sums failed ({rc})")
+    return out
 
 
 def _tensor_arrays(tensors: Sequence[torch.Tensor], table: RunTable):

@@ -553,6 +553,14 @@ def _exact_partials(tensors, parts: _Partials, vals: torch.Tensor, idx: Sequence
             vals.index_copy_(0, where, exact)
 
 
+class _Taken(NamedTuple):
+    """Group sums of squares a map's kernel took of its result (:meth:`SliceSet._map_kernel`)."""
+    sums: torch.Tensor
+
+    def result(self) -> torch.Tensor:
+        return self.sums
+
+
 class _MapSums:
     """Group partial norms of a map's result, taken while each mapped block is in cache (CPU).
 
@@ -718,8 +726,20 @@ class SliceMeta:
         self.row_units = [i for i in self.live if self.unit_geometry[i][1] is not None]
         #: the row kernel's tables (kernels.RowTable), by the row slices it reads
         self.row_tables: Dict[tuple, "kernels.RowTable"] = {}
+        self.numel = [s.grad.numel() for s in slices]
+        self._map_tables: Dict[bool, "kernels.MapTable"] = {}
         self._u_runs = u_runs
         self._u_ids = u_ids
+
+    def map_table(self, sums: bool) -> "kernels.MapTable":
+        """The map kernel's table over all the slices (the tensors a map runs on,
+        :func:`kernels.run_sums`): ``group_parts``' runs if ``sums`` (the partials of what it
+        stores), else none (the map alone); built once each, kept."""
+        table = self._map_tables.get(sums)
+        if table is None:
+            runs = [(self.counted[t], a, k, length) for t, a, k, length in self.group_parts.runs] if sums else []
+            table = self._map_tables[sums] = kernels.MapTable(runs, self.numel)
+        return table
 
     def param_parts(self, params: Sequence[torch.Tensor]) -> _Partials:
         if self.param_unit_parts is None:
@@ -1091,6 +1111,11 @@ class SliceSet:
         if foreach is not None:
             foreach = _Foreach(foreach, getattr(fn, "kernel_args", None))
         identity = getattr(fn, "is_identity", None)
+        if foreach is not None and foreach.kernel_args is not None and self._on_cpu():
+            taken = self._map_kernel(foreach.kernel_args, identity, params, ls, stats_after)
+            if taken is not False:
+                self._map_sums = taken
+                return
         sums = _MapSums(self.meta, self._counted) if self._on_cpu() and stats_after else None
         # a clamp-like map runs on 16-bit storage as it is, exactly (Elementwise.exact_in_storage)
         in_storage = ls == 1.0 and getattr(fn, "exact_in_storage", False)
@@ -1124,6 +1149,44 @@ class SliceSet:
                     sums.add(i, a, piece)
         _map_batch(foreach, batch, batch_kw, ls, sums, in_storage)
         self._map_sums = sums
+
+    def _map_kernel(self, args_of: Callable, identity: Optional[Callable], params: Dict[str, list], ls: float,
+                    stats_after: bool):
+        """(CPU) The whole map in one kernel call (:func:`kernels.run_sums`): every slice
+        mapped in place, and, if ``stats_after``, the partials of what it stored taken chunk by
+        chunk while in cache: the sums the statistics pass after the map takes, bit for bit (same
+        chunks, same loop), with no per-block Python. Returns the taken sums (for the next
+        :meth:`compute`; None without ``stats_after``), or False (nothing touched) where the
+        batched path must run: a slice the kernel does not take, a group whose parameters
+        have no kernel form, two kernels in one map, the map not run on this CPU."""
+        if not kernels.available():
+            return False
+        by_group: Dict[int, Optional[tuple]] = {}
+        name = None
+        for grp in set(self._group_of):
+            kw = {k: v[grp] for k, v in params.items()}
+            if identity is not None and identity(**kw):
+                by_group[grp] = None
+                continue
+            args = args_of(**kw)
+            if args is None or (name is not None and args[0] != name):
+                return False
+            name = args[0]
+            by_group[grp] = args[1]
+        if name is None:           # the identity everywhere: the batched path skips every slice
+            return False
+        arity = kernels.MAPS[name][1]
+        prm = [by_group[g] if n else None for g, n in zip(self._group_of, self.meta.numel)]
+        cols = [[p[j] if p is not None else 0.0 for p in prm] for j in range(arity)]
+        table = self.meta.map_table(stats_after and bool(self._counted))
+        got = kernels.run_sums(name, [s.grad for s in self.slices], cols, [p is not None for p in prm], table, ls)
+        if got is None:
+            return False
+        if not stats_after:
+            return None
+        if not self._counted:
+            return _Taken(torch.zeros(self.meta.group_parts.size, dtype=STAT_DTYPE))
+        return _Taken(_index_sum(got, self.meta.group_parts))
 
     @staticmethod
     def _map_one(fn: Elementwise, grad: torch.Tensor, kw: dict, ls: float) -> None:

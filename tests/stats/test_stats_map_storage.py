@@ -7,7 +7,8 @@ r(clamp(g, -c, c)) = clamp(g, r(-c), r(c)) for every stored g. The data put entr
 around the bounds (the bound itself, its 16-bit neighbours, values halfway between them) for
 bounds that are, and are not, representable. Controls show the power: a clamp at the bound
 rounded toward zero (a truncating conversion) misses the reference, and the fp32-copy path is
-really bypassed (the map's batches are the stored tensors).
+really bypassed (the map's batches are the stored tensors, or its one kernel call reads them).
+Both CPU paths: the map kernel and the torch ops (``MEGATRON_SHAPING_KERNELS=0``).
 """
 import math
 
@@ -16,6 +17,7 @@ import torch
 
 from megatron_shaping.shapers import make_layout
 from megatron_shaping.shapers.value_clip import ClampMap
+from megatron_shaping.stats import kernels
 from megatron_shaping.stats import slices as slices_mod
 from megatron_shaping.stats.slices import GradSlice, SliceSet
 
@@ -33,18 +35,29 @@ def _around(c: float, dtype) -> torch.Tensor:
     return torch.cat([near, -near, noise])
 
 
-@pytest.fixture
-def map_batches(monkeypatch):
-    """For each batch the map runs: whether it ran on the stored values (no fp32 copy)."""
+@pytest.fixture(params=["kernel", "torch"])
+def map_batches(request, monkeypatch):
+    """For each batch the map runs: whether it ran on the stored values (no fp32 copy). On the
+    kernel path (the map's one kernel call, ``kernels.run_sums``, which reads and writes the
+    storage itself) one True per call; on the torch path (``MEGATRON_SHAPING_KERNELS=0``) the
+    batched multi-tensor ops' flag."""
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", "1" if request.param == "kernel" else "0")
     seen = []
     real = slices_mod._map_batch
+    real_kernel = kernels.run_sums
 
     def spy(foreach, batch, batch_kw, ls, sums, in_storage=False):
         seen.append(in_storage)
         return real(foreach, batch, batch_kw, ls, sums, in_storage)
 
+    def spy_kernel(*a, **k):
+        got = real_kernel(*a, **k)
+        seen.append(got is not None)
+        return got
+
     monkeypatch.setattr(slices_mod, "_map_batch", spy)
-    return seen
+    monkeypatch.setattr(kernels, "run_sums", spy_kernel)
+    return request.param, seen
 
 
 def _reference(g: torch.Tensor, c: float) -> torch.Tensor:
@@ -61,7 +74,7 @@ def _run(grads, bounds):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_clamp_on_storage_equals_clamp_of_true_values_rounded_once(dtype, map_batches):
-    seen = map_batches
+    _, seen = map_batches
     grads = [_around(c, dtype) for c in BOUNDS]
     refs = [_reference(g, c) for g, c in zip(grads, BOUNDS)]
     _run(grads, BOUNDS)
@@ -88,13 +101,14 @@ def test_control_a_bound_rounded_toward_zero_misses_the_reference(dtype):
 
 
 def test_loss_scaled_fp16_keeps_the_fp32_copy(map_batches):
-    # With a loss scale the map runs on g / S: not a clamp of the stored values, so no shortcut.
-    seen = map_batches
+    # With a loss scale the map runs on g / S: not a clamp of the stored values, so no shortcut
+    # (the kernel divides by S in fp32 in every case: its one call is the fp32 computation).
+    path, seen = map_batches
     g = _around(0.5, torch.float16) * 8
     ref = (g.double() / 8).clamp(-0.5, 0.5).mul(8).to(torch.float16)
     layout = make_layout(["t0"], [g.numel()])
     ss = SliceSet([GradSlice(grad=g, group=0)], layout)
     ss.loss_scale = 8.0
     ss.apply(torch.ones(1, dtype=torch.float64), None, ClampMap(clip=torch.tensor([0.5], dtype=torch.float64)))
-    assert seen and not any(seen)
+    assert seen and (all(seen) if path == "kernel" else not any(seen))
     assert torch.equal(g, ref)

@@ -6,8 +6,10 @@ for bit, what the second pass over the mapped gradient gives (same chunks, same 
 float64 accumulation, same exact recomputation of chunks that over- or underflow fp32), for
 fp32, bf16 and float64 slices, small tensors, slices longer than a map batch, a replica
 (not counted), a group the map leaves alone, a map without a multi-tensor form and a loss
-scale. Controls: partials accumulated in float64 instead, or taken before the batch is mapped,
-are caught by the same comparison.
+scale. A map with a kernel form (shrink p = 2, the clamp) on fp32 / 16-bit slices takes them in
+the map's one kernel call instead (``kernels.run_sums``, tests/stats/test_stats_run_sums.py); a
+map without one keeps the batched path with ``_MapSums``. Controls: partials accumulated in
+float64 instead, or taken before the batch is mapped, are caught by the same comparison.
 """
 import pytest
 import torch
@@ -78,7 +80,11 @@ def test_fused_sums_equal_second_pass_bit_for_bit(dtype, name, loss_scale, kerne
     # the path taken: the kernel for fp32/16-bit when enabled and built, the torch ops otherwise
     kern = _slice_set(_grads(dtype))
     kern.apply(torch.ones(L, dtype=torch.float64), None, _maps()[name])
-    assert kern._map_sums.kern == (kernels == "1" and dtype != torch.float64 and S.kernels.available())
+    on_kernel = kernels == "1" and dtype != torch.float64 and S.kernels.available()
+    if on_kernel and name in ("shrink", "clamp"):
+        assert isinstance(kern._map_sums, S._Taken)     # the map's one kernel call took them
+    else:
+        assert kern._map_sums.kern == on_kernel
     fused, second = _fused_and_second_pass(dtype, name, loss_scale)
     assert torch.equal(fused, second), (fused - second)
     # and the sums are those of the mapped values (float64 reference, replica not counted)
@@ -94,11 +100,15 @@ def test_fused_sums_equal_second_pass_bit_for_bit(dtype, name, loss_scale, kerne
     assert float(((fused - ref).abs() / ref.clamp_min(1e-300)).max()) < 5e-6 and fused[5] == 0
 
 
-def test_fused_sums_used_once_and_only_for_sumsq():
+@pytest.mark.parametrize("kernels, name", [("0", "shrink"), ("1", "shrink_p3")])
+def test_fused_sums_used_once_and_only_for_sumsq(kernels, name, monkeypatch):
+    # the batched path's _MapSums: the torch ops, or (a map without a kernel form) the sum kernel
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", kernels)
     ss = _slice_set(_grads(torch.float32))
-    ew = _maps()["shrink"]
+    ew = _maps()[name]
     ss.apply(torch.ones(L, dtype=torch.float64), None, ew)
     sums = ss._map_sums
+    assert isinstance(sums, S._MapSums)
     sums.take()
     # every counted slice above CHUNK the map wrote has its partials, whole (group 3 was left alone)
     runs = dict(sums.parts.big)
@@ -112,6 +122,18 @@ def test_fused_sums_used_once_and_only_for_sumsq():
             assert have and sum(v.numel() for v in have) == sum(k for _, k, _ in runs[t])
     ss.compute(frozenset({SUMSQ}))
     assert ss._map_sums is None                 # consumed: a later pass reads the gradient
+
+
+def test_kernel_sums_used_once():
+    if not S.kernels.available():
+        pytest.skip("no C compiler: the torch path is the only one")
+    ss = _slice_set(_grads(torch.float32))
+    ss.apply(torch.ones(L, dtype=torch.float64), None, _maps()["shrink"])
+    assert isinstance(ss._map_sums, S._Taken)
+    first = ss.compute(frozenset({SUMSQ})).sumsq
+    assert ss._map_sums is None                 # consumed
+    ss.slices[2].grad.mul_(2.0)                 # a later pass reads the gradient as it is then
+    assert not torch.equal(ss.compute(frozenset({SUMSQ})).sumsq, first)
 
 
 def _broken_float64(self):
@@ -160,7 +182,8 @@ def test_controls_broken_fusion_is_caught(broken, kernels, monkeypatch):
         monkeypatch.setattr(S._MapSums, "take", _broken_fp32_norms)
     else:
         monkeypatch.setattr(S._MapSums, "add", _broken_stale)
-    fused, second = _fused_and_second_pass(torch.float32, "shrink", 1.0)
+    # kernel path: a map without a kernel form (the batched path, whose blocks the sum kernel reads)
+    fused, second = _fused_and_second_pass(torch.float32, "shrink" if kernels == "0" else "shrink_p3", 1.0)
     assert not torch.equal(fused, second)
 
 
