@@ -883,13 +883,17 @@ def worker(args) -> None:
     if args.profile:
         runner.profile(args.profile.split(","), extra + 2)
     times, memory = gather_times(dist, configs, world), gather_memory(dist, configs)
-    if rank != 0:
-        return
-    bi = [c.name for c in configs].index("ds_clip")
-    results = [summarise(c, i, bi, times, memory[i]) for i, c in enumerate(configs)]
-    estimate(results, results[bi])
-    meta.wall_s, meta.loadavg = time.time() - t_start, os.getloadavg()
-    write_outputs(args, meta, results)
+    if rank == 0:
+        bi = [c.name for c in configs].index("ds_clip")
+        results = [summarise(c, i, bi, times, memory[i]) for i, c in enumerate(configs)]
+        estimate(results, results[bi])
+        meta.wall_s, meta.loadavg = time.time() - t_start, os.getloadavg()
+        write_outputs(args, meta, results)
+    # every rank leaves together, the process group torn down first: a rank that exits while
+    # another still reports, with the group alive, aborted at exit now and then ("terminate
+    # called without an active exception", exit code -6 after the report was printed)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def write_outputs(args, meta: Meta, results: List[Result]) -> None:
