@@ -728,8 +728,39 @@ class SliceMeta:
         self.row_tables: Dict[tuple, "kernels.RowTable"] = {}
         self.numel = [s.grad.numel() for s in slices]
         self._map_tables: Dict[bool, "kernels.MapTable"] = {}
+        #: (premap, its per-counted-slice parameters, clamp bounds per run by kernel form)
+        self._premap: Optional[tuple] = None
         self._u_runs = u_runs
         self._u_ids = u_ids
+
+    def premap_kws(self, premap: "Premap") -> List[Optional[dict]]:
+        """The premap's parameters of every counted slice (None: the identity there), kept for
+        this premap (its parameters are host values fixed when the session is built)."""
+        kept = self._premap
+        if kept is None or kept[0] is not premap:
+            identity = getattr(premap.fn, "is_identity", None)
+            kws = []
+            for i in self.counted:
+                kw = {k: v[self.group_of[i]] for k, v in premap.params.items()}
+                kws.append(None if identity is not None and identity(**kw) else kw)
+            kept = self._premap = (premap, kws, {})
+        return kept[1]
+
+    def premap_bounds(self, kws: List[Optional[dict]], kernel_args) -> Optional[List[float]]:
+        """The clamp kernel's bound of every run of ``group_parts`` (inf: the identity) for
+        :meth:`premap_kws`' ``kws``, or None when the premap is not the clamp; kept with them."""
+        kept = self._premap
+        cache = kept[2] if kept is not None and kept[1] is kws else {}
+        if kernel_args not in cache:
+            bounds: Optional[List[float]] = []
+            for kw in kws:
+                args = None if kw is None or kernel_args is None else kernel_args(**kw)
+                if kw is not None and (args is None or args[0] != "clamp"):
+                    bounds = None
+                    break
+                bounds.append(math.inf if kw is None else args[1][0])
+            cache[kernel_args] = None if bounds is None else [bounds[r[0]] for r in self.group_parts.runs]
+        return cache[kernel_args]
 
     def map_table(self, sums: bool) -> "kernels.MapTable":
         """The map kernel's table over all the slices (the tensors a map runs on,
@@ -888,11 +919,7 @@ class SliceSet:
             return None, None
         if not self._counted:
             return None, torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=self.layout.device)
-        identity = getattr(fn, "is_identity", None)
-        kws = []
-        for i in self.meta.counted:
-            kw = {k: v[self._group_of[i]] for k, v in premap.params.items()}
-            kws.append(None if identity is not None and identity(**kw) else kw)
+        kws = self.meta.premap_kws(premap)
         # map_into: proven against the CPU map (kernel, torch ops); elsewhere the map's own code
         run_map = _PremapRun(_Foreach(fn.apply_foreach_, getattr(fn, "kernel_args", None)),
                              getattr(fn, "exact_in_storage", False),
@@ -914,14 +941,11 @@ class SliceSet:
         pass after the map would take with it: a clamp's by :func:`kernels.clamp_sums` (both
         sums from one read, bit for bit the pass over the clamped gradient); (None, None) for
         another map (that pass then runs after the map)."""
-        bounds = []
-        for kw in kws:
-            args = None if kw is None or kernel_args is None else kernel_args(**kw)
-            if kw is not None and (args is None or args[0] != "clamp"):
-                return None, None
-            bounds.append(math.inf if kw is None else args[1][0])
+        bounds = self.meta.premap_bounds(kws, kernel_args)
+        if bounds is None:
+            return None, None
         parts = self.meta.group_parts
-        got = kernels.clamp_sums(self._counted, parts.table(), [bounds[r[0]] for r in parts.runs], sq=plain)
+        got = kernels.clamp_sums(self._counted, parts.table(), bounds, sq=plain)
         if got is None:
             return None, None
         return (_index_sum(got[0], parts) if plain else None), _index_sum(got[1], parts)
