@@ -1452,7 +1452,7 @@ class SliceCache:
 
     def slice_set(self, pieces, reduce: Optional[Callable[[torch.Tensor], None]] = None) -> SliceSet:
         """``pieces``: a :class:`Piece` (or a tuple in its order) per slice."""
-        pieces = [Piece(*pc) for pc in pieces]
+        pieces = [pc if type(pc) is Piece else Piece(*pc) for pc in pieces]
         key = tuple((id(pc.param), pc.offset, pc.grad.numel(), pc.grad.dtype, pc.grad.device) for pc in pieces)
         if key != self._key:
             self._desc = [self.describe(pc.param, pc.offset) for pc in pieces]

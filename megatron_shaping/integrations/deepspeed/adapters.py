@@ -344,6 +344,25 @@ class Zero12Adapter(_ZeroAdapter):
         return self.replace_norm and bool(getattr(opt, "compute_grad_norm", False)) and (
             opt.dtype != torch.bfloat16 or bool(getattr(opt, "check_grad_overflow", False)))
 
+    def __init__(self, engine):
+        super().__init__(engine)
+        #: group -> (its params_in_partition list, partition id, [(p, src, dest, n)] of the
+        #: parameters with elements in the partition, their indices in the gradient list or None)
+        self._plans: Dict[int, list] = {}
+
+    def _plan(self, i: int, partition_id: int, params) -> list:
+        """Group i's parameter pieces in this rank's partition, kept: DeepSpeed fixes the
+        partition layout (offsets, sizes) when it builds the optimizer."""
+        hit = self._plans.get(i)
+        if hit is None or hit[0] is not params or hit[1] != partition_id:
+            rows = []
+            for p in params:
+                src, dest, n = self._position(i, partition_id, p)
+                if n > 0:
+                    rows.append((p, src, dest, n))
+            hit = self._plans[i] = [params, partition_id, rows, None]
+        return hit
+
     def _position(self, i: int, partition_id: int, p) -> Tuple[int, int, int]:
         """(source offset in p, destination offset in the partition, element count)."""
         opt = self.opt
@@ -361,32 +380,52 @@ class Zero12Adapter(_ZeroAdapter):
             partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
             if opt.cpu_offload:
                 flat = fp32.grad.view(-1)
-                for p in params:
-                    src, dest, n = self._position(i, partition_id, p)
-                    if n > 0:
-                        yield Piece(p, flat.narrow(0, dest, n), src, fp32.narrow(0, dest, n))
+                for p, src, dest, n in self._plan(i, partition_id, params)[2]:
+                    yield Piece(p, flat.narrow(0, dest, n), src, fp32.narrow(0, dest, n))
                 continue
             grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
                 else opt.averaged_gradients[i]
             if grads is None:
                 continue
-            # The list covers the partition contiguously: parameter pieces at their insertion
-            # offsets, zero pads between and after them (DeepSpeed marks some pads with
-            # `_zero_padding`, not the tail pad of its unpadded path), so match by offset.
-            by_offset, pos = {}, 0
-            for t in grads:
-                by_offset.setdefault(pos, []).append(t)
-                pos += t.numel()
-            for p in params:
-                src, dest, n = self._position(i, partition_id, p)
-                if n <= 0:
-                    continue
-                g = next((t for t in by_offset.get(dest, ()) if t.numel() == n
-                          and not getattr(t, "_zero_padding", False)), None)
-                if g is None:
-                    raise UnsupportedPath(f"ZeRO partition of group {i}: no gradient piece of {n} elements at "
-                                          f"offset {dest}; this DeepSpeed layout is not supported")
-                yield Piece(p, g.view(-1), src, fp32.narrow(0, dest, n) if with_param else None)
+            plan = self._plan(i, partition_id, params)
+            rows, index = plan[2], plan[3]
+            if not self._index_holds(grads, rows, index):
+                index = plan[3] = self._match(i, grads, rows)
+            for (p, src, dest, n), k in zip(rows, index):
+                yield Piece(p, grads[k].view(-1), src, fp32.narrow(0, dest, n) if with_param else None)
+
+    @staticmethod
+    def _index_holds(grads, rows, index) -> bool:
+        """Whether last step's positions in the gradient list still name pieces of the right
+        sizes (DeepSpeed rebuilds the list every step, the same way)."""
+        if index is None or len(grads) != index[-1]:
+            return False
+        for (_, _, _, n), k in zip(rows, index):
+            t = grads[k]
+            if t.numel() != n or getattr(t, "_zero_padding", False):
+                return False
+        return True
+
+    @staticmethod
+    def _match(i: int, grads, rows) -> List[int]:
+        """The position in ``grads`` of every row's gradient piece (then the list's length).
+
+        The list covers the partition contiguously: parameter pieces at their insertion offsets,
+        zero pads between and after them (DeepSpeed marks some pads with `_zero_padding`, not the
+        tail pad of its unpadded path), so match by offset."""
+        by_offset, pos = {}, 0
+        for k, t in enumerate(grads):
+            by_offset.setdefault(pos, []).append(k)
+            pos += t.numel()
+        index = []
+        for _, _, dest, n in rows:
+            k = next((k for k in by_offset.get(dest, ()) if grads[k].numel() == n
+                      and not getattr(grads[k], "_zero_padding", False)), None)
+            if k is None:
+                raise UnsupportedPath(f"ZeRO partition of group {i}: no gradient piece of {n} elements at "
+                                      f"offset {dest}; this DeepSpeed layout is not supported")
+            index.append(k)
+        return index + [len(grads)]
 
     def _offloaded(self) -> bool:
         return bool(self.opt.cpu_offload)
