@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from megatron_shaping.integrations.hf import add_shaping_callback  # noqa: E402
+from megatron_shaping.shutdown import exit_process  # noqa: E402
 
 
 def parse_args():
@@ -144,3 +145,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

@@ -38,6 +38,7 @@ if "OMP_NUM_THREADS" not in os.environ:
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 from megatron_shaping import training  # noqa: E402
+from megatron_shaping.shutdown import exit_process  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -46,3 +47,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

@@ -889,11 +889,6 @@ def worker(args) -> None:
         estimate(results, results[bi])
         meta.wall_s, meta.loadavg = time.time() - t_start, os.getloadavg()
         write_outputs(args, meta, results)
-    # every rank leaves together, the process group torn down first: a rank that exits while
-    # another still reports, with the group alive, aborted at exit now and then ("terminate
-    # called without an active exception", exit code -6 after the report was printed)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def write_outputs(args, meta: Meta, results: List[Result]) -> None:
@@ -1151,7 +1146,8 @@ def main(argv=None) -> int:
     if not args._worker:
         return launch([a for a in argv if a != "--_worker"], args.world)
     worker(args)
-    return 0
+    from megatron_shaping.shutdown import exit_process
+    exit_process()      # not through finalization (a gloo race there aborts now and then)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import traceback
 import torch
 
 from tests.distributed import nets, runner
+from megatron_shaping.shutdown import exit_process
 
 IN, OUT = nets.IN, nets.OUT
 GLOBAL_BATCH = 8
@@ -523,3 +524,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

@@ -38,6 +38,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 from tests.distributed import runner  # noqa: E402
 from tests.distributed.nets import batch, make_model  # noqa: E402
+from megatron_shaping.shutdown import exit_process  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}   # significand bits p
@@ -444,3 +445,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

@@ -15,7 +15,6 @@ hide the others.
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import logging
 import os
@@ -130,16 +129,6 @@ def init_distributed(fake_fp16=False) -> None:
     if acc.device_name() != "cpu":
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=os.environ.get("MS_DIST_BACKEND", "gloo"))
-    atexit.register(_leave)
-
-
-def _leave() -> None:
-    """At exit: tear the process group down (its threads joined) before the interpreter goes: a
-    rank that exits with the group alive aborts now and then ("terminate called without an
-    active exception", rc -6 after its work was done)."""
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def start(*flags, items="--scenarios", fake_fp16=False, init=True, quiet=False) -> Worker:
@@ -148,7 +137,6 @@ def start(*flags, items="--scenarios", fake_fp16=False, init=True, quiet=False) 
     args = parse_args(*flags, items=items)
     if init:
         init_distributed(fake_fp16 or args.fake_fp16)
-    atexit.register(_leave)      # also a group built by the worker itself (transformers' Trainer)
     if quiet:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         logging.getLogger("megatron_shaping").setLevel(logging.WARNING)

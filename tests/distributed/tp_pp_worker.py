@@ -49,6 +49,7 @@ import torch.distributed as dist  # noqa: E402
 
 from tests.distributed import runner  # noqa: E402
 from tests.distributed.tp_pp_mutants import MUTANTS  # noqa: E402
+from megatron_shaping.shutdown import exit_process  # noqa: E402
 
 SEED = 1234
 LR = 1.0
@@ -627,3 +628,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

@@ -41,6 +41,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallbac
 
 from megatron_shaping.integrations.deepspeed.patch import engine_for_module  # noqa: E402
 from megatron_shaping.integrations.hf import add_shaping_callback  # noqa: E402
+from megatron_shaping.shutdown import exit_process  # noqa: E402
 
 SEED = 1234
 STEPS = 6
@@ -270,3 +271,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from tests.distributed import runner
 from tests.monitor.monitor_worker import IN, OUT, batch, make_model
+from megatron_shaping.shutdown import exit_process
 
 STEPS = 10
 SPIKES = {7: 50.0, 9: 500.0}      # the first spike enters the window (as in OLMo-core): the second must be larger
@@ -219,3 +220,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

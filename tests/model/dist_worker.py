@@ -16,6 +16,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_shaping.model import LlamaConfig, LlamaModel, gather_full_tensor, is_tp_duplicate  # noqa: E402
 from megatron_shaping.model.parallel import init_parallel  # noqa: E402
+from megatron_shaping.shutdown import exit_process  # noqa: E402
 from tests.distributed import runner  # noqa: E402
 
 SEED = 1234
@@ -155,3 +156,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

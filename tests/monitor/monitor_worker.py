@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from tests.distributed import runner
+from megatron_shaping.shutdown import exit_process
 
 IN, OUT = 13, 3
 
@@ -235,3 +236,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

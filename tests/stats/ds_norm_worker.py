@@ -14,6 +14,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from megatron_shaping.shutdown import exit_process
 from tests.distributed import runner
 
 IN, OUT = 13, 3
@@ -167,3 +168,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py

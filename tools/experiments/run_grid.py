@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from megatron_shaping.training import log0  # noqa: E402
 
 from megatron_shaping.shapers import REGISTRY, default_section  # noqa: E402
+from megatron_shaping.shutdown import exit_process  # noqa: E402
 
 #: Every registered method (registry order: classic baselines first), after the unshaped baseline.
 SHAPERS = ["none"] + list(REGISTRY)
@@ -427,3 +428,4 @@ def subprocess_head() -> str:
 
 if __name__ == "__main__":
     main()
+    exit_process()      # not through finalization: megatron_shaping/shutdown.py
