@@ -1127,9 +1127,11 @@ class SliceSet:
         written back), in batches of at most WIDEN_BLOCK elements (large slices in pieces of
         that size): the temporaries stay bounded and small slices cost one call per batch.
         A map with ``kernel_args`` runs on CPU fp32/bf16/fp16 slices in a fused kernel instead
-        (:mod:`.kernels`: one pass, in place, 16-bit storage read and rounded once, no copy).
-        On the CPU the group partial norms of the result are taken from each batch as it is
-        written (:class:`_MapSums`), for the statistics pass that follows the map."""
+        (:mod:`.kernels`: one pass, in place, 16-bit storage read and rounded once, no copy):
+        when every group's map has a kernel form and the kernel takes every slice, the whole map
+        is one call that also takes the partials of what it stores (:meth:`_map_kernel`).
+        Otherwise, on the CPU, the group partial norms of the result are taken from each batch
+        as it is written (:class:`_MapSums`), for the statistics pass that follows the map."""
         ls = float(self.loss_scale)
         foreach = getattr(fn, "apply_foreach_", None)
         if foreach is not None:
