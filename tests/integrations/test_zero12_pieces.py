@@ -5,8 +5,9 @@ step: parameter pieces at their insertion offsets, zero pads between and after t
 marked ``_zero_padding``). The adapter keeps each group's layout (which parameters, where) and
 the positions of their pieces in the list, and must find the pieces again when the list is laid
 out differently. Reference: the pieces written out by hand (offsets, values, parameter
-values). Controls: at a kept position, a marked pad of the piece's size, or a piece of another
-size, is not taken; a piece missing from the list is refused by name.
+values). Controls: at a kept position, a marked pad of the piece's size, a piece of another
+size, or a piece of the right size at another offset, is not taken; a piece missing from the
+list is refused by name.
 """
 from types import SimpleNamespace
 
@@ -84,3 +85,10 @@ def test_a_kept_position_holding_another_piece_is_not_taken():
     # a piece of another size at a kept position is not taken either
     short = [grads[0], grads[1], torch.zeros(9), grads[3]]
     assert not Zero12Adapter._index_holds(short, ad._plans[0][2], [0, 2, 3, 4])
+    # nor pieces of the right sizes at the kept positions but at other offsets (a longer pad)
+    pad = torch.zeros(4)
+    pad._zero_padding = True
+    shifted = [grads[0], pad, torch.full((10,), 2.0), grads[3]]
+    assert not Zero12Adapter._index_holds(shifted, ad._plans[0][2], [0, 2, 3, 4])
+    with pytest.raises(UnsupportedPath, match="no gradient piece of 10 elements at offset 5"):
+        _pieces(ad, shifted)

@@ -397,12 +397,17 @@ class Zero12Adapter(_ZeroAdapter):
     @staticmethod
     def _index_holds(grads, rows, index) -> bool:
         """Whether last step's positions in the gradient list still name pieces of the right
-        sizes (DeepSpeed rebuilds the list every step, the same way)."""
+        size at the right offset, not pads (DeepSpeed rebuilds the list every step, the same
+        way): what :meth:`_match` would find, without its search."""
         if index is None or len(grads) != index[-1]:
             return False
-        for (_, _, _, n), k in zip(rows, index):
+        offsets, pos = [], 0
+        for t in grads:
+            offsets.append(pos)
+            pos += t.numel()
+        for (_, _, dest, n), k in zip(rows, index):
             t = grads[k]
-            if t.numel() != n or getattr(t, "_zero_padding", False):
+            if offsets[k] != dest or t.numel() != n or getattr(t, "_zero_padding", False):
                 return False
         return True
 
