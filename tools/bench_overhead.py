@@ -887,12 +887,13 @@ def worker(args) -> None:
     if args.profile:
         runner.profile(args.profile.split(","), extra + 2)
     times, memory = gather_times(dist, configs, world), gather_memory(dist, configs)
-    if rank == 0:
-        bi = [c.name for c in configs].index("ds_clip")
-        results = [summarise(c, i, bi, times, memory[i]) for i, c in enumerate(configs)]
-        estimate(results, results[bi])
-        meta.wall_s, meta.loadavg = time.time() - t_start, os.getloadavg()
-        write_outputs(args, meta, results)
+    if rank != 0:
+        return
+    bi = [c.name for c in configs].index("ds_clip")
+    results = [summarise(c, i, bi, times, memory[i]) for i, c in enumerate(configs)]
+    estimate(results, results[bi])
+    meta.wall_s, meta.loadavg = time.time() - t_start, os.getloadavg()
+    write_outputs(args, meta, results)
 
 
 def write_outputs(args, meta: Meta, results: List[Result]) -> None:
@@ -957,6 +958,11 @@ def print_report(meta: Meta, results: List[Result]) -> None:
     print(f"\n[bench] wall {meta.wall_s:.0f} s, load average {meta.loadavg[0]:.1f} on {meta.cpus} CPUs")
 
 
+def _within(target: Optional[float], *ratios: float) -> str:
+    """"yes"/"NO" per ratio against the target ("-" without one), joined by "/"."""
+    return "-" if not target else "/".join("yes" if v <= target else "NO" for v in ratios)
+
+
 def print_step_table(results: List[Result]) -> None:
     print("   wall = engine.step() wall time (slowest rank); CPU = process CPU time of engine.step() per rank "
           "(user+system, all threads: insensitive to waiting for a core on a busy host)")
@@ -971,10 +977,8 @@ def print_step_table(results: List[Result]) -> None:
     print("-" * len(hdr))
     for r in results:
         tgt = f"{r.target:.2f}x" if r.target else "-"
-        ok = "-" if not r.target else "/".join("yes" if v <= r.target else "NO"
-                                               for v in (r.step_cpu.ratio, r.est_ratio))
-        iok = "-" if not r.iter_target else "/".join("yes" if v <= r.iter_target else "NO"
-                                                     for v in (r.iter_cpu.ratio, r.iter_est))
+        ok = _within(r.target, r.step_cpu.ratio, r.est_ratio)
+        iok = _within(r.iter_target, r.iter_cpu.ratio, r.iter_est)
         wq, cq, iq = r.step.ratio_iqr, r.step_cpu.ratio_iqr, r.iter_cpu.ratio_iqr
         print(f"{r.name:20s} {r.step.ms:8.1f} {r.step.ratio:10.3f} [{wq[0]:5.3f},{wq[1]:5.3f}] "
               f"{r.step_cpu.ms:8.1f} {r.step_cpu.ratio:9.3f} [{cq[0]:5.3f},{cq[1]:5.3f}] {r.est_ratio:6.3f} "

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -151,20 +151,25 @@ def run(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequence[
         return True
     if not enabled() or not all(supports(t) for t in tensors) or _load() is None:
         return False
-    n = len(tensors)
-    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-    lens = (ctypes.c_long * n)(*[t.numel() for t in tensors])
-    codes = (ctypes.c_int * n)(*[DTYPES[t.dtype] for t in tensors])
-    index, arity = MAPS[kernel]
-    cols: List = [(ctypes.c_double * n)(*[float(v) for v in col]) for col in params]
-    if len(cols) != arity or any(len(c) != n for c in cols):
-        raise ValueError(f"kernel {kernel}: {arity} parameters per tensor expected")
-    rc = _lib.ms_run(index, n, ptrs, lens, codes, cols[0], cols[1] if arity > 1 else None, float(ls))
+    rc = _lib.ms_run(*_map_args(kernel, tensors, params), float(ls))
     if rc == 1:       # not on this CPU (the power map without hardware FMA): nothing was touched
         return False
     if rc:
         raise RuntimeError(f"kernel {kernel} failed ({rc})")
     return True
+
+
+def _map_args(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequence[float]]) -> tuple:
+    """ms_run's leading arguments as ctypes values: (map index, n, data pointers, lengths, dtype
+    codes, parameter column a, column b or None)."""
+    n = len(tensors)
+    index, arity = MAPS[kernel]
+    if len(params) != arity or any(len(c) != n for c in params):
+        raise ValueError(f"kernel {kernel}: {arity} parameters per tensor expected")
+    cols = [(ctypes.c_double * n)(*[float(v) for v in col]) for col in params]
+    return (index, n, (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors]),
+            (ctypes.c_long * n)(*[t.numel() for t in tensors]), (ctypes.c_int * n)(*[DTYPES[t.dtype] for t in tensors]),
+            cols[0], cols[1] if arity > 1 else None)
 
 
 def readable(t: torch.Tensor) -> bool:
@@ -232,18 +237,10 @@ def run_sums(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequ
     if (n != table.n_tensors or len(on) != n or not all(supports(t) and t.numel() == m
                                                         for t, m in zip(tensors, table.numel))):
         return None
-    index, arity = MAPS[kernel]
-    if len(params) != arity or any(len(c) != n for c in params):
-        raise ValueError(f"kernel {kernel}: {arity} parameters per tensor expected")
-    ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in tensors])
-    lens = (ctypes.c_long * n)(*table.numel)
-    codes = (ctypes.c_int * n)(*[DTYPES[t.dtype] for t in tensors])
-    cols = [(ctypes.c_double * n)(*[float(v) for v in col]) for col in params]
     flags = (ctypes.c_ubyte * n)(*[1 if f else 0 for f in on])
     out = torch.empty(table.count, dtype=torch.float64)
-    rc = lib.ms_run_sums(index, n, ptrs, lens, codes, cols[0], cols[1] if arity > 1 else None, flags, table.whole,
-                         float(ls), table.nr, table.rt, table.starts, table.ks, table.lens,
-                         out.data_ptr() if table.count else None)
+    rc = lib.ms_run_sums(*_map_args(kernel, tensors, params), flags, table.whole, float(ls), table.nr, table.rt,
+                         table.starts, table.ks, table.lens, out.data_ptr() if table.count else None)
     if rc == 1:
         return None
     if rc:

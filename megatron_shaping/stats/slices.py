@@ -728,39 +728,34 @@ class SliceMeta:
         self.row_tables: Dict[tuple, "kernels.RowTable"] = {}
         self.numel = [s.grad.numel() for s in slices]
         self._map_tables: Dict[bool, "kernels.MapTable"] = {}
-        #: (premap, its per-counted-slice parameters, clamp bounds per run by kernel form)
+        #: (premap, its per-counted-slice parameters, clamp bounds per run): premap_args
         self._premap: Optional[tuple] = None
         self._u_runs = u_runs
         self._u_ids = u_ids
 
-    def premap_kws(self, premap: "Premap") -> List[Optional[dict]]:
-        """The premap's parameters of every counted slice (None: the identity there), kept for
-        this premap (its parameters are host values fixed when the session is built)."""
-        kept = self._premap
-        if kept is None or kept[0] is not premap:
+    def premap_args(self, premap: "Premap") -> Tuple[List[Optional[dict]], Optional[List[float]]]:
+        """(the premap's parameters of every counted slice, None where it is the identity; the
+        clamp kernel's bound of every run of ``group_parts``, inf for the identity, or None when
+        the premap is not the clamp), kept for this premap (its parameters are host values fixed
+        when the session is built)."""
+        if self._premap is None or self._premap[0] is not premap:
             identity = getattr(premap.fn, "is_identity", None)
-            kws = []
+            kernel_args = getattr(premap.fn, "kernel_args", None)
+            kws: List[Optional[dict]] = []
+            bounds: Optional[List[float]] = []
             for i in self.counted:
                 kw = {k: v[self.group_of[i]] for k, v in premap.params.items()}
-                kws.append(None if identity is not None and identity(**kw) else kw)
-            kept = self._premap = (premap, kws, {})
-        return kept[1]
-
-    def premap_bounds(self, kws: List[Optional[dict]], kernel_args) -> Optional[List[float]]:
-        """The clamp kernel's bound of every run of ``group_parts`` (inf: the identity) for
-        :meth:`premap_kws`' ``kws``, or None when the premap is not the clamp; kept with them."""
-        kept = self._premap
-        cache = kept[2] if kept is not None and kept[1] is kws else {}
-        if kernel_args not in cache:
-            bounds: Optional[List[float]] = []
-            for kw in kws:
+                kw = None if identity is not None and identity(**kw) else kw
+                kws.append(kw)
                 args = None if kw is None or kernel_args is None else kernel_args(**kw)
-                if kw is not None and (args is None or args[0] != "clamp"):
+                if bounds is not None and kw is not None and (args is None or args[0] != "clamp"):
                     bounds = None
-                    break
-                bounds.append(math.inf if kw is None else args[1][0])
-            cache[kernel_args] = None if bounds is None else [bounds[r[0]] for r in self.group_parts.runs]
-        return cache[kernel_args]
+                if bounds is not None:
+                    bounds.append(math.inf if kw is None else args[1][0])
+            if bounds is not None:
+                bounds = [bounds[r[0]] for r in self.group_parts.runs]
+            self._premap = (premap, kws, bounds)
+        return self._premap[1], self._premap[2]
 
     def map_table(self, sums: bool) -> "kernels.MapTable":
         """The map kernel's table over all the slices (the tensors a map runs on,
@@ -919,7 +914,7 @@ class SliceSet:
             return None, None
         if not self._counted:
             return None, torch.zeros(self.layout.num_groups, dtype=STAT_DTYPE, device=self.layout.device)
-        kws = self.meta.premap_kws(premap)
+        kws, bounds = self.meta.premap_args(premap)
         # map_into: proven against the CPU map (kernel, torch ops); elsewhere the map's own code
         run_map = _PremapRun(_Foreach(fn.apply_foreach_, getattr(fn, "kernel_args", None)),
                              getattr(fn, "exact_in_storage", False),
@@ -928,7 +923,7 @@ class SliceSet:
             return None, _premap_device_sums(self._counted, self._counted_group, kws, run_map,
                                              self.layout.num_groups)
         if _kernel_ok(self._counted):
-            return self._premap_kernel_sums(run_map.foreach.kernel_args, kws, plain)
+            return self._premap_kernel_sums(bounds, plain)
         parts = self.meta.group_parts
         got: Optional[List[torch.Tensor]] = [] if plain else None
         mapped = _premap_partials(self._counted, parts, kws, run_map, got)
@@ -936,12 +931,12 @@ class SliceSet:
         return (None if got is None else _sum_partials(got, self._counted, parts, 2),
                 _sum_partials(mapped, rows, parts, 2))
 
-    def _premap_kernel_sums(self, kernel_args, kws: List[Optional[dict]], plain: bool):
+    def _premap_kernel_sums(self, bounds: Optional[List[float]], plain: bool):
         """(CPU, the sum kernel runs the statistics) The premap sums by the kernel, which the
         pass after the map would take with it: a clamp's by :func:`kernels.clamp_sums` (both
         sums from one read, bit for bit the pass over the clamped gradient); (None, None) for
-        another map (that pass then runs after the map)."""
-        bounds = self.meta.premap_bounds(kws, kernel_args)
+        another map (that pass then runs after the map). ``bounds``: the clamp's per run
+        (:meth:`SliceMeta.premap_args`), None for another map."""
         if bounds is None:
             return None, None
         parts = self.meta.group_parts

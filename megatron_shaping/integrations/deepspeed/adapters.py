@@ -395,16 +395,23 @@ class Zero12Adapter(_ZeroAdapter):
                 yield Piece(p, grads[k].view(-1), src, fp32.narrow(0, dest, n) if with_param else None)
 
     @staticmethod
+    def _offsets(grads) -> List[int]:
+        """Where each piece of the gradient list starts in the partition (the list covers it
+        contiguously)."""
+        out, pos = [], 0
+        for t in grads:
+            out.append(pos)
+            pos += t.numel()
+        return out
+
+    @staticmethod
     def _index_holds(grads, rows, index) -> bool:
         """Whether last step's positions in the gradient list still name pieces of the right
         size at the right offset, not pads (DeepSpeed rebuilds the list every step, the same
         way): what :meth:`_match` would find, without its search."""
         if index is None or len(grads) != index[-1]:
             return False
-        offsets, pos = [], 0
-        for t in grads:
-            offsets.append(pos)
-            pos += t.numel()
+        offsets = Zero12Adapter._offsets(grads)
         for (_, _, dest, n), k in zip(rows, index):
             t = grads[k]
             if offsets[k] != dest or t.numel() != n or getattr(t, "_zero_padding", False):
@@ -418,10 +425,9 @@ class Zero12Adapter(_ZeroAdapter):
         The list covers the partition contiguously: parameter pieces at their insertion offsets,
         zero pads between and after them (DeepSpeed marks some pads with `_zero_padding`, not the
         tail pad of its unpadded path), so match by offset."""
-        by_offset, pos = {}, 0
-        for k, t in enumerate(grads):
+        by_offset: Dict[int, List[int]] = {}
+        for k, pos in enumerate(Zero12Adapter._offsets(grads)):
             by_offset.setdefault(pos, []).append(k)
-            pos += t.numel()
         index = []
         for _, _, dest, n in rows:
             k = next((k for k in by_offset.get(dest, ()) if grads[k].numel() == n
