@@ -661,23 +661,24 @@ class Runner:
                 self.clock.around = {}
 
     def profile(self, names: List[str], r: int) -> None:
-        """cProfile one more step of each named configuration (printed on rank 0)."""
+        """cProfile ``--profile-steps`` more steps of each named configuration (printed on rank 0)."""
         import cProfile
         import io
         import pstats
         for c in self.configs:
             if c.name not in names:
                 continue
-            self.fwd_bwd(c, r)
             pr = cProfile.Profile()
-            pr.enable()
-            self.step(c)
-            pr.disable()
+            for k in range(self.args.profile_steps):
+                self.fwd_bwd(c, r + k)
+                pr.enable()
+                self.step(c)
+                pr.disable()
             if self.rank == 0:
                 buf = io.StringIO()
                 pstats.Stats(pr, stream=buf).sort_stats(self.args.profile_sort).print_stats(
                     *([self.args.profile_filter] if self.args.profile_filter else []), self.args.profile_top)
-                print(f"\n== cProfile of one engine.step() of {c.name} (rank 0, by {self.args.profile_sort})\n"
+                print(f"\n== cProfile of {self.args.profile_steps} engine.step() of {c.name} (rank 0, by {self.args.profile_sort})\n"
                       + buf.getvalue())
 
 
@@ -1133,7 +1134,8 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--bucket", type=int, default=int(2e7), help="ZeRO reduce/allgather bucket size (elements)")
     p.add_argument("--configs", default="", help="comma-separated subset of: " + ",".join(known_configs()))
-    p.add_argument("--profile", default="", help="comma-separated configurations to cProfile for one extra step (rank 0)")
+    p.add_argument("--profile", default="", help="comma-separated configurations to cProfile for --profile-steps extra steps (rank 0)")
+    p.add_argument("--profile-steps", type=int, default=1, help="steps cProfiled per configuration (default 1)")
     p.add_argument("--profile-top", type=int, default=15, help="functions shown per cProfile (default 15)")
     p.add_argument("--profile-sort", default="tottime", help="cProfile sort key (default tottime; e.g. cumulative)")
     p.add_argument("--profile-filter", default="", help="regex on file:function to restrict the cProfile listing")
