@@ -386,14 +386,16 @@ int ms_clamp_sums(long nr, void *const *tptrs, const int *tcodes, const int *rt,
 /* ms_run's map and, from the values it stores, ms_sums' partials of them, in one call (the
  * statistics pass after an elementwise map taken while each chunk is in L1). Tensors k < nt as
  * ms_run (pointer, length, dtype code, per-tensor a, b; one loss scale), on[k] = 0: tensor k is
- * not mapped (an identity map, an empty slice), only read. Runs as ms_sums (rt[r] indexes the
+ * not mapped (an identity map, an empty slice), only read; on[k] = 2: neither mapped nor read,
+ * its partials are 0 (a slice left unchanged whose sums the caller already has). Runs as ms_sums (rt[r] indexes the
  * same tensors): every chunk of a run is mapped and then summed by ms_sums' chunk loop (the
  * bits a pass after the map takes), sum x^2 per chunk into sq in run order. The runs of a tensor
  * must tile it ([0, length), no overlap: the caller's table guarantees it); a tensor in no run
  * (whole[k] = 1) is mapped as ms_run maps it. nr = 0: the map alone. Returns 0, 1 (this map is
  * not run on this CPU: nothing touched) or -1 (an unknown map or dtype code, a run outside its
  * tensor: nothing touched). MS_RUNSUMS_CONTROL (tests only): 1 sums a chunk before mapping it
- * (the partials of the gradient, not of the map's result). */
+ * (the partials of the gradient, not of the map's result); 2 reads the chunks of on[k] = 2
+ * tensors (their partials taken, not 0). */
 #ifndef MS_RUNSUMS_CONTROL
 #define MS_RUNSUMS_CONTROL 0
 #endif
@@ -416,13 +418,18 @@ int ms_run_sums(int map, long nt, void **ptrs, const long *lens, const int *dtyp
             return -1;
     float fl = (float)ls;
     for (long k = 0; k < nt; k++)
-        if (on[k] && whole[k])
+        if (on[k] == 1 && whole[k])
             ms_loops[level][map][dtypes[k]](ptrs[k], lens[k], a[k], b ? b[k] : 0.0, fl);
     long out = 0;
     for (long r = 0; r < nr; r++) {
         long t = rt[r];
         int code = dtypes[t];
-        ms_loop f = on[t] ? ms_loops[level][map][code] : NULL;
+        if (on[t] == 2 && MS_RUNSUMS_CONTROL != 2) {
+            for (long j = 0; j < ks[r]; j++, out++)
+                sq[out] = 0.0;
+            continue;
+        }
+        ms_loop f = on[t] == 1 ? ms_loops[level][map][code] : NULL;
         ms_chunk_fn fsq = ms_sums_loops[level][code][0];
         size_t es = code == 0 ? 4 : 2;
         char *base = (char *)ptrs[t] + (size_t)starts[r] * es;
@@ -449,7 +456,9 @@ int ms_run_sums(int map, long nt, void **ptrs, const long *lens, const int *dtyp
  * widened copy multiplied by them and copied back, bit for bit; no temporary.
  * MS_ROWS_CONTROL (tests only): 1 multiplies by the float64 factor in float64 before the one
  * rounding to fp32 (the factor not rounded to fp32 first); 2 gives the first whole row after a
- * partial head the head's factor (rows off by one). */
+ * partial head the head's factor (rows off by one). A row whose factor rounds to exactly 1 is
+ * not touched (x * 1 is x in fp32, and stores back as the value it was loaded from; a NaN keeps
+ * its payload): the multiply of a factor-1 row is skipped, not a pass over it. */
 #ifndef MS_ROWS_CONTROL
 #define MS_ROWS_CONTROL 0
 #endif
@@ -468,13 +477,15 @@ ATTR static void rows_##NAME(void *p, long n, long head, long row_len, const dou
     if (head > 0) {                                                                             \
         long m = head < n ? head : n;                                                           \
         const ms_fac c = (ms_fac)f[0];                                                          \
-        for (long j = 0; j < m; j++) d[j] = STORE(MS_ROW_MUL(LOAD(d[j]), c));                   \
+        if (c != (ms_fac)1 || MS_ROWS_CONTROL == 3)                                             \
+            for (long j = 0; j < m; j++) d[j] = STORE(MS_ROW_MUL(LOAD(d[j]), c));               \
         i = m;                                                                                  \
         r = MS_ROWS_CONTROL == 2 ? 0 : 1;                                                       \
     }                                                                                           \
     for (; i < n; i += row_len, r++) {                                                          \
         long m = n - i < row_len ? n - i : row_len;                                             \
         const ms_fac c = (ms_fac)f[r];                                                          \
+        if (c == (ms_fac)1 && MS_ROWS_CONTROL != 3) continue;   /* x * 1 stores x: not touched */ \
         T *q = d + i;                                                                           \
         for (long j = 0; j < m; j++) q[j] = STORE(MS_ROW_MUL(LOAD(q[j]), c));                   \
     }                                                                                           \

@@ -220,12 +220,13 @@ class MapTable(RunTable):
         self.whole = (ctypes.c_ubyte * len(numel))(*[0 if t in spans else 1 for t in range(len(numel))])
 
 
-def run_sums(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequence[float]], on: Sequence[bool],
+def run_sums(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequence[float]], on: Sequence[int],
              table: MapTable, ls: float = 1.0, lib: Optional[ctypes.CDLL] = None) -> Optional[torch.Tensor]:
-    """Kernel ``kernel`` in place on every tensor k with ``on[k]`` (``params[j][k]``: its
-    parameter j; ignored where ``on[k]`` is false), with loss scale ``ls``, and the float64 sums of
+    """Kernel ``kernel`` in place on every tensor k with ``on[k]`` 1 or True (``params[j][k]``:
+    its parameter j; ignored elsewhere), with loss scale ``ls``, and the float64 sums of
     squares of ``table``'s chunks of what it stored (the partials :func:`sums` takes after
-    :func:`run`, bit for bit), in one call (``_maps.c``, ms_run_sums). None (nothing touched:
+    :func:`run`, bit for bit), in one call (``_maps.c``, ms_run_sums). ``on[k]`` 0 / False:
+    tensor k is only read; 2: neither mapped nor read, its chunks' partials are 0. None (nothing touched:
     the caller takes :func:`run` and :func:`sums`, or the torch ops) when the kernels are
     disabled or unavailable, a tensor is not :func:`supports`-ed or not of ``table``'s
     lengths, or this CPU does not run the map. ``lib``: another build (tests' controls)."""
@@ -237,7 +238,7 @@ def run_sums(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequ
     if (n != table.n_tensors or len(on) != n or not all(supports(t) and t.numel() == m
                                                         for t, m in zip(tensors, table.numel))):
         return None
-    flags = (ctypes.c_ubyte * n)(*[1 if f else 0 for f in on])
+    flags = (ctypes.c_ubyte * n)(*[int(f) if f in (0, 1, 2) else 1 for f in on])
     out = torch.empty(table.count, dtype=torch.float64)
     rc = lib.ms_run_sums(*_map_args(kernel, tensors, params), flags, table.whole, float(ls), table.nr, table.rt,
                          table.starts, table.ks, table.lens, out.data_ptr() if table.count else None)

@@ -727,7 +727,9 @@ class SliceMeta:
         #: the row kernel's tables (kernels.RowTable), by the row slices it reads
         self.row_tables: Dict[tuple, "kernels.RowTable"] = {}
         self.numel = [s.grad.numel() for s in slices]
+        self.dtypes = [s.grad.dtype for s in slices]
         self._map_tables: Dict[bool, "kernels.MapTable"] = {}
+        self._scale_table: Optional["kernels.RowTable"] = None
         #: (premap, its per-counted-slice parameters, clamp bounds per run): premap_args
         self._premap: Optional[tuple] = None
         self._u_runs = u_runs
@@ -756,6 +758,19 @@ class SliceMeta:
                 bounds = [bounds[r[0]] for r in self.group_parts.runs]
             self._premap = (premap, kws, bounds)
         return self._premap[1], self._premap[2]
+
+    def scale_table(self) -> Optional["kernels.RowTable"]:
+        """The row kernel's table for group factors (:meth:`SliceSet._scale_on_device`): every
+        live slice one row whose factor is its group's entry of the [L] factor vector. None
+        when a live slice is of a dtype the kernel does not store (fp64): the torch path."""
+        if self._scale_table is None:
+            live = self.live
+            if not all(self.dtypes[i] in kernels.DTYPES for i in live):
+                return None
+            self._scale_table = kernels.RowTable([self.dtypes[i] for i in live], [self.numel[i] for i in live],
+                                                 [0] * len(live), [self.numel[i] for i in live],
+                                                 [self.group_of[i] for i in live])
+        return self._scale_table
 
     def map_table(self, sums: bool) -> "kernels.MapTable":
         """The map kernel's table over all the slices (the tensors a map runs on,
@@ -816,6 +831,10 @@ class SliceSet:
         self._host_plan: Optional[Tuple[Elementwise, list, Dict[str, list]]] = None
         #: the group partial norms the last map took of its result (CPU), for the next compute()
         self._map_sums: Optional[_MapSums] = None
+        #: the local (this rank's, not reduced) group sums of squares of the last statistics pass,
+        #: taken by the sum kernel's chunk loop, while the gradient is unchanged since (None
+        #: once it was changed): a map reuses them for the groups it leaves unchanged
+        self._local_sumsq: Optional[torch.Tensor] = None
 
     # -------------------------------------------------------------- statistics
     @marked(STATS)
@@ -828,6 +847,7 @@ class SliceSet:
         the mapped gradient gives; None where they cannot be taken exactly (a loss scale, a
         map without a multi-tensor form): the caller then makes that pass after the map."""
         fused, self._map_sums = self._map_sums, None
+        self._local_sumsq = None
         sumsq = mapped = None
         if premap is not None:
             plain = fused is None and SUMSQ in needs and not needs & {UNIT_SUMSQ, SUMABS}
@@ -878,6 +898,9 @@ class SliceSet:
             parts[SUMABS] = self._group_sum(1)
         if UNIT_PARAM_SUMSQ in needs:
             parts[UNIT_PARAM_SUMSQ] = self._unit_sum("param")
+        if SUMSQ in parts and UNIT_SUMSQ not in parts and _kernel_ok(self._counted):
+            # the sum kernel's group sums (also those a map or premap took: bit for bit a pass)
+            self._local_sumsq = parts[SUMSQ]
         keys = [k for k in (SUMSQ, SUMABS, UNIT_SUMSQ, UNIT_PARAM_SUMSQ) if k in parts]
         packed = torch.cat([parts[k] for k in keys]) if keys else torch.zeros(0, dtype=STAT_DTYPE, device=dev)
         return keys, packed
@@ -1037,6 +1060,9 @@ class SliceSet:
         map does not take its partial norms."""
         params = None
         self._map_sums = None
+        # the last pass's local sums, still those of the groups the map will leave unchanged
+        local, self._local_sumsq = self._local_sumsq, None
+        factors = None
         if elementwise is None and unit_scale is not None:
             # one pass: the group factor folded into the unit factors (AGC's group factor is 1)
             unit_scale = unit_scale * scale.index_select(0, self.layout.unit_group.to(scale.device))
@@ -1055,12 +1081,23 @@ class SliceSet:
         self._fresh_sumsq = None
         if unit_scale is not None:
             self._scale_units(unit_scale)
+            local = None
         if elementwise is not None:
-            self._map(elementwise, params, stats_after)
+            kept = None if local is None or not stats_after else (local, factors)
+            self._map(elementwise, params, stats_after, kept)
 
     def _scale_on_device(self, scale: torch.Tensor) -> None:
+        """Every live slice times its group's factor, read where it is (no host read). On the
+        CPU with the kernels: one call of the row kernel, each slice one row (its factor rounded to
+        fp32, the product in fp32 rounded once: the bits of :func:`_mul_rounded_once_`), and a
+        slice whose factor is 1 is not touched (a clip that did not fire, SPAMP's projection of
+        a group inside its ball): no pass over it. Elsewhere one multi-tensor multiply of all."""
         live = self.meta.live
         if not live:
+            return
+        table = self.meta.scale_table() if scale.device.type == "cpu" and kernels.enabled() else None
+        if table is not None and kernels.rows([self.slices[i].grad for i in live], table,
+                                              scale.to(torch.float64).contiguous()):
             return
         factors = scale.index_select(0, self.meta.live_group.to(scale.device)).unbind()
         _mul_rounded_once_([self.slices[i].grad for i in live], factors)
@@ -1114,7 +1151,8 @@ class SliceSet:
         done = set(todo)
         return [i for i in rows if i not in done]
 
-    def _map(self, fn: Elementwise, params: Dict[str, list], stats_after: bool = True) -> None:
+    def _map(self, fn: Elementwise, params: Dict[str, list], stats_after: bool = True,
+             kept: Optional[Tuple[torch.Tensor, list]] = None) -> None:
         """The map on true gradient values, computed in at least fp32 whatever the storage dtype
         (|g|^alpha of a bf16 value is not a bf16 operation; an fp64 gradient is not rounded to
         fp32). Maps with an in-place multi-tensor form (``apply_foreach_``) run on the gradient
@@ -1133,7 +1171,7 @@ class SliceSet:
             foreach = _Foreach(foreach, getattr(fn, "kernel_args", None))
         identity = getattr(fn, "is_identity", None)
         if foreach is not None and foreach.kernel_args is not None and self._on_cpu():
-            taken = self._map_kernel(foreach.kernel_args, identity, params, ls, stats_after)
+            taken = self._map_kernel(foreach.kernel_args, identity, params, ls, stats_after, kept)
             if taken is not False:
                 self._map_sums = taken
                 return
@@ -1172,14 +1210,19 @@ class SliceSet:
         self._map_sums = sums
 
     def _map_kernel(self, args_of: Callable, identity: Optional[Callable], params: Dict[str, list], ls: float,
-                    stats_after: bool):
+                    stats_after: bool, kept: Optional[Tuple[torch.Tensor, list]] = None):
         """(CPU) The whole map in one kernel call (:func:`kernels.run_sums`): every slice
         mapped in place, and, if ``stats_after``, the partials of what it stored taken chunk by
         chunk while in cache: the sums the statistics pass after the map takes, bit for bit (same
         chunks, same loop), with no per-block Python. Returns the taken sums (for the next
         :meth:`compute`; None without ``stats_after``), or False (nothing touched) where the
         batched path must run: a slice the kernel does not take, a group whose parameters
-        have no kernel form, two kernels in one map, the map not run on this CPU."""
+        have no kernel form, two kernels in one map, the map not run on this CPU.
+
+        ``kept`` (local group sums of squares of the statistics pass before, the group factors
+        applied since): a group whose map is the identity and whose factor was 1 is unchanged
+        since that pass; its slices are not read (the kernel's flag 2) and its sums are the kept
+        ones, the bits a read gives (the same chunks summed by the same loop)."""
         if not kernels.available():
             return False
         by_group: Dict[int, Optional[tuple]] = {}
@@ -1200,14 +1243,23 @@ class SliceSet:
         prm = [by_group[g] if n else None for g, n in zip(self._group_of, self.meta.numel)]
         cols = [[p[j] if p is not None else 0.0 for p in prm] for j in range(arity)]
         table = self.meta.map_table(stats_after and bool(self._counted))
-        got = kernels.run_sums(name, [s.grad for s in self.slices], cols, [p is not None for p in prm], table, ls)
+        same = [] if kept is None else [g for g, a in by_group.items() if a is None and kept[1][g] == 1.0]
+        flags = [1 if p is not None else 0 for p in prm]
+        if same:
+            unchanged = set(same)
+            flags = [2 if f == 0 and g in unchanged else f for f, g in zip(flags, self._group_of)]
+        got = kernels.run_sums(name, [s.grad for s in self.slices], cols, flags, table, ls)
         if got is None:
             return False
         if not stats_after:
             return None
         if not self._counted:
             return _Taken(torch.zeros(self.meta.group_parts.size, dtype=STAT_DTYPE))
-        return _Taken(_index_sum(got, self.meta.group_parts))
+        sums = _index_sum(got, self.meta.group_parts)
+        if same:
+            idx = torch.tensor(same, dtype=torch.long)
+            sums.index_copy_(0, idx, kept[0].index_select(0, idx))
+        return _Taken(sums)
 
     @staticmethod
     def _map_one(fn: Elementwise, grad: torch.Tensor, kw: dict, ls: float) -> None:

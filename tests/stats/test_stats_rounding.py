@@ -98,6 +98,8 @@ def test_group_scale_paths_all_correctly_rounded(monkeypatch, dtype, path):
     layout = make_layout([f"t{i}" for i in range(len(FACTORS))], [R * C] * len(FACTORS))
     ss = SliceSet([GradSlice(grad=g, group=i) for i, g in enumerate(grads)], layout)
     calls = _force(monkeypatch, path == "scalar", rows_native=path == "broadcast")
+    # the torch paths (the CPU's row kernel is test_group_scale_of_16bit_slices_is_correctly_rounded's)
+    monkeypatch.setenv("MEGATRON_SHAPING_KERNELS", "0")
     ss.apply(torch.tensor(FACTORS, dtype=torch.float64), None, None)
     # the fallback widens every slice; the native paths widen none
     assert calls["float"] == (len(grads) if path == "widen" else 0)
