@@ -675,6 +675,8 @@ class Runner:
                 self.step(c)
                 pr.disable()
             if self.rank == 0:
+                if self.args.profile_dump:
+                    pr.dump_stats(f"{self.args.profile_dump}.{c.name}")
                 buf = io.StringIO()
                 pstats.Stats(pr, stream=buf).sort_stats(self.args.profile_sort).print_stats(
                     *([self.args.profile_filter] if self.args.profile_filter else []), self.args.profile_top)
@@ -1136,6 +1138,7 @@ def parse(argv=None):
     p.add_argument("--configs", default="", help="comma-separated subset of: " + ",".join(known_configs()))
     p.add_argument("--profile", default="", help="comma-separated configurations to cProfile for --profile-steps extra steps (rank 0)")
     p.add_argument("--profile-steps", type=int, default=1, help="steps cProfiled per configuration (default 1)")
+    p.add_argument("--profile-dump", default="", help="also write each profile (pstats format) to PATH.<config>")
     p.add_argument("--profile-top", type=int, default=15, help="functions shown per cProfile (default 15)")
     p.add_argument("--profile-sort", default="tottime", help="cProfile sort key (default tottime; e.g. cumulative)")
     p.add_argument("--profile-filter", default="", help="regex on file:function to restrict the cProfile listing")
