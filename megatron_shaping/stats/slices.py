@@ -10,7 +10,7 @@ weights on TP rank > 0, tied weights on the non-owner stage) are shaped but not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import math
 
@@ -729,7 +729,8 @@ class SliceMeta:
         self.numel = [s.grad.numel() for s in slices]
         self.dtypes = [s.grad.dtype for s in slices]
         self._map_tables: Dict[bool, "kernels.MapTable"] = {}
-        self._scale_table: Optional["kernels.RowTable"] = None
+        #: scale_table's table (False: a live slice the kernel does not store; None: not built)
+        self._scale_table: Union[None, bool, "kernels.RowTable"] = None
         #: (premap, its per-counted-slice parameters, clamp bounds per run): premap_args
         self._premap: Optional[tuple] = None
         self._u_runs = u_runs
@@ -765,12 +766,10 @@ class SliceMeta:
         when a live slice is of a dtype the kernel does not store (fp64): the torch path."""
         if self._scale_table is None:
             live = self.live
-            if not all(self.dtypes[i] in kernels.DTYPES for i in live):
-                return None
-            self._scale_table = kernels.RowTable([self.dtypes[i] for i in live], [self.numel[i] for i in live],
-                                                 [0] * len(live), [self.numel[i] for i in live],
-                                                 [self.group_of[i] for i in live])
-        return self._scale_table
+            self._scale_table = all(self.dtypes[i] in kernels.DTYPES for i in live) and kernels.RowTable(
+                [self.dtypes[i] for i in live], [self.numel[i] for i in live], [0] * len(live),
+                [self.numel[i] for i in live], [self.group_of[i] for i in live])
+        return self._scale_table or None
 
     def map_table(self, sums: bool) -> "kernels.MapTable":
         """The map kernel's table over all the slices (the tensors a map runs on,
@@ -1243,11 +1242,8 @@ class SliceSet:
         prm = [by_group[g] if n else None for g, n in zip(self._group_of, self.meta.numel)]
         cols = [[p[j] if p is not None else 0.0 for p in prm] for j in range(arity)]
         table = self.meta.map_table(stats_after and bool(self._counted))
-        same = [] if kept is None else [g for g, a in by_group.items() if a is None and kept[1][g] == 1.0]
-        flags = [1 if p is not None else 0 for p in prm]
-        if same:
-            unchanged = set(same)
-            flags = [2 if f == 0 and g in unchanged else f for f, g in zip(flags, self._group_of)]
+        same = set() if kept is None else {g for g, a in by_group.items() if a is None and kept[1][g] == 1.0}
+        flags = [1 if p is not None else 2 if g in same else 0 for p, g in zip(prm, self._group_of)]
         got = kernels.run_sums(name, [s.grad for s in self.slices], cols, flags, table, ls)
         if got is None:
             return False
@@ -1257,7 +1253,7 @@ class SliceSet:
             return _Taken(torch.zeros(self.meta.group_parts.size, dtype=STAT_DTYPE))
         sums = _index_sum(got, self.meta.group_parts)
         if same:
-            idx = torch.tensor(same, dtype=torch.long)
+            idx = torch.tensor(sorted(same), dtype=torch.long)
             sums.index_copy_(0, idx, kept[0].index_select(0, idx))
         return _Taken(sums)
 
