@@ -161,6 +161,13 @@ def test_control_exponent_off_by_1e3_exceeds_the_bound():
     assert int(ulps(wrong[ok], want[ok]).max()) > 100 * POW_ULP
 
 
+def test_per_isa_runs_each_function_at_its_level():
+    """The helper itself: fn runs with the level it is filed under (it once ran fn before
+    setting the level: every result one variant off, the baseline never run)."""
+    got = per_isa(kernels.isa)
+    assert got == {level: level for level in got} and 0 in got
+
+
 # ---------------------------------------------------------------- 16-bit storage, rounded once
 
 MAPS = [("power", [0.77, 1.3], PowerMap.apply_foreach_, None),
