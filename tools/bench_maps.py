@@ -11,6 +11,11 @@ build time when it had to build (cold cache).
     python tools/bench_maps.py                     # 1.2M and 6.3M elements, fp32 and bf16
     python tools/bench_maps.py --sizes 1200000 --reps 31
 
+``--against SOURCE``: the kernel of this checkout vs the same kernel built from another version
+of ``_maps.c`` (e.g. ``git show 426dc0c:megatron_shaping/stats/_maps.c > /tmp/old_maps.c``),
+``ms_run`` alone on the same tensors, the two interleaved rep by rep (the column "torch ms"
+becomes the other build's).
+
 ``--stats``: the CPU statistics pass instead (``SliceSet.compute`` on the same slices, cut
 into rows of 1024 for the unit statistics): sums of squares (norm_clip), sums of squares and of
 |x| (entrywise_shrink's first pass) and AGC's gradient and parameter row sums, torch path
@@ -71,6 +76,39 @@ def _time_map(cls, kw: dict, xs: list, kernel: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+def _time_builds(libs: list, name: str, kw: dict, xs: list, reps: int) -> list:
+    """CPU ms of one ms_run call of the map ``name`` on fresh copies of ``xs`` with each library
+    (median of ``reps``, the libraries interleaved in every rep)."""
+    kernel, params = MAPS[name][0].kernel_args(**kw)
+    times = [[] for _ in libs]
+    for _ in range(reps):
+        for i, lib in enumerate(libs):
+            work = [x.clone() for x in xs]
+            args = kernels._map_args(kernel, work, [[p] * len(work) for p in params])
+            t0 = time.process_time()
+            rc = lib.ms_run(*args, 1.0)
+            times[i].append((time.process_time() - t0) * 1e3)
+            if rc:
+                raise RuntimeError(f"{name}: ms_run returned {rc} (not run by this build / CPU)")
+    return [statistics.median(t) for t in times]
+
+
+def against_main(args, dts) -> None:
+    import ctypes
+    import tempfile
+    from pathlib import Path
+    other = Path(tempfile.mkdtemp()) / "other.so"
+    kernels.build(other, source=Path(args.against))
+    libs = [kernels.bind(ctypes.CDLL(str(other))), kernels._lib]
+    print(f"other build: {args.against}; instruction set {kernels.isa()} (0 baseline, 1 AVX2+FMA, 2 AVX-512)")
+    print(f"{'map':16s} {'dtype':5s} {'elements':>9s} {'other ms':>9s} {'this ms':>9s} {'speed-up':>8s}")
+    for name in MAPS:
+        for d in args.dtypes:
+            for n in args.sizes:
+                old, new = _time_builds(libs, name, MAPS[name][1], _tensors(n, dts[d]), args.reps)
+                print(f"{name:16s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
+
+
 #: the statistics passes of --stats: (name, what SliceSet.compute is asked)
 PASSES = [("sumsq (norm_clip)", frozenset({SUMSQ})), ("sumsq+sumabs (shrink)", frozenset({SUMSQ, SUMABS})),
           ("agc unit pair", frozenset({SUMSQ, UNIT_SUMSQ, UNIT_PARAM_SUMSQ}))]
@@ -118,6 +156,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stats", action="store_true", help="time the statistics pass instead of the maps")
+    ap.add_argument("--against", metavar="SOURCE", help="another version of _maps.c: its kernels vs this checkout's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cold = not kernels.library_path().exists()
@@ -128,6 +167,11 @@ def main() -> None:
     dts = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.stats:
         stats_main(args, dts)
+        return
+    if args.against:
+        if not ok:
+            raise SystemExit("--against: the kernels of this checkout are not available")
+        against_main(args, dts)
         return
     print(f"{'map':16s} {'dtype':5s} {'elements':>9s} {'torch ms':>9s} {'kernel ms':>9s} {'speed-up':>8s}")
     for name, (cls, kw) in MAPS.items():

@@ -12,11 +12,13 @@
  * clone (no fast-math, -ffp-contract=off: no implicit FMA contraction, only the explicit fmaf):
  * the result of an element does not depend on how a tensor is split into shards, nor on the CPU.
  *
- *   power:      x <- copysign(coef * |x|^alpha, x), computed in float64 (own log2 / exp2
- *               with explicit FMAs, relative error below 1e-10 before the one rounding to
- *               fp32: at most 1 ulp, correctly rounded except within ~0.002 ulp of a halfway
- *               point); x = 0 -> x. Needs hardware FMA: not run by the x86-64 baseline
- *               variant (ms_run returns 1: the caller takes torch's pow).
+ *   power:      x <- copysign(coef * |x|^alpha, x) for 0 < alpha <= 1, computed in float64
+ *               (own log2 / exp2, minimax polynomials with explicit FMAs, relative error
+ *               below 2.1e-9 before the one rounding to fp32, i.e. below 0.04 ulp: at most
+ *               1 ulp from the correctly rounded value, equal to it except within 0.04 ulp
+ *               of a halfway point, about 1.4 % of inputs); x = 0 -> x, inf -> inf,
+ *               NaN -> NaN. Needs hardware FMA: not run by the x86-64 baseline variant, nor
+ *               for an exponent outside (0, 1] (ms_run returns 1: the caller takes torch's pow).
  *   shrink2:    x <- clamp(x, -bound, bound) (bound = inf: no clamp), then
  *               x * (1 / sqrt(fma(invT2 * x, x, 1))), the operations of ShrinkMap's p = 2 path
  *               as torch runs them on AVX2 / AVX-512 (addcmul contracted to an FMA, rsqrt as
@@ -85,43 +87,48 @@ MS_INLINE uint16_t fp16_store(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
-/* coef * |x|^alpha in float64, rounded once to fp32 (sign of x restored) */
+/* coef * |x|^alpha in float64, rounded once to fp32 (sign of x restored); 0 < alpha <= 1
+ * (ms_power_ok), so that for finite x the exponent y = alpha * log2|x| lies in [-150, 129]
+ * and 2^n below is a normal double without clamping. Polynomials: minimax fits (Lawson's
+ * algorithm, 40-digit reference) of log2((1+s)/(1-s)) / s in s^2 on |s| <= 3 - 2 sqrt2
+ * (absolute error 1.7e-10) and of 2^f on |f| <= 1/2 (relative error 1.9e-9). */
 MS_INLINE float power_one(float x, double alpha, double coef) {
     double ax = fabs((double)x);                   /* every fp32 value, subnormals too, is a normal double */
-    uint64_t b = d2u(ax);
+    /* ax = 2^e * m with m in [1/sqrt2, sqrt2): adding 1 - bits(1/sqrt2) to the bits carries
+     * into the exponent field exactly when the significand is >= sqrt2 (no compare, no blend) */
+    uint64_t b = d2u(ax) + 0x00095F619980C433ull;
     double e = u2d(0x4330000000000000ull | (b >> 52)) - 0x1.0p52 - 1023.0;
-    double m = u2d((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);   /* [1, 2) */
-    int big = m > 1.4142135623730951;
-    m = big ? m * 0.5 : m;                                                 /* [0.707, 1.414] */
-    e = big ? e + 1.0 : e;
+    double m = u2d(d2u(ax) - (b & 0xFFF0000000000000ull) + 0x3FF0000000000000ull);
     double s = (m - 1.0) / (m + 1.0), z = s * s;                          /* |s| <= 0.1716 */
-    /* log2(m) = 2/ln2 * atanh(s) = 2/ln2 * (s + s^3/3 + ... + s^11/11), truncation < 3e-11 */
-    double p = 0.26230818925253882;                /* 2/ln2 / 11 */
-    p = fma(p, z, 0.32059889797532522);            /* / 9 */
-    p = fma(p, z, 0.41219858311113242);            /* / 7 */
-    p = fma(p, z, 0.57707801635558536);            /* / 5 */
-    p = fma(p, z, 0.96179669392597561);            /* / 3 */
-    p = fma(p, z, 2.8853900817779268);             /* 2/ln2 */
+    double p = 0.43425657546762636;                /* log2(m) = s * p(s^2) */
+    p = fma(p, z, 0.5765845133047386);
+    p = fma(p, z, 0.9618007595587829);
+    p = fma(p, z, 2.885390072751113);
     double y = alpha * fma(s, p, e);
-    y = y < -300.0 ? -300.0 : (y > 300.0 ? 300.0 : y);          /* fp32 under/overflow either way */
     double t = y + 0x1.8p52;                                    /* round to an integer n */
     double n = t - 0x1.8p52, f = y - n;                         /* |f| <= 0.5 */
     double scale = u2d((d2u(t) + 1023ull) << 52);               /* 2^n */
-    /* 2^f = sum (f ln2)^k / k!, k <= 9: truncation < 7e-12 relative */
-    double q = 1.0178086009239696e-07;
-    q = fma(q, f, 1.3215486790144305e-06);
-    q = fma(q, f, 1.5252733804059838e-05);
-    q = fma(q, f, 1.5403530393381606e-04);
-    q = fma(q, f, 1.3333558146428441e-03);
-    q = fma(q, f, 9.618129107628477e-03);
-    q = fma(q, f, 5.5504108664821576e-02);
-    q = fma(q, f, 0.2402265069591007);
-    q = fma(q, f, 0.6931471805599453);
-    q = fma(q, f, 1.0);
+    double q = 0.00015345822188949157;             /* 2^f */
+    q = fma(q, f, 0.001339993564599816);
+    q = fma(q, f, 0.00961848896137353);
+    q = fma(q, f, 0.055503287661323446);
+    q = fma(q, f, 0.240226468902073);
+    q = fma(q, f, 0.6931472057421797);
+    q = fma(q, f, 1.0000000005542775);
     float r = (float)(coef * (q * scale));
     r = ax == 0.0 ? 0.0f : r;
+    r = ax == (double)INFINITY ? INFINITY : r;     /* inf^alpha = inf (y above was not clamped) */
     r = x != x ? x : r;
     return copysignf(r, x);
+}
+
+/* the exponents of the tensors the power map runs on (every one; with ``on``, those with
+ * on[k] = 1) are in its domain (0, 1] (NaN is not) */
+static int ms_power_ok(long nt, const double *alpha, const unsigned char *on) {
+    for (long k = 0; k < nt; k++)
+        if ((!on || on[k] == 1) && !(alpha[k] > 0.0 && alpha[k] <= 1.0))
+            return 0;
+    return 1;
 }
 
 MS_INLINE float shrink2_one(float x, float invT2, float bound) {
@@ -310,8 +317,8 @@ int ms_cap_level(int cap) {
 
 /* Map ``map`` (0 power, 1 shrink2, 2 clamp) on nt tensors (data pointers, lengths, dtype codes
  * 0 fp32 / 1 bf16 / 2 fp16), per-tensor parameters a, b (b unused by clamp), one loss scale.
- * Returns 0 (done), 1 (this map is not run on this CPU: nothing touched), or -1 (an unknown map
- * or dtype code). */
+ * Returns 0 (done), 1 (this map is not run on this CPU, or the power map with an exponent
+ * outside (0, 1]: nothing touched), or -1 (an unknown map or dtype code). */
 int ms_run(int map, long nt, void **ptrs, const long *lens, const int *dtypes, const double *a,
            const double *b, double ls) {
     int level = ms_level();
@@ -321,6 +328,8 @@ int ms_run(int map, long nt, void **ptrs, const long *lens, const int *dtypes, c
     if (map == 0 && level == 0)
         return 1;                    /* fma() would be a library call per operation */
 #endif
+    if (map == 0 && !ms_power_ok(nt, a, NULL))
+        return 1;                    /* an exponent outside (0, 1]: torch's pow */
     for (long k = 0; k < nt; k++) {
         if (dtypes[k] < 0 || dtypes[k] > 2)
             return -1;
@@ -391,8 +400,8 @@ int ms_clamp_sums(long nr, void *const *tptrs, const int *tcodes, const int *rt,
  * same tensors): every chunk of a run is mapped and then summed by ms_sums' chunk loop (the
  * bits a pass after the map takes), sum x^2 per chunk into sq in run order. The runs of a tensor
  * must tile it ([0, length), no overlap: the caller's table guarantees it); a tensor in no run
- * (whole[k] = 1) is mapped as ms_run maps it. nr = 0: the map alone. Returns 0, 1 (this map is
- * not run on this CPU: nothing touched) or -1 (an unknown map or dtype code, a run outside its
+ * (whole[k] = 1) is mapped as ms_run maps it. nr = 0: the map alone. Returns 0, 1 (as ms_run:
+ * nothing touched) or -1 (an unknown map or dtype code, a run outside its
  * tensor: nothing touched). MS_RUNSUMS_CONTROL (tests only): 1 sums a chunk before mapping it
  * (the partials of the gradient, not of the map's result); 2 reads the chunks of on[k] = 2
  * tensors (their partials taken, not 0). */
@@ -409,6 +418,8 @@ int ms_run_sums(int map, long nt, void **ptrs, const long *lens, const int *dtyp
     if (map == 0 && level == 0)
         return 1;
 #endif
+    if (map == 0 && !ms_power_ok(nt, a, on))
+        return 1;
     for (long k = 0; k < nt; k++)
         if (dtypes[k] < 0 || dtypes[k] > 2)
             return -1;

@@ -14,8 +14,8 @@ compiled for AVX2+FMA and AVX-512 and chosen at run time by the CPU (:func:`isa`
 operations in every variant, so the same results).
 
 :func:`run` returns False (the caller takes the torch-op path) when the kernels are disabled
-(``MEGATRON_SHAPING_KERNELS=0``), the build failed (one logged warning), or a tensor is not a
-contiguous CPU tensor of fp32, bf16 or fp16; :func:`sums` returns None in the same cases, and
+(``MEGATRON_SHAPING_KERNELS=0``), the build failed (one logged warning), a tensor is not a
+contiguous CPU tensor of fp32, bf16 or fp16, or the power map gets an exponent outside (0, 1]; :func:`sums` returns None in the same cases, and
 :func:`rows` (AGC's row factors) False, :func:`run_sums` None.
 """
 from __future__ import annotations
@@ -64,10 +64,11 @@ def library_path() -> Path:
     return _cache_dir() / f"maps_{key}.so"
 
 
-def build(path: Path, extra: Sequence[str] = ()) -> None:
+def build(path: Path, extra: Sequence[str] = (), source: Path = SOURCE) -> None:
     """Compile the source to ``path`` (written under a temporary name, then renamed: ranks that
     build at the same time each get a whole file). ``extra``: more compiler flags (the tests'
-    control variants, e.g. ``-DMS_SUMS_CONTROL=1``; never the package's own library)."""
+    control variants, e.g. ``-DMS_SUMS_CONTROL=1``; never the package's own library);
+    ``source``: another version of ``_maps.c`` (``tools/bench_maps.py --against``)."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found)")
@@ -75,7 +76,7 @@ def build(path: Path, extra: Sequence[str] = ()) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(source), "-lm"], capture_output=True, text=True)
         if res.returncode:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, path)
@@ -152,7 +153,7 @@ def run(kernel: str, tensors: Sequence[torch.Tensor], params: Sequence[Sequence[
     if not enabled() or not all(supports(t) for t in tensors) or _load() is None:
         return False
     rc = _lib.ms_run(*_map_args(kernel, tensors, params), float(ls))
-    if rc == 1:       # not on this CPU (the power map without hardware FMA): nothing was touched
+    if rc == 1:       # not on this CPU (the power map without hardware FMA), or an exponent outside (0, 1]
         return False
     if rc:
         raise RuntimeError(f"kernel {kernel} failed ({rc})")
