@@ -13,8 +13,8 @@ build time when it had to build (cold cache).
 
 ``--against SOURCE``: the kernel of this checkout vs the same kernel built from another version
 of ``_maps.c`` (e.g. ``git show 426dc0c:megatron_shaping/stats/_maps.c > /tmp/old_maps.c``),
-``ms_run`` alone on the same tensors, the two interleaved rep by rep (the column "torch ms"
-becomes the other build's).
+``ms_run`` alone on the same tensors, the two interleaved rep by rep (columns "other ms" and
+"this ms").
 
 ``--stats``: the CPU statistics pass instead (``SliceSet.compute`` on the same slices, cut
 into rows of 1024 for the unit statistics): sums of squares (norm_clip), sums of squares and of
@@ -97,8 +97,11 @@ def against_main(args, dts) -> None:
     import ctypes
     import tempfile
     from pathlib import Path
+    src = Path(args.against)
+    if not src.is_file():
+        raise SystemExit(f"--against: {src} is not a file (expected a version of megatron_shaping/stats/_maps.c)")
     other = Path(tempfile.mkdtemp()) / "other.so"
-    kernels.build(other, source=Path(args.against))
+    kernels.build(other, source=src)
     libs = [kernels.bind(ctypes.CDLL(str(other))), kernels._lib]
     print(f"other build: {args.against}; instruction set {kernels.isa()} (0 baseline, 1 AVX2+FMA, 2 AVX-512)")
     print(f"{'map':16s} {'dtype':5s} {'elements':>9s} {'other ms':>9s} {'this ms':>9s} {'speed-up':>8s}")

@@ -94,8 +94,9 @@ MS_INLINE uint16_t fp16_store(float f) {
  * (absolute error 1.7e-10) and of 2^f on |f| <= 1/2 (relative error 1.9e-9). */
 MS_INLINE float power_one(float x, double alpha, double coef) {
     double ax = fabs((double)x);                   /* every fp32 value, subnormals too, is a normal double */
-    /* ax = 2^e * m with m in [1/sqrt2, sqrt2): adding 1 - bits(1/sqrt2) to the bits carries
-     * into the exponent field exactly when the significand is >= sqrt2 (no compare, no blend) */
+    /* ax = 2^e * m with m in [1/sqrt2, sqrt2): adding bits(1.0) - bits(1/sqrt2) to the bits
+     * carries into the exponent field exactly when the significand is >= sqrt2 (no compare,
+     * no blend); m keeps the significand, its exponent set to 0 or -1 accordingly */
     uint64_t b = d2u(ax) + 0x00095F619980C433ull;
     double e = u2d(0x4330000000000000ull | (b >> 52)) - 0x1.0p52 - 1023.0;
     double m = u2d(d2u(ax) - (b & 0xFFF0000000000000ull) + 0x3FF0000000000000ull);

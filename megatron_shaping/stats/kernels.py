@@ -15,8 +15,9 @@ operations in every variant, so the same results).
 
 :func:`run` returns False (the caller takes the torch-op path) when the kernels are disabled
 (``MEGATRON_SHAPING_KERNELS=0``), the build failed (one logged warning), a tensor is not a
-contiguous CPU tensor of fp32, bf16 or fp16, or the power map gets an exponent outside (0, 1]; :func:`sums` returns None in the same cases, and
-:func:`rows` (AGC's row factors) False, :func:`run_sums` None.
+contiguous CPU tensor of fp32, bf16 or fp16, or the power map gets an exponent outside (0, 1];
+:func:`sums` returns None in the same cases, and :func:`rows` (AGC's row factors) False,
+:func:`run_sums` None.
 """
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ def _halfway_distance(got: torch.Tensor, x: torch.Tensor, alpha: float, coef: fl
 def test_power_misrounds_only_near_a_halfway_point(alpha, coef):
     """Sharper than the 1-ulp bound: a result differs from the correctly rounded one only where
     the exact value lies within POW_HALFWAY ulp of a halfway point (the polynomials' 2.1e-9
-    relative error), and so on about 1.4 % of inputs (uniform positions: 2 x 0.04 x ln 2-ish)."""
+    relative error), which here is about 1.4 % of the inputs."""
     x = _all_floats(seed=5)
     got = _kernel(x, "power", [alpha, coef])
     d = _halfway_distance(got, x, alpha, coef)
