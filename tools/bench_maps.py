@@ -76,10 +76,11 @@ def _time_map(cls, kw: dict, xs: list, kernel: bool, reps: int) -> float:
     return statistics.median(times)
 
 
-def _time_builds(libs: list, name: str, kw: dict, xs: list, reps: int) -> list:
+def _time_builds(libs: list, name: str, xs: list, reps: int) -> list:
     """CPU ms of one ms_run call of the map ``name`` on fresh copies of ``xs`` with each library
     (median of ``reps``, the libraries interleaved in every rep)."""
-    kernel, params = MAPS[name][0].kernel_args(**kw)
+    cls, kw = MAPS[name]
+    kernel, params = cls.kernel_args(**kw)
     times = [[] for _ in libs]
     for _ in range(reps):
         for i, lib in enumerate(libs):
@@ -108,7 +109,7 @@ def against_main(args, dts) -> None:
     for name in MAPS:
         for d in args.dtypes:
             for n in args.sizes:
-                old, new = _time_builds(libs, name, MAPS[name][1], _tensors(n, dts[d]), args.reps)
+                old, new = _time_builds(libs, name, _tensors(n, dts[d]), args.reps)
                 print(f"{name:16s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
 
 
