@@ -94,7 +94,10 @@ def _time_builds(libs: list, name: str, xs: list, reps: int) -> list:
     return [statistics.median(t) for t in times]
 
 
-def against_main(args, dts) -> None:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def against_main(args) -> None:
     import ctypes
     import tempfile
     from pathlib import Path
@@ -109,7 +112,7 @@ def against_main(args, dts) -> None:
     for name in MAPS:
         for d in args.dtypes:
             for n in args.sizes:
-                old, new = _time_builds(libs, name, _tensors(n, dts[d]), args.reps)
+                old, new = _time_builds(libs, name, _tensors(n, DTYPES[d]), args.reps)
                 print(f"{name:16s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
 
 
@@ -142,21 +145,22 @@ def _time_stats(ss: slices.SliceSet, needs: frozenset, kernel: bool, reps: int) 
     return statistics.median(times)
 
 
-def stats_main(args, dts) -> None:
+def stats_main(args) -> None:
     print(f"{'statistics pass':22s} {'dtype':5s} {'elements':>9s} {'torch ms':>9s} {'kernel ms':>9s} {'speed-up':>8s}")
     for name, needs in PASSES:
         for d in args.dtypes:
             for n in args.sizes:
-                ss = _stats_set(_tensors(n, dts[d]))
+                ss = _stats_set(_tensors(n, DTYPES[d]))
                 old = _time_stats(ss, needs, False, args.reps)
                 new = _time_stats(ss, needs, True, args.reps)
                 print(f"{name:22s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
 
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_200_000, 6_300_000])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stats", action="store_true", help="time the statistics pass instead of the maps")
@@ -168,20 +172,19 @@ def main() -> None:
     ok = kernels.available()
     print(f"kernels available: {ok}; {'built' if cold else 'loaded'} in {time.perf_counter() - t0:.2f} s "
           f"({kernels.library_path()})")
-    dts = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.stats:
-        stats_main(args, dts)
+        stats_main(args)
         return
     if args.against:
         if not ok:
             raise SystemExit("--against: the kernels of this checkout are not available")
-        against_main(args, dts)
+        against_main(args)
         return
     print(f"{'map':16s} {'dtype':5s} {'elements':>9s} {'torch ms':>9s} {'kernel ms':>9s} {'speed-up':>8s}")
     for name, (cls, kw) in MAPS.items():
         for d in args.dtypes:
             for n in args.sizes:
-                xs = _tensors(n, dts[d])
+                xs = _tensors(n, DTYPES[d])
                 old = _time_map(cls, kw, xs, False, args.reps)
                 new = _time_map(cls, kw, xs, True, args.reps)
                 print(f"{name:16s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
