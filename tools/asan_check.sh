@@ -45,7 +45,8 @@ LD_PRELOAD="$asan" python -m pytest -q -x -p no:cacheprovider --capture=sys test
 
 echo "[asan] 3/3 benchmark runs under ASan (every shaper, real ZeRO slices)"
 for run in "--model llama --stage 2 --dtype fp32" "--stage 3 --dtype bf16"; do
-    # shellcheck disable=SC2086   (every configuration: all registered shapers)
+    # no --configs: every configuration, i.e. every registered shaper
+    # shellcheck disable=SC2086
     LD_PRELOAD="$asan" python tools/bench_overhead.py $run --steps 2 --warmup 1 > "$work/bench.log" 2>&1 || { echo "asan_check: benchmark run failed ($run):" >&2; grep -A30 -m1 "AddressSanitizer" "$work/bench.log" >&2 || tail -30 "$work/bench.log" >&2; exit 1; }
     if grep -q "AddressSanitizer" "$work/bench.log"; then
         echo "asan_check: ASan report in the benchmark run ($run):" >&2; grep -A30 -m1 "AddressSanitizer" "$work/bench.log" >&2; exit 1

@@ -156,7 +156,6 @@ def stats_main(args) -> None:
                 print(f"{name:22s} {d:5s} {n:9d} {old:9.2f} {new:9.2f} {old / new:7.2f}x")
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_200_000, 6_300_000])
