@@ -38,7 +38,7 @@ def test_skip_section():
 
 @pytest.mark.parametrize("section,needles", [
     ({"type": "gradient_stabiliser"}, ["gradient_shaping.type", "gradient_stabiliser", "gradient_stabilizer"]),
-    ({"type": "spamp", "alpha": 0.5}, ["gradient_shaping.alpha", "xtra"]),
+    ({"type": "spamp", "alpha": 0.5}, ["gradient_shaping.alpha", "unknown key", "0.5", "'params'", "'skip'"]),
     ({"type": "gradient_stabilizer", "params": {"beta1": 1.5}}, ["beta1", "1.5"]),
     ({"type": "gradient_stabilizer", "params": {"beta3": 0.5}}, ["beta3", "beta1", "beta2", "eps"]),
     ({"type": "norm_clip", "params": {"max_norm": -1.0}}, ["max_norm", "-1"]),
@@ -52,7 +52,9 @@ def test_skip_section():
     ({"type": "gradient_stabilizer", "shapers": [{"type": "agc"}]}, ["shapers", "chain"]),
     ({"type": "gradient_stabilizer", "granularity": "block", "block_pattern": "(["}, ["block_pattern", "(["]),
     ({"type": "spamp", "skip": {"grad_norm_z": None}}, ["gradient_shaping.skip", "no rule", "loss_z", "max_grad_norm"]),
-    ({"type": "spamp", "skip": {"windw": 64}}, ["gradient_shaping.skip.windw", "xtra"]),
+    ({"type": "spamp", "skip": {"windw": 64}}, ["gradient_shaping.skip.windw", "unknown key", "'window'"]),
+    ({"type": "chain", "shapers": [{"type": "agc", "param": {}}]},
+     ["gradient_shaping.shapers.0.param", "unknown key", "'params'", "'granularity'"]),
     ({"type": "spamp", "skip": {"window": 1}}, ["gradient_shaping.skip.window", "1"]),
     ({"type": "spamp", "skip": {"window": 8, "min_history": 9}}, ["min_history", "9", "window", "8"]),
     ({"type": "spamp", "skip": {"grad_norm_z": -6}}, ["gradient_shaping.skip.grad_norm_z", "-6"]),

@@ -188,6 +188,14 @@ class GradientShapingConfig(DeepSpeedConfigModel):
         return {"type": self.type, "params": dict(self.params)}
 
 
+def _allowed_keys(loc) -> Optional[List[str]]:
+    """The keys of the (sub-)section an unknown key ``loc`` was found in: the section itself,
+    ``skip`` or a member of ``shapers``. None where the location is not one of these."""
+    path = tuple(x for x in loc[:-1] if not isinstance(x, int))
+    model = {(): GradientShapingConfig, ("skip",): SpikeSkipConfig, ("shapers",): ShaperSpec}.get(path)
+    return sorted(model.model_fields) if model is not None else None
+
+
 def get_gradient_shaping_config(param_dict: Dict[str, Any]) -> Optional[GradientShapingConfig]:
     """The parsed section, or None when the config has none (or it is disabled)."""
     section = param_dict.get(GRADIENT_SHAPING)
@@ -202,6 +210,11 @@ def get_gradient_shaping_config(param_dict: Dict[str, Any]) -> Optional[Gradient
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"])
             where = f"{GRADIENT_SHAPING}.{loc}" if loc else GRADIENT_SHAPING
-            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(err["loc"])
+                lines.append(f"  {where}: unknown key (value {err.get('input')!r})"
+                             + (f"; allowed: {allowed}" if allowed else ""))
+            else:
+                lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
         raise ValueError("invalid DeepSpeed config section 'gradient_shaping':\n" + "\n".join(lines)) from None
     return cfg if cfg.enabled else None
