@@ -3,6 +3,7 @@ on CPU, one launch per call. The worker side is tests/distributed/runner.py."""
 import json
 import os
 import subprocess
+import sys
 
 from tools.launching import deepspeed_cmd, free_port, launch_env  # noqa: F401 (used by the launch tests)
 
@@ -29,6 +30,17 @@ def run_deepspeed(world: int, script: str, *args: str, timeout: int = 1800, chec
             f.write(p.stdout + "\n" + p.stderr)
     if check and p.returncode != 0:
         raise RuntimeError(failed(f"deepspeed launch ({world} processes)", p))
+    return p
+
+
+def run_torchrun(world: int, script: str, *args: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node world script args`` (plain torch.distributed, no DeepSpeed) on
+    CPU, ``env`` added to the launch environment; raises with the failure report when it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
+    p = subprocess.run(cmd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(failed(f"torchrun launch ({world} processes)", p))
     return p
 
 
