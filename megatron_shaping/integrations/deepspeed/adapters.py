@@ -13,8 +13,9 @@ An adapter answers four questions for the shaping hook, which runs at the start 
 * ``norm_guard(scale)``: DeepSpeed's own global-norm pass replaced by the norm the shaping
   statistics already hold (see :meth:`Adapter.norm_guard`).
 
-Only this module and :mod:`.engine` know DeepSpeed's private attributes; each use names the
-0.19.8 attribute it reads.
+Only this module knows DeepSpeed's private attributes (each use names the 0.19.8 attribute it
+reads) and its optimizers' flags (``overflow``, :meth:`Adapter.skipping`); :mod:`.engine` and
+:mod:`.monitor` only wrap ``engine._take_model_step``, DeepSpeed's per-step hook point.
 """
 from __future__ import annotations
 
@@ -110,6 +111,34 @@ class Adapter:
 
     def skip_step(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def skipping(self):
+        """Inside the block, DeepSpeed's step skips the update: ``optimizer.step`` is replaced by
+        :meth:`skip_step` and ``optimizer.overflow`` is set, so ``_take_model_step`` counts the
+        step as skipped and leaves the LR schedule alone, as for an fp16 overflow."""
+        opt = self.opt
+        had_flag = "overflow" in opt.__dict__
+        old_flag = opt.__dict__.get("overflow")
+        with _patched_method(opt, "step", lambda orig: (lambda *a, **k: self.skip_step())):
+            opt.overflow = True
+            try:
+                yield
+            finally:
+                if had_flag:
+                    opt.overflow = old_flag
+                else:
+                    del opt.overflow
+
+    def step_was_skipped(self) -> bool:
+        """After DeepSpeed's step: whether it skipped the update as an overflow
+        (``optimizer.overflow``, a host flag every path sets)."""
+        return bool(getattr(self.opt, "overflow", False))
+
+
+def config_dict(engine) -> dict:
+    """The DeepSpeed config dict the engine was built from (``{}`` when it keeps none)."""
+    return getattr(engine._config, "_param_dict", None) or {}
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from ...stats.slices import GradSlice, SliceCache, SliceSet
 from ...stats.tp import full_shape as _full_shape
 from ...stats.tp import is_tp_sharded as _is_tp_sharded
 from ...stats.tp import local_shape as _local_shape
-from .adapters import Adapter, UnsupportedPath, _patched_method, select_adapter
+from .adapters import Adapter, UnsupportedPath, config_dict, select_adapter
 from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
 from ...monitoring import shaped_fraction as _shaped_fraction
 
@@ -297,7 +297,7 @@ class DeepSpeedShaping:
     def _resolve(self) -> None:
         """End a deferred step: DeepSpeed skipped it (``optimizer.overflow``, a host flag) iff
         the norm we handed it was invalid, i.e. iff the shaping step was vetoed."""
-        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+        skipped = self.adapter.step_was_skipped()
         record = self.session.resolve(skipped)
         if record is None:
             self._warn_skipped(self.engine.global_steps - 1)     # DeepSpeed has counted the step
@@ -328,22 +328,11 @@ class DeepSpeedShaping:
         return bool(self.engine.fp16_enabled())
 
     def _skip(self, lr_kwargs):
-        """Run DeepSpeed's step bookkeeping with the optimizer update replaced by a skip:
-        ``optimizer.overflow = True`` makes ``_take_model_step`` count the step as skipped and
-        leave the LR schedule alone, as it does for an fp16 overflow."""
-        opt = self.engine.optimizer
+        """Run DeepSpeed's step bookkeeping with the optimizer update replaced by a skip
+        (:meth:`Adapter.skipping`): counted as a skipped step, LR schedule left alone."""
         self._warn_skipped(self.engine.global_steps)
-        had_flag = "overflow" in opt.__dict__
-        old_flag = opt.__dict__.get("overflow")
-        with _patched_method(opt, "step", lambda orig: (lambda *a, **k: self.adapter.skip_step())):
-            opt.overflow = True
-            try:
-                return self._orig_take_model_step(lr_kwargs)
-            finally:
-                if had_flag:
-                    opt.overflow = old_flag
-                else:
-                    del opt.overflow
+        with self.adapter.skipping():
+            return self._orig_take_model_step(lr_kwargs)
 
     def _warn_skipped(self, step: int) -> None:
         logger.warning("gradient_shaping: step %d skipped: %s", step, self._skip_message())
@@ -439,7 +428,7 @@ def attach(engine, config: Optional[Dict[str, Any]] = None) -> Optional[DeepSpee
     if getattr(engine, ATTR, None) is not None:
         raise RuntimeError("gradient shaping is already attached to this engine")
     if config is None:
-        param_dict = getattr(engine._config, "_param_dict", None) or {}
+        param_dict = config_dict(engine)
     elif GRADIENT_SHAPING in config:
         param_dict = config
     else:
