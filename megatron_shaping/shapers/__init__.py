@@ -1,6 +1,6 @@
 """Gradient shapers as pure maths: ``init(layout) -> state``, ``update(stats, state) -> (plan, state)``.
 
-No collectives and no DeepSpeed import here (tests/shapers/test_imports.py enforces it).
+No collectives and no DeepSpeed import here (tests/shapers/test_shaper_imports.py enforces it).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ A shaper is an optax-style pair of pure functions over small per-group tensors:
 over every shard that holds a piece of the group. ``plan`` says what to do to each group's
 gradient. Nothing here knows where the gradient lives (one GPU, ZeRO partitions, TP shards,
 pipeline stages): that is `megatron_shaping.stats`'s job. No collectives and no DeepSpeed
-import here (tests/shapers/test_imports.py scans this package for both).
+import here (tests/shapers/test_shaper_imports.py scans this package for both).
 
 A *group* is the unit a shaper keeps statistics for: one tensor (granularity ``tensor``), a
 block of tensors (``block``, e.g. one transformer layer) or the whole model (``global``).
