@@ -39,6 +39,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from tests.distributed import runner  # noqa: E402
 from tests.distributed.nets import batch, make_model  # noqa: E402
 from megatron_shaping.shutdown import exit_process  # noqa: E402
+from megatron_shaping.stats import kernels  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}   # significand bits p
@@ -332,7 +333,7 @@ def run_scenario(sc, world, rank):
            "params": 0.0, "skipped": [], "ref_skipped": [], "loss_scales": [], "collectives_per_step": [],
            "tight_grad": 0.0, "tight_effect": [], "tight_stats": 0.0, "tight_factor": 0.0, "tight_state": 0.0,
            "tight_skipped": [], "tight_scales": [], "grad_dtype": str(gdtype).replace("torch.", ""),
-           "coverage": None, "active": 0.0}
+           "coverage": None, "active": 0.0, "kernels": kernels.available()}
     coverage = {n: torch.zeros(getattr(p, "ds_numel", p.numel()), dtype=torch.float64) for n, p in probe.named}
     for step in range(steps):
         x, y = batch(step, mb * gas * world, spike)

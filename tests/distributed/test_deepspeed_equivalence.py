@@ -13,22 +13,27 @@ rank. One ``deepspeed`` launch per world size runs all its scenarios.
 
    * gradient: within ``grad_tol_ulps`` ulps of the storage dtype. Both sides round the same
      real product into the storage dtype; two correct roundings of one real differ by at most
-     one ulp. The two reals are not quite the same: the statistics are sums of fp32 partial sums
-     over differently cut slices (STATS_TOL below), so the factors may differ by FACTOR_AMP *
-     STATS_TOL relatively, which moves a product by FACTOR_AMP * STATS_TOL * 2^(p-1) ulps of a
-     p-bit significand (5e-4 ulp in bf16, 34 ulps in fp32). A second rounding (SPAMP's
-     projection after its map, a chain's second plan, DeepSpeed's clip) rounds a value already
-     off by that much again; a factor <= 1 can move it into the binade below, where it counts
-     twice: k roundings give at most (2^k - 1) (1 + drift) ulps. Observed: bf16 and fp16 are
-     bit-identical in all cells but one (1 ulp, fp16), fp32 <= 6 ulps.
-   * statistics, factors, shaper state: relative STATS_TOL = 2e-6. The package adds fp32
-     partial sums of runs of <= 2048 entries in float64: each partial is off by at most about
-     log2(2048) * 2^-24 = 6.6e-7 (PyTorch's cascade summation), and the sharded run cuts the
-     runs elsewhere than the unsharded one: 1.3e-6 between the two, rounded up. Observed <= 5.2e-7.
-     Shaper state: EMAs of statistics, within the same bound, except zclip's variance, an EMA
-     of squared deviations (n - mean)^2 of a few norms: a relative error e of the norms becomes
-     about 2 e n / |n - mean| there, amplified by mean/std (up to ~5 in these short runs), hence
-     STATE_TOL = 10 x STATS_TOL (observed <= 1.9e-6, zclip in fp16).
+     one ulp. The two reals are not quite the same: the statistics are sums over differently
+     cut slices (their relative bound ``stats_tol`` below), so the factors may differ by
+     FACTOR_AMP * stats_tol relatively, which moves a product by FACTOR_AMP * stats_tol *
+     2^(p-1) ulps of a p-bit significand. A second rounding (SPAMP's projection after its map,
+     a chain's second plan, DeepSpeed's clip) rounds a value already off by that much again; a
+     factor <= 1 can move it into the binade below, where it counts twice: k roundings give at
+     most (2^k - 1) (1 + drift) ulps.
+   * statistics, factors, shaper state: relative ``stats_tol`` (:func:`tight_tols`), which
+     depends on the statistics path every rank reports. With the CPU sum kernel (the default
+     where a C compiler exists) each chunk's squares are exact in float64 and summed in
+     float64: the test model has 280 elements, so a sum is off by at most 280 * 2^-53 = 3e-14
+     and a ratio of two by 6e-14; EXACT_STATS_TOL = 1e-12 (drift: 2e-5 ulp in fp32, i.e. one
+     ulp per rounding). On the torch path (no compiler, ``MEGATRON_SHAPING_KERNELS=0``) fp32
+     partial sums of runs of <= 2048 entries are added in float64: each partial is off by at
+     most about log2(2048) * 2^-24 = 6.6e-7 (PyTorch's cascade summation), and the sharded run
+     cuts the runs elsewhere than the unsharded one: 1.3e-6 between the two, rounded up to
+     STATS_TOL = 2e-6 (drift: 5e-4 ulp in bf16, 34 ulps in fp32). Shaper state: EMAs of
+     statistics, within the same bound, except zclip's variance, an EMA of squared deviations
+     (n - mean)^2 of a few norms: a relative error e of the norms becomes about 2 e n /
+     |n - mean| there, amplified by mean/std (up to ~5 in these short runs), hence STATE_AMP =
+     10 x stats_tol. Observed figures: ``test_report``.
    * power: the shaping effect on DeepSpeed's own buffers (the shaped gradient vs the gradient
      the hook received, in the same ulp units, the largest over steps and ranks) must be at
      least 10x the gradient tolerance, so a path that skipped shaping could not pass.
@@ -58,8 +63,9 @@ from .launch import launch_scenarios, read_results
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ds_worker.py")
 TOL = {"fp32": 1e-5, "bf16": 6e-2, "fp16": 1.5e-2}
-STATS_TOL = 2e-6
-STATE_TOL = 10 * STATS_TOL   # zclip's variance amplifies the statistics' error (see above)
+STATS_TOL = 2e-6             # the torch path's fp32 partial sums (see above)
+EXACT_STATS_TOL = 1e-12      # the CPU sum kernel's float64 sums of exact squares (see above)
+STATE_AMP = 10               # zclip's variance amplifies the statistics' error (see above)
 FACTOR_AMP = 2.0        # a factor is a ratio of two statistics (a norm over a threshold)
 SIGNIFICAND = {"float32": 24, "bfloat16": 8, "float16": 11}
 POWER = 10.0            # effect / tolerance, and mutant error / tolerance, at least
@@ -68,9 +74,18 @@ WORLDS = (1, 2, 4)
 _cache = {}
 
 
-def grad_tol_ulps(grad_dtype: str, roundings: int) -> float:
-    drift = FACTOR_AMP * STATS_TOL * 2.0 ** (SIGNIFICAND[grad_dtype] - 1)
+def grad_tol_ulps(grad_dtype: str, roundings: int, stats_tol: float = STATS_TOL) -> float:
+    drift = FACTOR_AMP * stats_tol * 2.0 ** (SIGNIFICAND[grad_dtype] - 1)
     return (2 ** roundings - 1) * (1.0 + drift)
+
+
+def tight_tols(ranks, sc) -> dict:
+    """The tight check's tolerance of each compared quantity: the statistics' bound is the sum
+    kernel's where every rank's statistics went through it (the workers report it), else the
+    torch path's; the gradient's follows from it."""
+    stats_tol = EXACT_STATS_TOL if all(x.get("kernels") for x in ranks) else STATS_TOL
+    return {"tight_grad": grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc), stats_tol),
+            "tight_stats": stats_tol, "tight_factor": stats_tol, "tight_state": STATE_AMP * stats_tol}
 
 
 def roundings(sc) -> int:
@@ -130,10 +145,8 @@ def effect(ranks):
 
 def tight_ratios(ranks, sc):
     """Each tight comparison's worst value over its tolerance: {name: (ratio, rank)}."""
-    gt = grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc))
     out = {}
-    for key, tol in (("tight_grad", gt), ("tight_stats", STATS_TOL), ("tight_factor", STATS_TOL),
-                     ("tight_state", STATE_TOL)):
+    for key, tol in tight_tols(ranks, sc).items():
         v, rk = worst(ranks, key)
         out[key] = (v / tol, rk)
     return out
@@ -164,9 +177,9 @@ def test_sharded_equals_unsharded(world, sc, tmp_root):
 
     # ---- 1. tight: the same gradient through the reference, every step, every rank
     if tight:
-        gt = grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc))
-        for key, t in (("tight_grad", gt), ("tight_stats", STATS_TOL), ("tight_factor", STATS_TOL),
-                       ("tight_state", STATE_TOL)):
+        tols = tight_tols(ranks, sc)
+        gt = tols["tight_grad"]
+        for key, t in tols.items():
             v, rk = worst(ranks, key)
             assert v <= t, f"{key} = {v:.3g} > {t:.3g} on rank {rk}"
         eff = effect(ranks)
@@ -242,7 +255,7 @@ def build_report(results):
         ranks = results[w][sc["name"]]["ranks"]
         if any("error" in x for x in ranks):
             continue
-        gt = grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc))
+        gt = tight_tols(ranks, sc)["tight_grad"]
         ratios.append((effect(ranks) / gt, f"w{w}:{sc['name']}"))
         key = sc["dtype"] + ("" if ranks[0]["grad_dtype"] == {"fp32": "float32", "bf16": "bfloat16",
                                                                   "fp16": "float16"}[sc["dtype"]]

@@ -6,8 +6,9 @@ Per cell (layout x precision x case), from the worker's JSON line:
 
 * the tight comparison, every step, every rank: the shaped gradient slice each rank's
   optimizer steps on, read from DeepSpeed's buffers, against ``GradientShaper`` applied to the
-  same reduced gradient gathered from all ranks (1 ulp of the buffer's dtype plus the fp32
-  partial-sum error of the statistics, see the worker), the per-layer statistics, the shaper
+  same reduced gradient gathered from all ranks (1 ulp of the buffer's dtype plus the
+  statistics' summation error: 1e-12 relative with the CPU sum kernel, 2e-6 with the torch
+  path's fp32 partial sums, see the worker), the per-layer statistics, the shaper
   state, the master weights after the step and the model weights the next forward uses;
 * the power of that comparison: on every rank, RMS(shaped - unshaped) / RMS(tolerance) >= 10
   (what a rank that skipped shaping would score);
