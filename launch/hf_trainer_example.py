@@ -5,8 +5,10 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/hf_trainer_example.py --zero 3 --max-steps 40
     deepspeed --num_gpus 8 launch/hf_trainer_example.py --bf16 --report-to tensorboard   # GPUs
 
-    # resume from the last Trainer checkpoint (the shaper state comes back with it)
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/hf_trainer_example.py --save-steps 20 --resume
+    # save every 20 steps, then resume from the last Trainer checkpoint (the shaper state comes
+    # back with it) and train on to step 60
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/hf_trainer_example.py --save-steps 20 --max-steps 40
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/hf_trainer_example.py --save-steps 20 --max-steps 60 --resume
 
 A small ``LlamaForCausalLM`` built from a ``LlamaConfig`` (no download) is trained by
 ``transformers.Trainer`` on the running interpreter's standard-library sources (tokenised by

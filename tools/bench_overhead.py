@@ -38,7 +38,7 @@ Run it from the repository root (it starts the ``deepspeed`` launcher itself)::
 
     python tools/bench_overhead.py                       # ZeRO-2, fp32, 2 processes
     python tools/bench_overhead.py --dtype bf16 --stage 1 --world 2 --steps 30
-    python tools/bench_overhead.py --model llama --preset llama-tiny --layers 12 --width 512
+    python tools/bench_overhead.py --model llama --preset llama-tiny --layers 12 --width 384
 
 Results: docs/BENCHMARKS.md.
 """

@@ -4,9 +4,10 @@
     python tools/preprocess_data.py --input corpus.jsonl --tokenizer-model tok.model \\
         --output-prefix data/corpus_text_document
 
-Argument names follow Megatron-LM's tools/preprocess_data.py. Each document (a .jsonl line's
---json-keys field, or a .txt file, or a .txt line with --txt-mode line) gets an EOD token
-appended unless --no-append-eod. Train with ``--data-path data/corpus_text_document``.
+Argument names like Megatron-LM's tools/preprocess_data.py (--input, --output-prefix,
+--json-keys, here one key, --tokenizer-model, --workers); unlike it, EOD is appended by default.
+Each document (a .jsonl line's --json-keys field, or a .txt file, or a .txt line with
+--txt-mode line) gets an EOD token appended unless --no-append-eod. Train with ``--data-path data/corpus_text_document``.
 """
 import argparse
 import os
