@@ -172,19 +172,16 @@ done
 # ---------------------------------------------------------------------------------- 4. equivalence subset
 section "4. Equivalence suite subset (tests/distributed, CPU accelerator, gloo)"
 DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 "$PY" - >> "$FIG" 2>>"$LOG" <<'PY'
-import json, os, re, sys, tempfile
+import re, sys, tempfile
 from tests.distributed import scenarios as S
 from tests.distributed import test_deepspeed_equivalence as T
-from tests.distributed.launch import run_deepspeed
+from tests.distributed.launch import launch_scenarios, read_results
 pat = re.compile(r"^(gradient_stabilizer|spamp|agc|entrywise_shrink)/z[123]/(fp32|bf16)$|ds_clip$")
 bad = total = 0
 for world in (1, 2):
     scs = [sc for sc in S.matrix(world) if pat.search(sc["name"])]
     d = tempfile.mkdtemp()
-    sp, op = os.path.join(d, "sc.json"), os.path.join(d, "out.jsonl")
-    json.dump(scs, open(sp, "w"))
-    run_deepspeed(world, T.WORKER, "--scenarios", sp, "--out", op, "--fake-fp16")
-    T._cache[world] = {r["name"]: r for r in map(json.loads, open(op))}
+    T._cache[world] = read_results(launch_scenarios(world, T.WORKER, scs, d, "--fake-fp16"))
     for sc in scs:
         total += 1
         try:
