@@ -24,13 +24,7 @@ def run_deepspeed(world: int, script: str, *args: str, timeout: int = 1800, chec
     """``deepspeed --num_gpus world script args`` with the CPU accelerator; ``log``: a file for the
     whole output. ``check``: raise, with the tail of the output, when the launch fails."""
     cmd = deepspeed_cmd() + ["--num_gpus", str(world), "--master_port", str(free_port()), script, *args]
-    p = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    if log:
-        with open(log, "w") as f:
-            f.write(p.stdout + "\n" + p.stderr)
-    if check and p.returncode != 0:
-        raise RuntimeError(failed(f"deepspeed launch ({world} processes)", p))
-    return p
+    return _launch(cmd, f"deepspeed launch ({world} processes)", launch_env(), timeout, check, log)
 
 
 def run_torchrun(world: int, script: str, *args: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
@@ -38,9 +32,19 @@ def run_torchrun(world: int, script: str, *args: str, timeout: int = 300, **env)
     CPU, ``env`` added to the launch environment; raises with the failure report when it fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
-    p = subprocess.run(cmd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(failed(f"torchrun launch ({world} processes)", p))
+    return _launch(cmd, f"torchrun launch ({world} processes)", launch_env(**env), timeout)
+
+
+def _launch(cmd: list, what: str, env: dict, timeout: int, check: bool = True,
+            log: str = None) -> subprocess.CompletedProcess:
+    """Run a launcher command; ``log``: write its whole output there; ``check``: raise with
+    :func:`failed`'s report when it fails."""
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if log:
+        with open(log, "w") as f:
+            f.write(p.stdout + "\n" + p.stderr)
+    if check and p.returncode != 0:
+        raise RuntimeError(failed(what, p))
     return p
 
 
