@@ -24,12 +24,12 @@ rank. One ``deepspeed`` launch per world size runs all its scenarios.
      depends on the statistics path every rank reports. With the CPU sum kernel (the default
      where a C compiler exists) each chunk's squares are exact in float64 and summed in
      float64: the test model has 280 elements, so a sum is off by at most 280 * 2^-53 = 3e-14
-     and a ratio of two by 6e-14; EXACT_STATS_TOL = 1e-12 (drift: 2e-5 ulp in fp32, i.e. one
-     ulp per rounding). On the torch path (no compiler, ``MEGATRON_SHAPING_KERNELS=0``) fp32
-     partial sums of runs of <= 2048 entries are added in float64: each partial is off by at
+     and a ratio of two by 6e-14; KERNEL_STATS_RTOL = 1e-12 (tolerances.py; drift: 2e-5 ulp
+     in fp32, i.e. one ulp per rounding). On the torch path (no compiler,
+     ``MEGATRON_SHAPING_KERNELS=0``) fp32 partial sums of runs of <= 2048 entries are added in float64: each partial is off by at
      most about log2(2048) * 2^-24 = 6.6e-7 (PyTorch's cascade summation), and the sharded run
      cuts the runs elsewhere than the unsharded one: 1.3e-6 between the two, rounded up to
-     STATS_TOL = 2e-6 (drift: 5e-4 ulp in bf16, 34 ulps in fp32). Shaper state: EMAs of
+     TORCH_STATS_RTOL = 2e-6 (drift: 5e-4 ulp in bf16, 34 ulps in fp32). Shaper state: EMAs of
      statistics, within the same bound, except zclip's variance, an EMA of squared deviations
      (n - mean)^2 of a few norms: a relative error e of the norms becomes about 2 e n /
      |n - mean| there, amplified by mean/std (up to ~5 in these short runs), hence STATE_AMP =
@@ -59,12 +59,11 @@ import pytest
 
 from . import scenarios as S
 from .launch import launch_scenarios, read_results
+from .tolerances import TORCH_STATS_RTOL, stats_rtol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "ds_worker.py")
 TOL = {"fp32": 1e-5, "bf16": 6e-2, "fp16": 1.5e-2}
-STATS_TOL = 2e-6             # the torch path's fp32 partial sums (see above)
-EXACT_STATS_TOL = 1e-12      # the CPU sum kernel's float64 sums of exact squares (see above)
 STATE_AMP = 10               # zclip's variance amplifies the statistics' error (see above)
 FACTOR_AMP = 2.0        # a factor is a ratio of two statistics (a norm over a threshold)
 SIGNIFICAND = {"float32": 24, "bfloat16": 8, "float16": 11}
@@ -74,7 +73,7 @@ WORLDS = (1, 2, 4)
 _cache = {}
 
 
-def grad_tol_ulps(grad_dtype: str, roundings: int, stats_tol: float = STATS_TOL) -> float:
+def grad_tol_ulps(grad_dtype: str, roundings: int, stats_tol: float = TORCH_STATS_RTOL) -> float:
     drift = FACTOR_AMP * stats_tol * 2.0 ** (SIGNIFICAND[grad_dtype] - 1)
     return (2 ** roundings - 1) * (1.0 + drift)
 
@@ -83,7 +82,7 @@ def tight_tols(ranks, sc) -> dict:
     """The tight check's tolerance of each compared quantity: the statistics' bound is the sum
     kernel's where every rank's statistics went through it (the workers report it), else the
     torch path's; the gradient's follows from it."""
-    stats_tol = EXACT_STATS_TOL if all(x.get("kernels") for x in ranks) else STATS_TOL
+    stats_tol = stats_rtol(all(x.get("kernels") for x in ranks))
     return {"tight_grad": grad_tol_ulps(ranks[0]["grad_dtype"], roundings(sc), stats_tol),
             "tight_stats": stats_tol, "tight_factor": stats_tol, "tight_state": STATE_AMP * stats_tol}
 

@@ -49,6 +49,7 @@ import torch.distributed as dist  # noqa: E402
 
 from tests.distributed import runner  # noqa: E402
 from tests.distributed.tp_pp_mutants import MUTANTS  # noqa: E402
+from tests.distributed.tolerances import stats_rtol  # noqa: E402
 from megatron_shaping.shutdown import exit_process  # noqa: E402
 from megatron_shaping.stats import kernels  # noqa: E402
 
@@ -69,7 +70,7 @@ MB, GAS = 2, 2
 # the rounding dominates: one final rounding.
 ROUNDINGS = {"spamp": 3, "chain": 3}
 EXACT_STATS = kernels.available()
-STAT_RTOL = 1e-12 if EXACT_STATS else 2e-6
+STAT_RTOL = stats_rtol(EXACT_STATS)          # tolerances.py
 STATE_RTOL = STAT_RTOL
 GRAD_RTOL = (30 if EXACT_STATS else 10) * STAT_RTOL
 WHOLE_RTOL = 1e-5
