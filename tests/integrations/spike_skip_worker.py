@@ -1,10 +1,12 @@
 """Run under the ``deepspeed`` launcher (2 ranks): spike-aware step skipping on real engines.
 
-Per scenario (ZeRO 1, 2, 3 and a 2-stage pipeline), the same deterministic run with injected
+Per scenario (ZeRO 1, 2, 3, ZeRO-2/3 with CPU offload and a 2-stage pipeline), the same deterministic run with injected
 loss spikes (targets x SPIKE1 at step 7, x SPIKE2 at step 9):
 
 * ``on``: skipping on; around each spike step a snapshot of this rank's parameters, optimizer
   state and shaper state; a checkpoint after step 8; the rolling window at the save;
+* ``nospike``: the same run with the first spike's step left out (steps 0-6, 8): after a skip
+  the next step must be the one that would have followed without the spike's batch;
 * ``resumed``: a fresh engine loads that checkpoint and runs step 9;
 * ``off``: no ``skip`` sub-section (the control: what the spike does when not skipped);
   with ZeRO-2 it also saves a checkpoint without a window, and
@@ -101,6 +103,8 @@ def _config(sc, skip):
                        "min_loss_scale": 1}
     if sc.get("stage") is not None:
         cfg["zero_optimization"] = {"stage": sc["stage"]}
+        if sc.get("offload"):
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         if sc["stage"] == 3:
             cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return cfg
@@ -156,6 +160,7 @@ def run(engine, sc, steps, world, rank, rows, ckpt=None):
         row = {"step": step, "code": sh.session.last_code, "reasons": list(sh.last_skip_reasons),
                "collectives": sh.collectives - coll, "ds_skipped": int(engine.skipped_steps),
                "global_steps": int(engine.global_steps), "log": sh.log_dict(), "loss": loss,
+               "ds_norm": _ds_norm(engine),
                "params": params_digest(engine), "loss_scale": [scale, _loss_scale(engine)]}
         if sh.skip is not None and sh.skip.last:
             row["rule_loss"] = float(sh.skip.last["loss"])
@@ -166,6 +171,12 @@ def run(engine, sc, steps, world, rank, rows, ckpt=None):
         if ckpt is not None and step == SAVE_AFTER:
             engine.save_checkpoint(ckpt["dir"], tag="t")
             ckpt["window"] = _window(sh)
+
+
+def _ds_norm(engine):
+    """engine.get_global_grad_norm() as a float (None when DeepSpeed reports none)."""
+    v = engine.get_global_grad_norm()
+    return None if v is None else float(v)
 
 
 def _loss_scale(engine):
@@ -187,6 +198,12 @@ def scenario(sc, world, rank, out_dir):
     rows = []
     run(eng, sc, range(STEPS), world, rank, rows, ck_on)
     res["on"] = {"rows": rows, "window_at_save": ck_on["window"]}
+    eng.destroy()
+
+    # the reference for the step after a skip: the same run without the first spike's batch
+    eng = build(sc, True, world)
+    res["nospike"] = {"rows": []}
+    run(eng, sc, [s for s in range(SAVE_AFTER + 1) if s != CHECK[0]], world, rank, res["nospike"]["rows"])
     eng.destroy()
 
     eng = build(sc, True, world)

@@ -269,6 +269,9 @@ class FP16Adapter(Adapter):
             yield
 
     def skip_step(self):
+        # As FP16_Optimizer's / FP16_UnfusedOptimizer's overflow branch (0.19.8), without the
+        # loss-scale update: a skipped step reports an infinite norm.
+        self.opt._global_grad_norm = float("inf")
         self.opt.zero_grad(set_to_none=True)
 
 
@@ -300,6 +303,8 @@ class BF16Adapter(Adapter):
             yield
 
     def skip_step(self):
+        # As BF16_Optimizer.step's invalid-norm branch (0.19.8).
+        self.opt._global_grad_norm = float("inf")
         self.opt.clear_hp_grads()
         self.opt.clear_lp_grads()
 
@@ -404,6 +409,8 @@ class Zero12Adapter(_ZeroAdapter):
     def pieces(self, with_param):
         import deepspeed.comm as dist
         opt = self.opt
+        if opt.cpu_offload:
+            self._wait_for_offload_copies()     # the device-to-host gradient copies in flight
         for i, params in enumerate(opt.params_in_partition):
             fp32 = opt.single_partition_of_fp32_groups[i]
             partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
@@ -470,6 +477,14 @@ class Zero12Adapter(_ZeroAdapter):
     def _offloaded(self) -> bool:
         return bool(self.opt.cpu_offload)
 
+    def _wait_for_offload_copies(self) -> None:
+        """With CPU offload, backward copies each gradient into the fp32 partition with a
+        non-blocking copy that DeepSpeed waits for only at the top of its ``step``: wait before
+        the hook reads or writes that buffer (nothing is pending on the CPU accelerator)."""
+        wait = getattr(self.opt, "_wait_for_offload_copies", None)
+        if wait is not None:
+            wait()
+
     @contextlib.contextmanager
     def norm_guard(self, norm):
         """DeepSpeedZeroOptimizer.step computes ``scaled_global_norm()`` (with or without
@@ -479,9 +494,23 @@ class Zero12Adapter(_ZeroAdapter):
             yield
 
     def skip_step(self):
-        # Mirrors the overflow branch of DeepSpeedZeroOptimizer.step (0.19.8).
+        # Mirrors DeepSpeedZeroOptimizer.step (0.19.8) on an overflow: its opening (the micro-step
+        # counter back to the start: with offload and gradient accumulation the next step's first
+        # micro-batch would otherwise add the skipped step's accumulated CPU gradient; pending
+        # offload copies waited for; the offload accumulation set cleared), then the overflow
+        # branch (an infinite reported norm, gradients and buffers released), without the
+        # loss-scale update.
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
         opt = self.opt
+        opt.micro_step_id = INITIAL_MICRO_STEP_ID
+        self._wait_for_offload_copies()
+        if opt.cpu_offload:
+            opt._offload_accumulated_param_ids = set()
+        opt._global_grad_norm = float("inf") if opt.compute_grad_norm else None
         opt.zero_grad(set_to_none=True)
+        release = getattr(opt, "_release_preflattened_grad_buffers", None)
+        if release is not None:
+            release()
         if opt.cpu_offload:
             opt.reset_cpu_buffers()
         else:
@@ -580,7 +609,14 @@ class Zero3Adapter(_ZeroAdapter):
             yield
 
     def skip_step(self):
+        # Mirrors DeepSpeedZeroOptimizer_Stage3.step (0.19.8) on an overflow: _pre_step (the
+        # micro-step counter, the offload boundary set, the epilogue flag, the reduce buckets) and
+        # the partitioning of all parameters, then the overflow clean-up (an infinite reported
+        # norm, gradients released), without the loss-scale update.
         opt = self.opt
+        opt._pre_step()
+        opt._partition_all_parameters()
+        opt._global_grad_norm = float("inf")
         opt.zero_grad(set_to_none=True)
         for k in list(opt.averaged_gradients.keys()):
             opt.averaged_gradients[k] = None
