@@ -5,6 +5,8 @@ and the DeepSpeed integration; only the :class:`~megatron_shaping.stats.slices.S
 """
 from __future__ import annotations
 
+import copy
+
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -57,8 +59,12 @@ class ShapingSession:
         # member sums the statistics into its own groups.
         self.granularity = grans[0] if len(set(grans)) == 1 else "tensor"
         self.grouping: ParamGrouping = build_grouping(params, self.granularity, block_pattern, device)
+        # Each session works on its own copy of every member: init() keeps layout facts on the
+        # instance (element counts, AGC's unit map), so an instance shared by two sessions (or
+        # given twice in one chain) would otherwise serve the last layout to both.
+        members = [copy.copy(m) for m in configured.shapers]
         self.shaper = Chain(*(m if g == self.granularity else self._regrouped(m, g, params, block_pattern, device)
-                              for m, g in zip(configured.shapers, grans)), granularities=grans)
+                              for m, g in zip(members, grans)), granularities=grans)
         self.state = self.shaper.init(self.grouping.layout)
         #: the first member's map when known before the statistics (host values read once)
         self.premap: Optional[Premap] = Premap.of(self.shaper.premap(self.grouping.layout))

@@ -121,3 +121,30 @@ def test_shaper_instance_and_frozen_params():
     assert "embed.weight" not in gs.session.grouping.group_of
     backward(model, 0)
     assert gs.apply_() is not None
+
+
+@pytest.mark.parametrize("method, params", [("entrywise_shrink", {"threshold": 1.0}),
+                                            ("spamp", {"alpha_min": 0.5}),
+                                            ("agc", {"clipping": 1e-3, "unitwise": False})])
+def test_one_shaper_instance_in_two_sessions(method, params):
+    """init() keeps layout facts (element counts, AGC's unit map) on the instance; a second
+    GradientShaper built with the same instance must not change what the first one computes.
+    Reference: the same model shaped by a session with a fresh instance."""
+    from megatron_shaping.shapers import build_shaper
+    ref_model, model = TinyLM(), TinyLM()
+    model.load_state_dict(ref_model.state_dict())
+    shared = build_shaper(method, params)
+    gs = GradientShaper(model.named_parameters(), shared)
+    other = torch.nn.Linear(300, 200)          # another layout (60200 elements, 200 rows)
+    GradientShaper(other.named_parameters(), shared)
+    ref = GradientShaper(ref_model.named_parameters(), build_shaper(method, params))
+    shaped = False
+    for seed in range(3):       # SPAMP shapes from its second step (its threshold is the previous)
+        backward(model, seed)
+        backward(ref_model, seed)
+        before = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert gs.apply_() is not None and ref.apply_() is not None
+        for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+            assert torch.equal(p.grad, q.grad), (seed, n)
+        shaped |= any(not torch.equal(before[n], p.grad) for n, p in model.named_parameters())
+    assert shaped       # power: the shaping changed the gradient

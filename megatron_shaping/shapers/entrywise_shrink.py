@@ -89,7 +89,7 @@ class ShrinkMap(Elementwise):
 
     @staticmethod
     def _bound(T: float, p: float, dtype) -> float:
-        b = min(10.0 ** (36.0 / p), 1e30) * T
+        b = 10.0 ** min(36.0 / p, 30.0) * T       # min first: 10.0 ** 360 raises OverflowError
         return b if b < torch.finfo(dtype).max else math.inf      # else |g| / T < B already
 
     @staticmethod

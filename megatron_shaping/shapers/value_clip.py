@@ -93,7 +93,8 @@ class ValueClip(Shaper):
             return Plan(ones), new
         # Nothing above the threshold (max |g_i| <= ||g||_2 <= clip): skip the map and its pass
         # (decided on the device, read by the driver with the map's parameters).
-        below = (stats.sumsq <= self.clip_value ** 2).all()
+        below = (stats.sumsq <= self.clip_value * self.clip_value).all()   # not **: it raises past 1.3e154
         # The sums of squares of the clamped gradient, when the first pass took them (premap).
         return Plan(ones, elementwise=ClampMap(clip=torch.full_like(ones, self.clip_value)), skip_map=below,
                     after_sumsq=stats.mapped_sumsq), new
+

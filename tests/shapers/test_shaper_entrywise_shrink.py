@@ -95,3 +95,11 @@ def test_a_huge_outlier_raises_its_own_threshold():
 def test_rejects_bad_hparams(kw, name):
     with pytest.raises(ValueError, match=name):
         EntrywiseShrink(**kw)
+
+
+def test_a_small_power_the_constructor_accepts_shapes():
+    # power 0.1 (accepted: any positive finite power): the clamp bound 10^(36/p) is capped at 1e30
+    # before it is computed (10.0 ** 360 raises OverflowError). T = 2, f(g) = g / (1 + |g/2|^0.1)^10
+    out = shape_once(EntrywiseShrink(threshold=1.0, power=0.1), {"w": torch.tensor([3.0, -4.0, 0.0, 1.0])})["w"]
+    exp = [g / (1 + abs(g / 2) ** 0.1) ** 10 for g in (3.0, -4.0, 0.0, 1.0)]
+    assert out.tolist() == pytest.approx(exp, rel=1e-5)

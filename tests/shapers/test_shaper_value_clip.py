@@ -65,3 +65,12 @@ def test_infinite_clip_changes_nothing(a):
 def test_rejects_bad_clip_value(bad):
     with pytest.raises(ValueError, match="clip_value"):
         ValueClip(bad)
+
+
+def test_a_clip_value_past_the_float64_square_range():
+    # clip_value 1e200 (accepted: any positive value): its square overflows float64 (Python's **
+    # raises there); nothing exceeds it, so the gradient is left as it is, and a 1e30 entry
+    # (fp32) too
+    g = torch.tensor([3.0, -4.0, 1e30, 1.0])
+    out = shape_once(ValueClip(clip_value=1e200), {"w": g.clone()})["w"]
+    assert torch.equal(out, g)
