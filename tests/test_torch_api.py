@@ -148,3 +148,22 @@ def test_one_shaper_instance_in_two_sessions(method, params):
             assert torch.equal(p.grad, q.grad), (seed, n)
         shaped |= any(not torch.equal(before[n], p.grad) for n, p in model.named_parameters())
     assert shaped       # power: the shaping changed the gradient
+
+
+@pytest.mark.parametrize("method, params", [("norm_clip", {"max_norm": 0.1}), ("agc", {"clipping": 1e-3}),
+                                            ("value_clip", {"clip_value": 0.01})])
+def test_transposed_parameter(method, params):
+    """A parameter stored transposed (its gradient non-contiguous, which view(-1) refuses): shaped
+    as the same values stored row-major are, rows being the tensor's rows (AGC's units)."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 6, generator=gen)
+    gw = torch.randn(6, 4, generator=gen)
+    pt = torch.nn.Parameter(base.t())                 # shape (6, 4), strides (1, 6)
+    pc = torch.nn.Parameter(base.t().contiguous())
+    assert not pt.is_contiguous()
+    pt.grad, pc.grad = gw.t().contiguous().t(), gw.clone()   # same values, column-major vs row-major
+    assert not pt.grad.is_contiguous()
+    GradientShaper([("w", pt)], method, params).apply_()
+    GradientShaper([("w", pc)], method, params).apply_()
+    assert torch.equal(pt.grad, pc.grad)
+    assert not torch.equal(pc.grad, gw)                      # power: the shaper acted

@@ -147,6 +147,12 @@ def _mul_rounded_once_(tensors: List[torch.Tensor], scalars: List) -> None:
         wide_t.append(t)
         wide_s.append(f)
     if wide_t:
+        if len({isinstance(f, torch.Tensor) for f in wide_s}) > 1:
+            # one multi-tensor call takes scalars of one kind: Python floats beside the 0-d
+            # factors of native 16-bit tensors become 0-d float64 tensors (an fp32 product is
+            # computed and rounded as with the float)
+            wide_s = [f if isinstance(f, torch.Tensor) else torch.tensor(f, dtype=torch.float64, device=t.device)
+                      for t, f in zip(wide_t, wide_s)]
         torch._foreach_mul_(wide_t, wide_s)
 
 
@@ -447,8 +453,12 @@ def _exact_where_needed(vals: torch.Tensor, tensors, parts: _Partials, p: int,
 
 
 def _sum_partials(out: List[torch.Tensor], tensors, parts: _Partials, p: int) -> torch.Tensor:
+    # Any fp32 partial (a float64 tensor's are exact) takes the check: with float64 ones beside
+    # it, cat promotes it to float64 and the dtype alone would not show that it may have over-
+    # or underflowed.
+    inexact = any(o.dtype != STAT_DTYPE for o in out)
     vals = torch.cat(out) if len(out) > 1 else out[0]
-    if vals.dtype != STAT_DTYPE:
+    if inexact:
         vals = _exact_where_needed(vals, tensors, parts, p)
     if p == 2:
         vals = vals.square()
@@ -1517,13 +1527,20 @@ class SliceCache:
 
 def slices_from_params(named_params, group_of: Callable[[str], int], with_param: bool = False,
                        unit_base: Optional[Dict[str, int]] = None) -> List[GradSlice]:
-    """Whole-tensor slices of ``p.grad`` for a single process (the unsharded reference)."""
+    """Whole-tensor slices of ``p.grad`` for a single process (the unsharded reference).
+
+    A gradient whose storage is not row-major contiguous (a transposed parameter's, say) is
+    replaced by a contiguous copy first, so that it is shaped in place as one flat run whose
+    rows are the tensor's rows (AGC's units); the optimizer then reads the shaped copy. A
+    non-contiguous parameter is read through a copy."""
     out = []
     for name, p in named_params:
         if p.grad is None:
             continue
+        if not p.grad.is_contiguous():
+            p.grad = p.grad.contiguous()
         row_len = p.numel() // p.shape[0] if p.dim() >= 2 else 0
         out.append(GradSlice(grad=p.grad.view(-1), group=group_of(name), counted=True,
-                             param=p.detach().view(-1) if with_param else None, offset=0, row_len=row_len,
+                             param=p.detach().reshape(-1) if with_param else None, offset=0, row_len=row_len,
                              unit_base=(unit_base or {}).get(name, 0)))
     return out

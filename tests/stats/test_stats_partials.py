@@ -221,3 +221,24 @@ def test_joint_sumsq_sumabs_pass_equals_separate_passes(dtype):
         ref_sq[k] += g.double().square().sum()
         ref_ab[k] += g.double().abs().sum()
     assert rel(joint.sumsq, ref_sq) < TOL and rel(joint.sumabs, ref_ab) < TOL
+
+
+@pytest.mark.parametrize("n", [10, 3000])       # a small tensor (one multi-tensor call) and a big one
+@pytest.mark.parametrize("value, want", [(1e20, 1e40), (1e-25, 3e-50)])
+def test_fp32_beside_float64_keeps_the_exact_pass(n, value, want):
+    """An fp32 gradient beside a float64 one (the sum kernel takes no float64 mix: the torch
+    path on both fixtures): its fp32 partial overflows (1e20^2) or underflows (3 x 1e-50) and
+    must still be recomputed exactly, although the float64 partials promote the concatenation."""
+    from megatron_shaping import GradientShaper
+    a = torch.nn.Parameter(torch.zeros(n))
+    b = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    a.grad = torch.zeros(n)
+    a.grad[:1 if value > 1 else 3] = value
+    b.grad = torch.ones(5, dtype=torch.float64)
+    rec = GradientShaper([("a", a), ("b", b)], "norm_clip", {"max_norm": 1e300}, granularity="tensor").apply_()
+    assert rec is not None                              # not vetoed as non-finite
+    a32 = float(torch.tensor(value, dtype=torch.float32))
+    exact = a32 * a32 * (1 if value > 1 else 3)
+    # (without the exact pass: the step vetoed, or a sum of 0)
+    assert rel(rec.stats_before.sumsq[0], exact) <= TOL and rel(exact, want) < 1e-6
+    assert rel(rec.stats_before.sumsq[1], 5.0) <= 1e-15

@@ -151,3 +151,18 @@ def test_probe_data_discriminates_and_probe_is_cached(monkeypatch, dtype):
     assert not sl._native_rounds_once(torch.device("cpu"), dtype, "rows")
     monkeypatch.setattr(torch, "_foreach_mul_", real)
     assert not sl._native_rounds_once(torch.device("cpu"), dtype, torch.float64)   # cached
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_and_16bit_tensors_scaled_by_python_floats_in_one_call(dtype):
+    """fp32 and 16-bit tensors with Python-float factors (a plan's group factors beside a map, as
+    an external shaper may return): the native 16-bit path takes 0-d factors, the fp32 one the
+    float; one multi-tensor call must take both (it raised TypeError), each product rounded
+    once: fp32 as fp32 * float, 16-bit as the fp32 product rounded."""
+    from megatron_shaping.stats.slices import _mul_rounded_once_
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(1000, generator=gen)
+    b = torch.randn(1000, generator=gen).to(dtype)
+    want_a, want_b = a * 0.3, (b.double() * 0.7).float().to(dtype)
+    _mul_rounded_once_([a, b], [0.3, 0.7])
+    assert torch.equal(a, want_a) and torch.equal(b, want_b)
