@@ -35,13 +35,14 @@ def shaper_class(name: str):
     return getattr(importlib.import_module(module, package=__name__), cls)
 
 
-def build_shaper(name: str, params: Dict[str, Any] = None) -> Shaper:
-    """A shaper from its config ``type`` and ``params`` (unknown params are an error)."""
+def build_shaper(name: str, params: Dict[str, Any] = None, where: str = "gradient_shaping.params") -> Shaper:
+    """A shaper from its config ``type`` and ``params`` (unknown params are an error, named at
+    ``where``: the config path of ``params``)."""
     cls = shaper_class(name)
     params = dict(params or {})
     unknown = sorted(set(params) - set(cls.hparams))
     if unknown:
-        raise ValueError(f"gradient_shaping.params: unknown key(s) {unknown} for type {name!r}; "
+        raise ValueError(f"{where}: unknown key(s) {unknown} for type {name!r}; "
                          f"allowed: {list(cls.hparams)}")
     return cls(**params)
 

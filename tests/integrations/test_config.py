@@ -36,6 +36,14 @@ def test_skip_section():
     assert cfg(type="spamp", skip={"enabled": False, "grad_norm_z": None}).skip.enabled is False
 
 
+def test_bad_key_in_a_chain_members_params_is_named_at_its_path():
+    with pytest.raises(ValueError) as e:
+        cfg(type="chain", shapers=[{"type": "norm_clip"}, {"type": "agc", "params": {"bogus": 1}}])
+    msg = str(e.value)
+    assert "gradient_shaping.shapers.1" in msg and "params: unknown key(s) ['bogus']" in msg, msg
+    assert "gradient_shaping.params" not in msg, msg     # not the top-level params, which are unset
+
+
 @pytest.mark.parametrize("section,needles", [
     ({"type": "gradient_stabiliser"}, ["gradient_shaping.type", "gradient_stabiliser", "gradient_stabilizer"]),
     ({"type": "spamp", "alpha": 0.5}, ["gradient_shaping.alpha", "unknown key", "0.5", "'params'", "'skip'"]),

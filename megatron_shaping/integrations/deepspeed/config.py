@@ -46,8 +46,9 @@ class ShaperSpec(DeepSpeedConfigModel):
 
     @model_validator(mode="after")
     def _params_valid(self):
-        # Builds the shaper once so a bad key or value stops start-up with the method's message.
-        build_shaper(self.type, self.params)
+        # Builds the shaper once so a bad key or value stops start-up with the method's message
+        # (pydantic puts this member's path, gradient_shaping.shapers.<i>, in front of it).
+        build_shaper(self.type, self.params, where="params")
         return self
 
 
