@@ -45,6 +45,11 @@ class Adapter:
     def pieces(self, with_param: bool) -> Iterator[Piece]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def stats_device(self, module_device: torch.device) -> torch.device:
+        """Where the gradient pieces live, and so where the statistics, the shaper state and
+        the factors are kept: the module's device, except with optimizer offload (below)."""
+        return module_device
+
     #: Replace DeepSpeed's global-norm pass by the shaping statistics (see :meth:`norm_guard`).
     #: False keeps DeepSpeed's own pass (the equivalence tests compare both).
     replace_norm = True
@@ -477,6 +482,12 @@ class Zero12Adapter(_ZeroAdapter):
     def _offloaded(self) -> bool:
         return bool(self.opt.cpu_offload)
 
+    def stats_device(self, module_device):
+        """With CPU offload the fp32 partition and its gradient are host tensors (DeepSpeed's own
+        offload norm is a host tensor too)."""
+        groups = self.opt.single_partition_of_fp32_groups
+        return groups[0].device if self.opt.cpu_offload and groups else module_device
+
     def _wait_for_offload_copies(self) -> None:
         """With CPU offload, backward copies each gradient into the fp32 partition with a
         non-blocking copy that DeepSpeed waits for only at the top of its ``step``: wait before
@@ -587,6 +598,11 @@ class Zero3Adapter(_ZeroAdapter):
 
     def _offloaded(self) -> bool:
         return bool(self.opt.offload_optimizer)
+
+    def stats_device(self, module_device):
+        """With optimizer offload the fp32 partitions and their gradients are host tensors."""
+        flat = self.opt.fp32_partitioned_groups_flat
+        return flat[0].device if self.opt.offload_optimizer and flat else module_device
 
     @contextlib.contextmanager
     def _unscale_guard(self, scale):

@@ -67,7 +67,13 @@ class DeepSpeedShaping:
         self.names: Dict[int, str] = {id(p): n for n, p in engine.module.named_parameters() if p.requires_grad}
         local = [(n, _full_shape(p, self.tp_world)) for n, p in engine.module.named_parameters() if p.requires_grad]
         infos = self._global_param_list(local)
-        device = next((p.device for p in engine.module.parameters()), torch.device("cpu"))
+        #: where collectives run: DeepSpeed's accelerator device (NCCL needs it), as DeepSpeed's
+        #: own offload norm all-reduces there. The statistics live with the gradient pieces: on
+        #: the module's device, on the host with optimizer offload (each all-reduce then goes
+        #: through a copy, as DeepSpeed's offload norm does)
+        from deepspeed.accelerator import get_accelerator
+        self._comm_device = torch.device(get_accelerator().current_device_name())
+        device = self.adapter.stats_device(next((p.device for p in engine.module.parameters()), torch.device("cpu")))
         self.session = ShapingSession(shaper_from_spec(config.spec()), infos, config.granularity,
                                       config.block_pattern, device)
         #: Spike-aware step skipping (``gradient_shaping.skip``), None when off.
@@ -170,7 +176,12 @@ class DeepSpeedShaping:
     def _all_reduce(self, vec: torch.Tensor) -> None:
         # One collective for all groups; every rank of the job takes part because statistics
         # may span ZeRO partitions, TP shards and pipeline stages at once.
-        self.dist.all_reduce(vec)
+        if vec.device != self._comm_device:
+            buf = vec.to(self._comm_device)
+            self.dist.all_reduce(buf)
+            vec.copy_(buf)
+        else:
+            self.dist.all_reduce(vec)
         self.collectives += 1
 
     # ------------------------------------------------------------------ the loss (skip rule)
