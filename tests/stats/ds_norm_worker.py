@@ -74,6 +74,56 @@ def ds_config(sc):
     return cfg
 
 
+class SequenceParallelMpu:
+    """An mpu for DeepSpeed's Ulysses sequence parallelism over the whole job: every rank one
+    sequence-parallel peer, data-parallel and model-parallel groups of one rank each. DeepSpeed
+    then reduces gradients over the sequence-data-parallel group (the job), so on the replicated
+    paths (ZeRO-0) each rank holds the whole gradient although its data-parallel rank is 0."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        singles = [dist.new_group([r]) for r in range(self.world)]      # collective: every rank makes each
+        self.single = singles[self.rank]
+        self.all = dist.new_group(list(range(self.world)))
+
+    def get_model_parallel_rank(self):
+        return 0
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_group(self):
+        return self.single
+
+    def get_data_parallel_rank(self):
+        return 0
+
+    def get_data_parallel_world_size(self):
+        return 1
+
+    def get_data_parallel_group(self):
+        return self.single
+
+    def get_sequence_parallel_rank(self):
+        return self.rank
+
+    def get_sequence_parallel_world_size(self):
+        return self.world
+
+    def get_sequence_parallel_group(self):
+        return self.all
+
+    def get_sequence_data_parallel_rank(self):
+        return self.rank
+
+    def get_sequence_data_parallel_world_size(self):
+        return self.world
+
+    def get_sequence_data_parallel_group(self):
+        return self.all
+
+
 def full_params(engine):
     import deepspeed
     params = list(engine.module.parameters())
@@ -123,10 +173,11 @@ def run(sc, rank):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[sc["dtype"]]
     ref = make_model()
     engines = []
+    mpu = SequenceParallelMpu() if sc.get("sp") else None
     for replace in (False, True):
         model = copy.deepcopy(ref)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=ds_config(sc))
+        engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=ds_config(sc), mpu=mpu)
         engine.gradient_shaping.adapter.replace_norm = replace
         engines.append((engine, NormCalls(engine)))
     out = {"name": sc["name"], "path": engines[0][0].gradient_shaping.adapter.name,

@@ -45,6 +45,11 @@ def _scenarios():
     add("z2/fp32/spamp", 2, "fp32", shaping=SPAMP)
     add("z3/bf16/spamp", 3, "bf16", shaping=SPAMP)
     add("z1/bf16/bf16_optimizer/ds_clip", 1, "bf16", clip=0.03, grad_accum_fp32=True)
+    # Ulysses sequence parallelism over both ranks (data-parallel size 1): the replicated paths
+    # hold the whole gradient on every sequence-parallel peer, counted once
+    add("z0/fp32/sp2/ds_clip", 0, "fp32", clip=0.03, sp=True)
+    add("z0/bf16/sp2/ds_clip", 0, "bf16", clip=0.03, sp=True)
+    add("z2/fp32/sp2/ds_clip", 2, "fp32", clip=0.03, sp=True)
     return out
 
 

@@ -62,7 +62,10 @@ class DeepSpeedShaping:
         self.dist = dist
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.tp_rank, self.tp_world = _tp_info(engine)
-        dp_group = getattr(engine, "data_parallel_group", None)
+        # The replicas of a gradient on the unsharded paths: DeepSpeed reduces gradients over the
+        # sequence-data-parallel group (the data-parallel group unless Ulysses sequence
+        # parallelism is on; then it also spans the sequence-parallel peers).
+        dp_group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
         self.dp_rank = dist.get_rank(group=dp_group) if self.world > 1 else 0
         self.names: Dict[int, str] = {id(p): n for n, p in engine.module.named_parameters() if p.requires_grad}
         local = [(n, _full_shape(p, self.tp_world)) for n, p in engine.module.named_parameters() if p.requires_grad]
