@@ -74,27 +74,37 @@ def ds_config(sc):
     return cfg
 
 
-class SequenceParallelMpu:
-    """An mpu for DeepSpeed's Ulysses sequence parallelism over the whole job: every rank one
-    sequence-parallel peer, data-parallel and model-parallel groups of one rank each. DeepSpeed
-    then reduces gradients over the sequence-data-parallel group (the job), so on the replicated
-    paths (ZeRO-0) each rank holds the whole gradient although its data-parallel rank is 0."""
+class OneGroupMpu:
+    """An mpu whose data-parallel groups have one rank each and whose other dimension spans the
+    job: ``"sp"``, DeepSpeed's Ulysses sequence parallelism (gradients are then reduced over the
+    sequence-data-parallel group, the job, so on the replicated paths, ZeRO-0, each rank holds
+    the whole gradient although its data-parallel rank is 0); ``"tp"``, tensor parallelism with
+    no parameter actually split (every parameter is TP-replicated: counted on TP rank 0 unless
+    its ZeRO-3 partition spans the TP peers, as zero.Init over all ranks makes it)."""
 
-    def __init__(self):
+    def __init__(self, kind: str):
         import torch.distributed as dist
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         singles = [dist.new_group([r]) for r in range(self.world)]      # collective: every rank makes each
         self.single = singles[self.rank]
         self.all = dist.new_group(list(range(self.world)))
+        self.tp = kind == "tp"
+        if not self.tp:
+            self.get_sequence_parallel_rank = lambda: self.rank
+            self.get_sequence_parallel_world_size = lambda: self.world
+            self.get_sequence_parallel_group = lambda: self.all
+            self.get_sequence_data_parallel_rank = lambda: self.rank
+            self.get_sequence_data_parallel_world_size = lambda: self.world
+            self.get_sequence_data_parallel_group = lambda: self.all
 
     def get_model_parallel_rank(self):
-        return 0
+        return self.rank if self.tp else 0
 
     def get_model_parallel_world_size(self):
-        return 1
+        return self.world if self.tp else 1
 
     def get_model_parallel_group(self):
-        return self.single
+        return self.all if self.tp else self.single
 
     def get_data_parallel_rank(self):
         return 0
@@ -104,24 +114,6 @@ class SequenceParallelMpu:
 
     def get_data_parallel_group(self):
         return self.single
-
-    def get_sequence_parallel_rank(self):
-        return self.rank
-
-    def get_sequence_parallel_world_size(self):
-        return self.world
-
-    def get_sequence_parallel_group(self):
-        return self.all
-
-    def get_sequence_data_parallel_rank(self):
-        return self.rank
-
-    def get_sequence_data_parallel_world_size(self):
-        return self.world
-
-    def get_sequence_data_parallel_group(self):
-        return self.all
 
 
 def full_params(engine):
@@ -173,9 +165,13 @@ def run(sc, rank):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[sc["dtype"]]
     ref = make_model()
     engines = []
-    mpu = SequenceParallelMpu() if sc.get("sp") else None
+    mpu = OneGroupMpu(sc["mpu"]) if sc.get("mpu") else None
     for replace in (False, True):
         model = copy.deepcopy(ref)
+        if sc.get("zero_init_all"):
+            # partitioned over all ranks before the engine (and the mpu's data-parallel groups)
+            import deepspeed
+            deepspeed.zero.Init(module=model, data_parallel_group=mpu.all, config_dict_or_path=ds_config(sc))
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         engine, _, _, _ = megatron_shaping.initialize(model=model, optimizer=opt, config=ds_config(sc), mpu=mpu)
         engine.gradient_shaping.adapter.replace_norm = replace

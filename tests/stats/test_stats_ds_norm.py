@@ -47,9 +47,12 @@ def _scenarios():
     add("z1/bf16/bf16_optimizer/ds_clip", 1, "bf16", clip=0.03, grad_accum_fp32=True)
     # Ulysses sequence parallelism over both ranks (data-parallel size 1): the replicated paths
     # hold the whole gradient on every sequence-parallel peer, counted once
-    add("z0/fp32/sp2/ds_clip", 0, "fp32", clip=0.03, sp=True)
-    add("z0/bf16/sp2/ds_clip", 0, "bf16", clip=0.03, sp=True)
-    add("z2/fp32/sp2/ds_clip", 2, "fp32", clip=0.03, sp=True)
+    add("z0/fp32/sp2/ds_clip", 0, "fp32", clip=0.03, mpu="sp")
+    add("z0/bf16/sp2/ds_clip", 0, "bf16", clip=0.03, mpu="sp")
+    add("z2/fp32/sp2/ds_clip", 2, "fp32", clip=0.03, mpu="sp")
+    # ZeRO-3 partitions made by zero.Init over all ranks, then TP 2 over both ranks (AutoTP's
+    # order): every TP peer holds a distinct partition of each replicated parameter
+    add("z3/fp32/tp2_zero_init/ds_clip", 3, "fp32", clip=0.03, mpu="tp", zero_init_all=True)
     return out
 
 

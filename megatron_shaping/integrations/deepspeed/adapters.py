@@ -45,6 +45,11 @@ class Adapter:
     def pieces(self, with_param: bool) -> Iterator[Piece]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def partitioned_over_tp_peers(self, p) -> bool:
+        """Whether each tensor-parallel peer holds a different part of ``p``'s gradient (so a
+        TP-replicated parameter is counted on every TP rank, not on TP rank 0 alone)."""
+        return False
+
     def stats_device(self, module_device: torch.device) -> torch.device:
         """Where the gradient pieces live, and so where the statistics, the shaper state and
         the factors are kept: the module's device, except with optimizer offload (below)."""
@@ -554,6 +559,14 @@ class Zero3Adapter(_ZeroAdapter):
     def _rank(self, p):
         import deepspeed.comm as dist
         return dist.get_rank(group=p.ds_process_group)
+
+    def partitioned_over_tp_peers(self, p) -> bool:
+        """ZeRO-3 parameters partitioned over a group that contains the model-parallel peers
+        (``deepspeed.zero.Init`` partitions over all ranks before AutoTP makes the data-parallel
+        group): every rank holds a distinct partition, as DeepSpeed's own norm decides
+        (``_grad_norm_counts_every_rank``, 0.19.8)."""
+        decide = getattr(self.opt, "_grad_norm_counts_every_rank", None)
+        return bool(decide([p], p.ds_process_group)) if decide is not None else False
 
     def pieces(self, with_param):
         opt = self.opt

@@ -144,7 +144,7 @@ class DeepSpeedShaping:
     def _counted(self, p) -> bool:
         if getattr(p, "ds_pipe_replicated", False):
             return False                       # tied weight: the owning stage counts it
-        if self.tp_rank > 0 and not _is_tp_sharded(p):
+        if self.tp_rank > 0 and not _is_tp_sharded(p) and not self.adapter.partitioned_over_tp_peers(p):
             return False                       # TP-replicated (norm weights): TP rank 0 counts it
         if not self.adapter.sharded and self.dp_rank > 0:
             return False                       # replicated over data parallelism
