@@ -24,7 +24,12 @@ Notes on fidelity. ``clip_factor`` multiplies the whole adaptive threshold (mean
 the package's code does (its docstring says it multiplies z_thresh * std only). The EMA sees the
 adaptive threshold T, not the value capped by max_grad_norm. A non-finite norm leaves the
 state untouched (the package would put NaN into its buffer or EMA); a zero norm is an ordinary
-value. The package ignores ``clip_option`` in percentile mode but still accepts only the two
+value, as in the package, with its consequence: a group whose gradient is zero throughout the
+warm-up (a tensor at granularity "tensor" that receives no gradient for warmup_steps steps) gets
+mean 0 and std 0, so every later non-zero norm is a spike with threshold 0 and the group's
+gradient is multiplied by 0 until the EMA catches up (it never does with the threshold at 0 and
+clip_option "adaptive_scaling"). Use a coarser granularity or a warm-up that sees real gradients.
+The package ignores ``clip_option`` in percentile mode but still accepts only the two
 names here, so a typo in a config is an error in every mode.
 
 Defaults are the package's, exactly: alpha 0.97, z_thresh 2.5, max_grad_norm 1.0, eps 1e-6,
