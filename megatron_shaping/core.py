@@ -6,7 +6,6 @@ and the DeepSpeed integration; only the :class:`~megatron_shaping.stats.slices.S
 from __future__ import annotations
 
 import copy
-
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence
 

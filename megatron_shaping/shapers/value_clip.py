@@ -97,4 +97,3 @@ class ValueClip(Shaper):
         # The sums of squares of the clamped gradient, when the first pass took them (premap).
         return Plan(ones, elementwise=ClampMap(clip=torch.full_like(ones, self.clip_value)), skip_map=below,
                     after_sumsq=stats.mapped_sumsq), new
-

@@ -27,8 +27,8 @@ state untouched (the package would put NaN into its buffer or EMA); a zero norm 
 value, as in the package, with its consequence: a group whose gradient is zero throughout the
 warm-up (a tensor at granularity "tensor" that receives no gradient for warmup_steps steps) gets
 mean 0 and std 0, so every later non-zero norm is a spike with threshold 0 and the group's
-gradient is multiplied by 0 until the EMA catches up (it never does with the threshold at 0 and
-clip_option "adaptive_scaling"). Use a coarser granularity or a warm-up that sees real gradients.
+gradient is multiplied by 0 for good (the EMA then sees only that threshold, 0). Use a coarser
+granularity where such tensors exist.
 The package ignores ``clip_option`` in percentile mode but still accepts only the two
 names here, so a typo in a config is an error in every mode.
 
