@@ -1,7 +1,11 @@
 """16-bit gradients are scaled with the factor in fp32 and rounded once (issue 10, item 8).
 
 Reference: the exact product g * f computed in float64 (a bf16/fp16 value times a float64 factor
-is exact in float64 up to 2^-45 relative) and rounded once to the 16-bit dtype. The control shows
+is exact in float64 up to 2^-45 relative) and converted to the 16-bit dtype. torch converts
+float64 to bf16/fp16 through fp32, so the reference is the product rounded to fp32, then to the
+16-bit dtype: what one fp32 multiply and one rounding give, and the correctly rounded product
+except where the fp32 rounding lands exactly on a 16-bit midpoint (a product within 2^-24
+relative of one; 1.00390625 + 2^-40 goes to 1.0, not to 1.0078125). The control shows
 the power: ``torch._foreach_mul_`` with Python scalars, which rounds the factor to the 16-bit dtype
 before multiplying, misses that reference on a large fraction of elements.
 """
