@@ -36,6 +36,7 @@ from typing import Dict, NamedTuple
 
 import torch
 
+from . import _checks
 from .base import (STAT, STAT_DTYPE, SUMSQ, THRESHOLD, GroupLayout, Plan, Shaper, Stats, finite_positive, keep_where,
                    nan_where_not)
 
@@ -53,11 +54,10 @@ class GradientStabilizer(Shaper):
     hparams = ("beta1", "beta2", "eps")
 
     def __init__(self, beta1: float = 0.6, beta2: float = 0.999, eps: float = 1e-12):
-        if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"gradient_stabilizer needs 0 <= beta1, beta2 < 1, got beta1={beta1}, beta2={beta2}")
-        if not eps > 0:
-            raise ValueError(f"gradient_stabilizer needs eps > 0, got {eps}")
-        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        n = self.name
+        self.beta1 = _checks.in_range(n, "beta1", beta1, 0.0, 1.0, hi_open=True)
+        self.beta2 = _checks.in_range(n, "beta2", beta2, 0.0, 1.0, hi_open=True)
+        self.eps = _checks.positive(n, "eps", eps, allow_inf=False)
 
     def init(self, layout: GroupLayout) -> GradientStabilizerState:
         z = torch.zeros(layout.num_groups, dtype=STAT_DTYPE, device=layout.device)

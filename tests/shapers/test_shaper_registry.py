@@ -49,3 +49,31 @@ def test_bad_values_name_parameter_value_and_range():
 
 def test_null_max_grad_norm_is_accepted_for_zclip():
     assert build_shaper("zclip", {"max_grad_norm": None}).max_grad_norm is None
+
+
+def _numeric_hparams():
+    for name in sorted(REGISTRY):
+        cls = shaper_class(name)
+        sig = inspect.signature(cls.__init__).parameters
+        for k in cls.hparams:
+            d = sig[k].default
+            if isinstance(d, (int, float)) and not isinstance(d, bool):
+                yield name, k
+
+
+@pytest.mark.parametrize("name,key", list(_numeric_hparams()))
+@pytest.mark.parametrize("bad", ["0.9", [0.9], True, float("nan")], ids=["str", "list", "bool", "nan"])
+def test_every_numeric_parameter_rejects_a_non_number_naming_shaper_and_key(name, key, bad):
+    # A value of the wrong type (a string from a hand-edited JSON, a list, a bool) or NaN must
+    # stop the config with the shaper and the key named, never a raw TypeError from a
+    # comparison or a NaN carried into the state (gradient_stabilizer compared raw values).
+    with pytest.raises(ValueError, match=rf"^{name}: {key} must be "):
+        build_shaper(name, {key: bad})
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_eps_must_be_finite(name):
+    if "eps" not in shaper_class(name).hparams:
+        pytest.skip(f"{name} has no eps")
+    with pytest.raises(ValueError, match=rf"{name}: eps must be"):
+        build_shaper(name, {"eps": float("inf")})
