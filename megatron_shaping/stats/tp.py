@@ -20,7 +20,8 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
 
 def local_shape(param: torch.Tensor) -> Tuple[int, ...]:
     """This rank's shape of ``param`` (ZeRO-3's ``ds_shape`` when partitioned)."""
-    return tuple(getattr(param, "ds_shape", None) or param.shape)
+    ds_shape = getattr(param, "ds_shape", None)      # (torch.Size([]) of a scalar is falsy: test None)
+    return tuple(param.shape if ds_shape is None else ds_shape)
 
 
 def full_shape(param: torch.Tensor, tp_world_size: int) -> Tuple[int, ...]:

@@ -56,3 +56,7 @@ def test_one_copy_of_the_tp_attribute_readers():
     zero3.ds_shape = torch.Size((32, 64))
     assert tp.local_shape(zero3) == (32, 64) and full_shape(zero3, tp_world_size=2) == (64, 64)
     assert full_shape(_sharded((32, 64), 0)) == (32, 64)       # no parallel state: TP size 1
+    scalar = torch.nn.Parameter(torch.tensor(2.0))
+    scalar.data = torch.empty(0)                # a 0-d parameter partitioned by ZeRO-3: ds_shape ()
+    scalar.ds_shape = torch.Size(())
+    assert tp.local_shape(scalar) == ()         # one element, not the empty stand-in's (0,)
