@@ -63,15 +63,23 @@ def group_name(name: str, granularity: str, block_pattern: str = DEFAULT_BLOCK_P
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
+def check_block_pattern(block_pattern: str) -> None:
+    """A block pattern must compile and have a group (its first names the block)."""
+    try:
+        groups = re.compile(block_pattern).groups
+    except re.error as e:
+        raise ValueError(f"gradient_shaping.block_pattern {block_pattern!r} is not a valid regex: {e}") from None
+    if groups < 1:
+        raise ValueError(f"gradient_shaping.block_pattern {block_pattern!r} has no group: its first group "
+                         f"names the block, e.g. {DEFAULT_BLOCK_PATTERN!r}")
+
+
 def build_grouping(params: Sequence[ParamInfo], granularity: str = "tensor",
                    block_pattern: Optional[str] = None, device=None) -> ParamGrouping:
     """Group ids in first-appearance order of the parameters; units in parameter order."""
     block_pattern = block_pattern or DEFAULT_BLOCK_PATTERN
     if granularity == "block":
-        try:
-            re.compile(block_pattern)
-        except re.error as e:
-            raise ValueError(f"gradient_shaping.block_pattern {block_pattern!r} is not a valid regex: {e}") from None
+        check_block_pattern(block_pattern)
     names: List[str] = []
     index: Dict[str, int] = {}
     numel: List[float] = []

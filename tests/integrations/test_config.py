@@ -59,6 +59,14 @@ def test_bad_key_in_a_chain_members_params_is_named_at_its_path():
     ({"type": "chain", "shapers": [{"type": "nope"}]}, ["nope"]),
     ({"type": "gradient_stabilizer", "shapers": [{"type": "agc"}]}, ["shapers", "chain"]),
     ({"type": "gradient_stabilizer", "granularity": "block", "block_pattern": "(["}, ["block_pattern", "(["]),
+    # no group to name the block (raised IndexError once the engine was built); a chain member's
+    # block granularity checks the pattern too
+    ({"type": "gradient_stabilizer", "granularity": "block", "block_pattern": r"^\d+\."},
+     ["block_pattern", "no group", "first group"]),
+    ({"type": "chain", "block_pattern": "(", "shapers": [{"type": "agc", "granularity": "block"}]},
+     ["block_pattern", "'('", "not a valid regex"]),
+    # DeepSpeedConfigModel's own keyword as a key (raised a TypeError)
+    ({"type": "spamp", "strict": False}, ["gradient_shaping.strict", "unknown key", "'type'"]),
     ({"type": "spamp", "skip": {"grad_norm_z": None}}, ["gradient_shaping.skip", "no rule", "loss_z", "max_grad_norm"]),
     ({"type": "spamp", "skip": {"windw": 64}}, ["gradient_shaping.skip.windw", "unknown key", "'window'"]),
     ({"type": "chain", "shapers": [{"type": "agc", "param": {}}]},

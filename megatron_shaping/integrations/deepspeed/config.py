@@ -17,6 +17,7 @@ from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...shapers import REGISTRY, build_shaper
+from ...stats.layout import check_block_pattern
 
 GRADIENT_SHAPING = "gradient_shaping"
 GRADIENT_SHAPING_TYPE = "type"
@@ -173,12 +174,9 @@ class GradientShapingConfig(DeepSpeedConfigModel):
             if self.shapers:
                 raise ValueError("gradient_shaping.shapers is only allowed with type 'chain'")
             build_shaper(self.type, self.params)
-        if self.granularity == "block" and self.block_pattern is not None:
-            import re
-            try:
-                re.compile(self.block_pattern)
-            except re.error as e:
-                raise ValueError(f"gradient_shaping.block_pattern {self.block_pattern!r} is not a valid regex: {e}")
+        if self.block_pattern is not None:
+            # checked whoever uses it (the section's granularity or a chain member's)
+            check_block_pattern(self.block_pattern)
         return self
 
     def spec(self) -> Dict[str, Any]:
@@ -204,6 +202,10 @@ def get_gradient_shaping_config(param_dict: Dict[str, Any]) -> Optional[Gradient
         return None
     if not isinstance(section, dict):
         raise ValueError(f"DeepSpeed config key {GRADIENT_SHAPING!r} must be an object, got {type(section).__name__}")
+    if "strict" in section:
+        # DeepSpeedConfigModel's own keyword: as a key it would never reach the validation
+        raise ValueError(f"invalid DeepSpeed config section 'gradient_shaping':\n  {GRADIENT_SHAPING}.strict: "
+                         f"unknown key (value {section['strict']!r}); allowed: {sorted(GradientShapingConfig.model_fields)}")
     try:
         cfg = GradientShapingConfig(strict=True, **section)
     except ValidationError as e:
