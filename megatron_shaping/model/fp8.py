@@ -11,8 +11,10 @@ Under tensor parallelism a shard's amax is all-reduced (MAX) over the TP group, 
 is that of the whole tensor and TP=1 and TP=2 quantise identically.
 
 With Transformer Engine and CUDA, ``fp8_backend="te"`` (or "auto") uses TE's linears under
-``te.fp8_autocast`` instead (see :func:`fp8_autocast`); this path needs a GPU and is not
-exercised by the CPU tests.
+``te.fp8_autocast`` instead (see :func:`fp8_autocast`): a different recipe (delayed scaling from
+a 16-step amax history, not each tensor's current amax), so "auto" on a GPU machine with TE
+does not reproduce the simulation's numbers. This path needs a GPU; the CPU tests check only
+the arguments it hands TE.
 """
 from __future__ import annotations
 
@@ -35,12 +37,18 @@ def _amax(x: torch.Tensor, group) -> torch.Tensor:
 
 def quantize_dequantize(x: torch.Tensor, fp8_dtype: torch.dtype, group=None) -> torch.Tensor:
     """Round ``x`` to ``fp8_dtype`` with a per-tensor amax scale and return it in x's dtype.
-    An all-zero tensor stays zero (scale 1)."""
+    An all-zero tensor stays zero (scale 1). A tiny amax (below fp8_max / fp32 max, ~1e-34)
+    gets the scale capped at fp32's largest value, not inf (which made the zeros 0 * inf =
+    NaN). A tensor with an inf or NaN is returned as it is: quantising it would saturate an inf
+    to fp8_max (hiding the overflow from the checks after backward) or spread NaN over every
+    element."""
     fmax = torch.finfo(fp8_dtype).max
     amax = _amax(x, group)
-    scale = torch.where(amax > 0, fmax / amax, torch.ones_like(amax))
+    finite = torch.isfinite(amax)
+    scale = (fmax / amax).clamp(max=torch.finfo(torch.float32).max)
+    scale = torch.where((amax > 0) & finite, scale, torch.ones_like(amax))
     q = (x.float() * scale).clamp(-fmax, fmax).to(fp8_dtype)
-    return (q.float() / scale).to(x.dtype)
+    return torch.where(finite, (q.float() / scale).to(x.dtype), x)
 
 
 class _CastForward(torch.autograd.Function):
@@ -127,12 +135,24 @@ def linear_classes(backend: Optional[str]):
     return ColumnParallelLinear, RowParallelLinear
 
 
+def amax_group():
+    """The group TE reduces amaxes over: megatron-core's amax reduction group (tensor x data
+    parallel, one pipeline stage) once model parallelism is initialised, else None (TE's
+    default, the whole job: right for a single stage). Every layer exits its own autocast, so
+    with the whole job as the group, pipeline stages running different layers (or forward
+    against backward under 1F1B) would pair their reductions wrongly or hang; Megatron passes
+    this group too."""
+    from megatron.core import parallel_state as ps
+    return ps.get_amax_reduction_group() if ps.model_parallel_is_initialized() else None
+
+
 def fp8_autocast(backend: Optional[str]):
     """The context the model's forward runs in: TE's fp8_autocast (delayed scaling, HYBRID
-    format: E4M3 forward, E5M2 backward) for the TE backend, a no-op otherwise."""
+    format: E4M3 forward, E5M2 backward; amaxes reduced over :func:`amax_group`) for the TE
+    backend, a no-op otherwise."""
     if backend != "te":
         return contextlib.nullcontext()
     import transformer_engine.pytorch as te
     from transformer_engine.common.recipe import DelayedScaling, Format
     recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group())
