@@ -58,12 +58,33 @@ def build_gpt_datasets(data_path: Sequence[str], tokenizer, seq_length: int, see
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         path_to_cache=cache_dir, tokenizer=tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    _check_splits(prefixes, config.split_matrix, (train_samples, valid_samples), split)
+    # the test split's size 0, not None: megatron-core refuses None with blend weights
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, None], lambda: True, config).build()
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
     if train is None or valid is None:
         raise ValueError(f"split {split!r} leaves no {'training' if train is None else 'validation'} "
                          f"data; give both a positive weight (e.g. '98,2,0')")
     return train, valid
+
+
+def _check_splits(prefixes: Sequence[str], split_matrix, sizes: Sequence[int], split: str) -> None:
+    """Every split that must give samples holds tokens in every dataset, with the document
+    ranges megatron-core takes (``round(bound * documents)``): on an empty range its epoch
+    count loops for ever (rank 0 spins, the others wait at its barrier)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    for prefix in prefixes:
+        index = IndexedDataset(prefix)      # kept alive: sequence_lengths is a view of its mmap
+        lengths = index.sequence_lengths
+        n = len(lengths)
+        for name, bounds, size in zip(("training", "validation"), split_matrix, sizes):
+            if bounds is None or not size:
+                continue
+            beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))
+            if int(lengths[beg:end].sum()) == 0:
+                raise ValueError(f"{prefix}: split {split!r} gives the {name} data documents [{beg}, {end}) of "
+                                 f"the {n} in this dataset: no tokens; use more documents or a split with a "
+                                 f"larger {name} share (e.g. '90,10,0')")
 
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -37,6 +37,38 @@ def test_blend_weights_parse(tiny_corpus):
     assert parse_data_path([p]) == ([p], None)
 
 
+def test_weighted_blend_builds_from_both_datasets(tiny_corpus, tmp_path):
+    # the documented 'W1 PREFIX1 W2 PREFIX2' form: megatron-core refused the test split's size
+    # None with weights, so every weighted --data-path raised
+    from tests.distributed.launch import init_world_of_one
+    init_world_of_one()                 # megatron's BlendedDataset reads the rank (as in training)
+    tok = SentencePieceTokenizer(tiny_corpus["model"])
+    p = str(tiny_corpus["prefix"])
+    train, valid = build_gpt_datasets(["0.5", p, "0.5", p], tok, 64, 5, 100, 10, "70,30,0", str(tmp_path))
+    assert len(train) >= 100 and len(valid) >= 10
+    assert sorted(set(train.dataset_index[:100].tolist())) == [0, 1]
+
+
+def test_a_split_without_documents_is_an_error_not_a_hang(tiny_corpus, tmp_path):
+    # 7 documents, the default split 98,2,0: the validation range is [7, 7), on which
+    # megatron-core's epoch count loops for ever; the alarm turns a regression into a failure
+    import signal
+
+    def hung(*_):
+        raise TimeoutError("build_gpt_datasets hung on an empty split")
+
+    tok = SentencePieceTokenizer(tiny_corpus["model"])
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with pytest.raises(ValueError, match=r"data_text_document: split '98,2,0' gives the validation data "
+                                             r"documents \[7, 7\) of the 7 .*no tokens"):
+            build_gpt_datasets([str(tiny_corpus["prefix"])], tok, 64, 5, 100, 10, "98,2,0", str(tmp_path))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_batch_schedule(datasets):
     train, _ = datasets
     scheds = [BatchSchedule(global_batch=8, micro_batch=2, dp_rank=r, dp_size=2) for r in range(2)]
