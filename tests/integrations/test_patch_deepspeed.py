@@ -222,3 +222,23 @@ def test_positional_parameter_order_matches_deepspeed(ds):
 
     from megatron_shaping.integrations.deepspeed.patch import INITIALIZE_PARAMS, original_initialize
     assert tuple(inspect.signature(original_initialize()).parameters) == INITIALIZE_PARAMS
+
+
+@pytest.mark.parametrize("zero,dtype", [(0, None), (0, "bf16"), (3, None)], ids=["zero0", "zero0-bf16", "zero3"])
+def test_an_engine_without_an_optimizer_is_built_and_left_unshaped(patched, zero, dtype):
+    """The same config builds engines without an optimizer: the HF Trainer's evaluate() before
+    train() under ZeRO-3 (deepspeed_init(inference=True) drops 'optimizer'), TRL's reference
+    models, teacher models. Attaching raised 'does not support the optimizer path
+    DeepSpeedZeRoOffload' (ZeRO-3) / 'NoneType' (ZeRO-0), or shaped a BF16_Optimizer around no
+    optimizer (ZeRO-0 bf16)."""
+    from megatron_shaping.integrations.deepspeed.engine import attach
+    c = config(zero_optimization={"stage": zero}, **({"bf16": {"enabled": True}} if dtype else {}))
+    del c["optimizer"]
+    engine, *_ = patched.initialize(model=model(), config=c)
+    assert getattr(engine, "gradient_shaping", None) is None
+    with torch.no_grad():
+        out = engine(torch.ones(2, 4, dtype=torch.bfloat16 if dtype else torch.float32))
+    assert out.shape == (2, 3)
+    # asked for explicitly, it says why
+    with pytest.raises(RuntimeError, match="built without an optimizer"):
+        attach(engine, {"gradient_shaping": SHAPING})

@@ -656,6 +656,22 @@ class Zero3Adapter(_ZeroAdapter):
             opt.norm_for_param_grads = {}
 
 
+def has_optimizer(engine) -> bool:
+    """Whether DeepSpeed built an optimizer step to shape: False for an engine built without an
+    optimizer (evaluation, a reference or teacher model: the HF Trainer's ``evaluate()`` before
+    ``train()`` under ZeRO-3, TRL's reference models), which has ``optimizer`` None, ZeRO-3's
+    parameter manager ``DeepSpeedZeRoOffload`` or a wrapper (BF16_Optimizer) around none or
+    around DeepSpeed's ``DummyOptim`` placeholder."""
+    from deepspeed.runtime.utils import DummyOptim
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    opt = engine.optimizer
+    if opt is None or isinstance(opt, (DeepSpeedZeRoOffload, DummyOptim)):
+        return False
+    if "optimizer" in getattr(opt, "__dict__", {}):
+        return opt.optimizer is not None and not isinstance(opt.optimizer, DummyOptim)
+    return True
+
+
 def select_adapter(engine) -> Adapter:
     """The adapter for the optimizer DeepSpeed built, or UnsupportedPath with the reason."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
@@ -664,6 +680,9 @@ def select_adapter(engine) -> Adapter:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+    if not has_optimizer(engine):
+        raise UnsupportedPath("gradient_shaping: this engine was built without an optimizer (for evaluation or "
+                              "as a reference model): there is no optimizer step to shape")
     opt = engine.optimizer
     if getattr(engine, "has_moe_layers", False) or getattr(opt, "has_moe_layers", False):
         raise UnsupportedPath("gradient_shaping does not support MoE layers yet (expert-parallel "

@@ -115,8 +115,15 @@ def shaped_initialize(original: Callable, args: tuple, kwargs: dict):
     out = original(*args, **kwargs)
     engine = _engine_of(out)
     if section is not None and getattr(engine, "gradient_shaping", None) is None:
-        from .engine import attach
-        attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
+        from .adapters import has_optimizer
+        if has_optimizer(engine):
+            from .engine import attach
+            attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
+        else:
+            # the same config also builds engines without an optimizer (evaluation, reference
+            # and teacher models): nothing to shape there, and no reason to fail
+            logger.info("gradient_shaping: engine built without an optimizer (evaluation or a reference "
+                        "model): not attached")
     register_engine(engine)
     return out
 
