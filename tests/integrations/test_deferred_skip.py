@@ -21,6 +21,14 @@ def _run(stage: int, shaping: dict):
            "zero_optimization": {"stage": stage}, "gradient_shaping": shaping}
     engine = megatron_shaping.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
     sh = engine.gradient_shaping
+    # what Accelerate (and so the HF Trainer, which then leaves its own LR scheduler alone)
+    # reads after each step: its wrapper checks for the flag once, when it wraps the optimizer
+    from accelerate.utils.deepspeed import DeepSpeedOptimizerWrapper
+    # (built without its __init__, which needs an Accelerator: the two fields it sets there)
+    accelerate_view = object.__new__(DeepSpeedOptimizerWrapper)
+    accelerate_view.optimizer = engine.optimizer
+    accelerate_view.__has_overflow__ = hasattr(engine.optimizer, "overflow")
+    skipped_seen = []
     seen = []
     sh.callbacks.append(lambda s, rec: seen.append((rec is None, engine.global_steps, s.session.pending_veto is None)))
 
@@ -44,11 +52,13 @@ def _run(stage: int, shaping: dict):
         if hook is not None:
             hook.remove()
         engine.step()
+        skipped_seen.append(accelerate_view.step_was_skipped)
         if step == BAD:
             after = snapshot()
             skipped_norm = engine.get_global_grad_norm()
     res = dict(seen=seen, deferred=sh.deferred_steps, skipped_steps=engine.skipped_steps, before=before, after=after,
-               session_skipped=sh.session.skipped, steps=sh.session.steps, norm=skipped_norm)
+               session_skipped=sh.session.skipped, steps=sh.session.steps, norm=skipped_norm,
+               skipped_seen=skipped_seen)
     engine.destroy()
     return res
 
@@ -65,6 +75,7 @@ def test_deferred_skip_through_deepspeeds_overflow_path(one_rank, stage):
     assert r["norm"] == float("inf")             # DeepSpeed's own convention for a skipped overflow step
     # callbacks after the optimizer step (global_steps already counted it), decision resolved
     assert r["seen"] == [(step == BAD, step + 1, True) for step in range(STEPS)]
+    assert r["skipped_seen"] == [step == BAD for step in range(STEPS)]
 
 
 def test_monitor_configured_keeps_the_read(one_rank):
@@ -73,3 +84,14 @@ def test_monitor_configured_keeps_the_read(one_rank):
     assert r["skipped_steps"] == 1 and r["session_skipped"] == 1
     # (not deferred: callbacks run inside the hook, before the optimizer step counted it)
     assert r["seen"] == [(step == BAD, step, True) for step in range(STEPS)]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_step_the_hook_skips_reads_as_skipped_afterwards(one_rank, stage):
+    """Not deferred (ZeRO-0's plain torch optimizer; a monitor on ZeRO-2): the hook skips the
+    step itself. The overflow flag was restored (or removed) at the end of DeepSpeed's step, so
+    Accelerate's step_was_skipped read False and a Trainer-owned LR scheduler advanced on a
+    skipped step; the step after it reads False again."""
+    r = _run(stage, {"type": "gradient_stabilizer", "log_interval": 1})
+    assert r["deferred"] == 0 and r["skipped_steps"] == 1 and r["session_skipped"] == 1
+    assert r["skipped_seen"] == [step == BAD for step in range(STEPS)]

@@ -41,6 +41,14 @@ class Adapter:
     def __init__(self, engine):
         self.engine = engine
         self.opt = engine.optimizer
+        # Accelerate's DeepSpeedOptimizerWrapper reads ``optimizer.overflow`` after each step
+        # (its step_was_skipped, which gates a Trainer-owned LR scheduler) only if the
+        # attribute exists when it wraps the optimizer, i.e. right after initialize: give
+        # the optimizers that lack it (a plain torch optimizer on ZeRO-0) the flag DeepSpeed's
+        # own optimizers carry.
+        if "overflow" not in self.opt.__dict__ and not hasattr(type(self.opt), "overflow"):
+            self.opt.overflow = False
+        self._skip_flag_left = False
 
     def pieces(self, with_param: bool) -> Iterator[Piece]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -126,19 +134,22 @@ class Adapter:
     def skipping(self):
         """Inside the block, DeepSpeed's step skips the update: ``optimizer.step`` is replaced by
         :meth:`skip_step` and ``optimizer.overflow`` is set, so ``_take_model_step`` counts the
-        step as skipped and leaves the LR schedule alone, as for an fp16 overflow."""
+        step as skipped and leaves the LR schedule alone, as for an fp16 overflow. The flag
+        stays set after the step, as DeepSpeed leaves it after an fp16 overflow, so that a
+        caller asking afterwards (Accelerate's ``step_was_skipped``: the HF Trainer then does
+        not step its own LR scheduler) sees the skip; :meth:`begin_step` clears it."""
         opt = self.opt
-        had_flag = "overflow" in opt.__dict__
-        old_flag = opt.__dict__.get("overflow")
         with _patched_method(opt, "step", lambda orig: (lambda *a, **k: self.skip_step())):
             opt.overflow = True
-            try:
-                yield
-            finally:
-                if had_flag:
-                    opt.overflow = old_flag
-                else:
-                    del opt.overflow
+            self._skip_flag_left = True
+            yield
+
+    def begin_step(self) -> None:
+        """Before the next optimizer step (shaped or not): clear the flag a skip left set (a
+        path whose DeepSpeed step does not set ``overflow`` itself would count it skipped)."""
+        if self._skip_flag_left:
+            self.opt.overflow = False
+            self._skip_flag_left = False
 
     def step_was_skipped(self) -> bool:
         """After DeepSpeed's step: whether it skipped the update as an overflow

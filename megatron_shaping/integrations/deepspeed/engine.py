@@ -318,6 +318,7 @@ class DeepSpeedShaping:
         self._ended(record)
 
     def _take_model_step(self, lr_kwargs=None):
+        self.adapter.begin_step()
         ok = self.shape()
         if not ok:
             if not self.session.last_code & NONFINITE:
