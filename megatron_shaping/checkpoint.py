@@ -105,6 +105,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _created_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a
     partial one, even if the writer is killed: temporary file in the same directory, fsync,
@@ -112,6 +119,10 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
     try:
+        # mkstemp makes the file 0600; the file it replaces (or any file open() creates)
+        # would have the umask's mode: other users of the checkpoint (an eval job, a
+        # conversion) read DeepSpeed's files and must read these too
+        os.fchmod(fd, _created_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -150,6 +161,10 @@ def read_state_file(path: str) -> Dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = f.read()
+    except OSError as e:  # permissions, I/O: the file may be fine, it cannot be read here
+        raise ShaperStateError(f"{path}: gradient shaping state file cannot be read ({type(e).__name__}: {e}). "
+                               "Check its permissions and the file system; the file itself may be intact.") from None
+    try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle errors of every kind: the file is damaged
         raise ShaperStateCorrupt(f"{path}: gradient shaping state file is truncated or corrupt "

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megatron_shaping import GradientShaper
-from megatron_shaping.checkpoint import (STATE_FILE, ShaperStateCorrupt, ShaperStateMismatch, ShaperStateMissing,
-                                         hparam_changes, load_session, pack_state, read_state_file,
+from megatron_shaping.checkpoint import (STATE_FILE, ShaperStateCorrupt, ShaperStateError, ShaperStateMismatch,
+                                         ShaperStateMissing, hparam_changes, load_session, pack_state, read_state_file,
                                          restored_session, save_session, state_digest, state_is_finite,
                                          write_bytes_atomic, write_state_file)
 
@@ -206,3 +206,40 @@ def test_write_state_file_is_readable_by_plain_torch_load(tmp_path):
         obj = torch.load(io.BytesIO(f.read()), weights_only=True)
     assert obj["kind"] == "megatron_shaping.shaper_state" and obj["meta"] == {"tag": "t"}
     assert state_is_finite(obj["state"])
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    # mkstemp's 0600 survived os.replace: `latest` and the state file were unreadable to the
+    # other users DeepSpeed's own files (umask mode) are readable to
+    old = os.umask(0o022)
+    try:
+        _, gs = trained(SHAPERS["zclip"])
+        path = str(tmp_path / STATE_FILE)
+        save_session(gs.session, path)
+        write_bytes_atomic(str(tmp_path / "latest"), b"global_step4")
+        os.umask(0o077)
+        write_bytes_atomic(str(tmp_path / "private"), b"x")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "latest").st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "private").st_mode & 0o777 == 0o600
+
+
+def test_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
+    # (as root a chmod would not stop the read: the open is made to fail)
+    import builtins
+    _, gs = trained(SHAPERS["zclip"])
+    path = str(tmp_path / STATE_FILE)
+    save_session(gs.session, path)
+    real_open = builtins.open
+
+    def denied(file, *a, **k):
+        if str(file) == path:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(ShaperStateError, match="cannot be read.*PermissionError.*may be intact") as e:
+        read_state_file(path)
+    assert not isinstance(e.value, (ShaperStateCorrupt, ShaperStateMissing)) and path in str(e.value)

@@ -124,6 +124,14 @@ class ShapingCheckpointing:
             raise RuntimeError(f"gradient_shaping: shaper state differs between ranks (ranks {bad} vs rank 0) at "
                                f"step {e.global_steps}; refusing to save {tag} (this is a bug: please report it)")
         decoupled = bool(getattr(e.checkpoint_engine, "is_decoupled", lambda: False)())
+        # Saving again under a tag (Accelerate's save_state always uses 'pytorch_model'): the
+        # old state file goes first, so a save that dies half-way leaves a tag without one
+        # (refused on load) rather than the old state beside half-written new model files.
+        if self._writer():
+            stale = os.path.join(save_dir, tag, STATE_FILE)
+            if os.path.isfile(stale):
+                os.unlink(stale)
+        self._barrier()
         ok = self._orig_save(save_dir, tag=tag, client_state=client_state,
                              save_latest=save_latest if decoupled else False,
                              exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
@@ -150,9 +158,10 @@ class ShapingCheckpointing:
                     load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                     custom_load_fn=custom_load_fn, **kwargs)
         universal = bool(self.engine.load_universal_checkpoint())
-        tag = self._resolve_tag(load_dir, tag, universal)
         if tag is None:
-            return self._orig_load(load_dir, None, **call)     # DeepSpeed's own message / None
+            tag = self._agreed_latest(load_dir, universal)
+            if tag is None:
+                return self._orig_load(load_dir, None, **call)     # DeepSpeed's own message / None
         want = load_optimizer_states and not load_module_only
         if allow_fresh_state is None:
             allow_fresh_state = bool(self.shaping.config.allow_fresh_state)
@@ -172,16 +181,31 @@ class ShapingCheckpointing:
                           "meta": dict(read.obj.get("meta", {})) if read.obj is not None else {}}
         return result
 
-    def _resolve_tag(self, load_dir: str, tag, universal: bool) -> Optional[str]:
-        """The tag to load: the given one, or what ``latest`` (``latest_universal``) names;
-        None when there is no such file (DeepSpeed then says so itself)."""
-        if tag is not None:
-            return str(tag)
+    def _agreed_latest(self, load_dir: str, universal: bool) -> Optional[str]:
+        """The tag ``latest`` (``latest_universal``) names, the same on every rank; None when no
+        rank has the file (DeepSpeed then says so itself). Gathered before anything branches
+        on it: a rank without the file (node-local storage, a copy in progress) would return
+        through DeepSpeed's no-checkpoint path while the others wait in a collective."""
         latest = os.path.join(load_dir, "latest_universal" if universal else "latest")
-        if not os.path.isfile(latest):
+        try:
+            if os.path.isfile(latest):
+                with open(latest) as f:
+                    seen = ("tag", f.read().strip())
+            else:
+                seen = ("none", None)
+        except OSError as e:
+            seen = ("error", f"{type(e).__name__}: {e}")
+        outcomes = self._gather(seen)
+        if all(kind == "none" for kind, _ in outcomes):
             return None
-        with open(latest) as f:
-            return f.read().strip()
+        if len(set(outcomes)) > 1:
+            per_rank = "; ".join(f"rank {r}: " + (v if k != "none" else "no file") for r, (k, v) in enumerate(outcomes))
+            raise ShaperStateError(f"{latest}: the ranks do not agree on the checkpoint to resume ({per_rank}); "
+                                   "is the checkpoint directory complete and the same on every node?")
+        kind, value = outcomes[0]
+        if kind == "error":
+            raise ShaperStateError(f"{latest}: cannot be read ({value})")
+        return value
 
     def _read(self, load_dir: str, tag: str, want: bool, universal: bool) -> "_Read":
         """Read and validate this rank's copy of the shaper state, without touching the session."""
