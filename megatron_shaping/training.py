@@ -67,6 +67,10 @@ def _checkpoint_and_log_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--override-resume-args", action="store_true",
+                   help="resume although an argument that sets the LR schedule or the data order differs "
+                        "from the checkpoint's (default: stop and name it); the LR then follows the new "
+                        "arguments")
     g.add_argument("--shaping-fresh-state", action="store_true",
                    help="resume from a checkpoint that has no shaper state (made without shaping or by an "
                         "older format) with a fresh shaper instead of stopping; logged loudly")
@@ -91,6 +95,12 @@ def parse_args(argv=None, description: Optional[str] = None, prog: Optional[str]
         p.error("--deepspeed_config is required (see configs/deepspeed/)")
     if args.data_path and not args.tokenizer_model:
         p.error("--data-path needs --tokenizer-model (the tokenizer the data was preprocessed with)")
+    for name in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_interval", "eval_interval", "log_interval", "lr_warmup_iters"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return args
 
 
@@ -357,9 +367,12 @@ class Trainer:
                 raise ValueError("loss_factor is not supported with pipeline parallelism")
             return float(engine.train_batch(self._to_pipe(batches)).float())   # averaged over micro-batches and DP
         losses = []
+        shaping = getattr(engine, "gradient_shaping", None)
         for mb in batches:
             loss = engine(mb["tokens"], mb["labels"], mb["loss_mask"])
             engine.backward(loss * loss_factor if loss_factor != 1.0 else loss)
+            if shaping is not None:
+                shaping.observe_loss(loss)          # the spike rule's loss_z (a no-op without it)
             engine.step()
             losses.append(loss.detach().float())
         total = torch.stack(losses).mean()
@@ -425,11 +438,13 @@ class Trainer:
         t0 = time.time()
         if (iv.eval and done % iv.eval == 0) or last:
             self._evaluate(done, h)
-            self._window[2] = time.time()
         if self.save is not None and ((iv.save and done % iv.save == 0) or last):
             self.save(done)
-            self._window[2] = time.time()
-        return time.time() - t0
+        spent = time.time() - t0
+        # the iterations already in the window keep their time; only the evaluation and the
+        # save are left out of tokens/s (restarting the window's clock overstated it)
+        self._window[2] += spent
+        return spent
 
     def _log_window(self, done: int, h: History) -> None:
         total, n, t0 = self._window
@@ -501,8 +516,47 @@ def _resume(engine, args) -> int:
         log0(f"[checkpoint] no checkpoint in {args.load}: starting from scratch")
         return 0
     start_iter = int(client.get("iteration", 0))
+    changed = resume_arg_changes(client.get("args"), args)
+    if changed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in changed)
+        if not args.override_resume_args:
+            raise SystemExit(f"pretrain.py: error: --load {path}: the checkpoint was saved with other arguments "
+                             f"that set the LR schedule or the data order: {listed}. Resume with the saved "
+                             "values, or pass --override-resume-args to go on with the new ones.")
+        follow_new_lr(engine, args)
+        log0(f"[checkpoint] WARNING: resuming with changed arguments ({listed}, --override-resume-args): the LR "
+             "follows the new schedule from here; changed data arguments change which samples come next")
     log0(f"[checkpoint] resumed from {path} at iteration {start_iter}")
     return start_iter
+
+
+#: arguments a resumed run must share with the checkpoint to continue the same LR schedule and
+#: the same sample order (the order depends on the iteration, the global batch and the dataset
+#: megatron-core builds, whose size follows --train-iters)
+RESUME_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "train_iters", "global_batch_size", "seed",
+               "seq_length", "data_path", "split", "vocab_size", "tokenizer_model")
+
+
+def resume_arg_changes(saved: Optional[dict], args) -> list:
+    """(name, saved, now) for each :data:`RESUME_ARGS` entry that differs from the checkpoint's
+    saved arguments (none for a checkpoint without them)."""
+    if not isinstance(saved, dict):
+        return []
+    now = vars(args)
+    return [(k, saved[k], now.get(k)) for k in RESUME_ARGS if k in saved and saved[k] != now.get(k)]
+
+
+def follow_new_lr(engine, args) -> None:
+    """After loading a checkpoint made with another --lr: the restored LambdaLR keeps the old
+    base LR while its factor is lr_at(it) / new lr; rebase it (and the optimizer's current LR)
+    on the new one, so the LR is lr_at(iteration) of the new arguments."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        return
+    sched.base_lrs = [args.lr for _ in sched.base_lrs]
+    for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        group["lr"] = args.lr * fn(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
 
 def _saver(engine, args, model_cfg) -> Optional[Callable[[int], None]]:

@@ -114,3 +114,92 @@ def test_default_block_pattern_groups_llama_layers():
     for n, block in names.items():
         assert re.match(DEFAULT_BLOCK_PATTERN, n).group(1) == block
         assert re.match(BLOCK_PATTERN, n).group(1) == block
+
+
+@pytest.mark.parametrize("flag,value", [("--eval-iters", "0"), ("--train-iters", "0"), ("--micro-batch-size", "0"),
+                                        ("--global-batch-size", "-1"), ("--log-interval", "-1")])
+def test_counts_out_of_range_stop_at_parse_time(flag, value, capsys):
+    # --eval-iters 0 crashed at the first evaluation (torch.stack of no losses)
+    with pytest.raises(SystemExit):
+        args_for(flag, value)
+    assert flag in capsys.readouterr().err
+
+
+def _trained_scheduler(lr, iters):
+    import torch
+    a = args_for("--lr", str(lr), "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--train-iters", "20")
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=a.lr)
+    sched = pretrain.lr_scheduler(a)(opt)
+    for _ in range(iters):
+        opt.step()
+        sched.step()
+    return a, opt, sched
+
+
+def test_resume_with_other_schedule_arguments_is_refused_or_follows_the_new_lr():
+    from types import SimpleNamespace
+    old, _, _ = _trained_scheduler(3e-3, 0)
+    new = args_for("--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--train-iters", "20")
+    assert pretrain.resume_arg_changes(vars(old), old) == []
+    assert pretrain.resume_arg_changes(None, new) == []              # a checkpoint without saved args
+    assert pretrain.resume_arg_changes(vars(old), new) == [("lr", 3e-3, 1e-3)]
+    later = args_for("--lr", "3e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--train-iters", "40",
+                     "--global-batch-size", "32")
+    assert [k for k, _, _ in pretrain.resume_arg_changes(vars(old), later)] == ["train_iters", "global_batch_size"]
+    # --override-resume-args: the restored LambdaLR kept the old base LR (3e-3) under the new
+    # factor lr_at(it) / 1e-3, three times the new schedule's LR
+    _, opt, sched = _trained_scheduler(3e-3, 5)
+    sched.lr_lambdas = [lambda it: pretrain.lr_at(it, new) / new.lr]    # what the resumed run builds
+    assert sched.base_lrs[0] * sched.lr_lambdas[0](5) == pytest.approx(3 * pretrain.lr_at(5, new))
+    pretrain.follow_new_lr(SimpleNamespace(lr_scheduler=sched), new)
+    assert opt.param_groups[0]["lr"] == pytest.approx(pretrain.lr_at(5, new), rel=1e-12)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(pretrain.lr_at(6, new), rel=1e-12)
+
+
+def test_tokens_per_second_leaves_out_only_the_evaluation(monkeypatch):
+    # eval every 15, log every 10: resetting the window's clock after the evaluation at 15
+    # dropped the time of iterations 11-15 while still counting them (2x the true rate)
+    clock = [0.0]
+    monkeypatch.setattr(pretrain.time, "time", lambda: clock[0])
+    t = pretrain.Trainer.__new__(pretrain.Trainer)
+    t.train_iters, t.intervals, t.save = 100, pretrain.Intervals(10, 15, 0), None
+
+    def evaluate(done, h):
+        clock[0] += 7.0                      # the evaluation takes 7 s
+    t._evaluate = evaluate
+    t._window = [0.0, 5, 100.0]              # iterations 11-15 in the window, started at t=100
+    clock[0] = 105.0                         # 1 s per iteration
+    spent = t._at_iteration_end(15, pretrain.History())
+    assert spent == 7.0 and t._window[2] == 107.0     # 112 - 107 = the 5 s of training so far
+
+
+def test_each_micro_batch_loss_reaches_the_spike_rule():
+    # gradient_shaping.skip.loss_z never acted in pretrain.py: nothing called observe_loss
+    import torch
+    from types import SimpleNamespace
+    seen = []
+    losses = iter([2.0, 4.0])
+
+    class Engine:
+        gradient_shaping = SimpleNamespace(observe_loss=lambda loss: seen.append(float(loss)))
+        monitor = SimpleNamespace(enabled=False)
+        global_samples = 0
+
+        def __call__(self, *batch):
+            return torch.tensor(next(losses))
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            pass
+
+    t = pretrain.Trainer.__new__(pretrain.Trainer)
+    t.engine, t.ctx = Engine(), SimpleNamespace(is_pipeline=False, dp=1)
+    mb = {"tokens": None, "labels": None, "loss_mask": None}
+    t.data = SimpleNamespace(schedule=SimpleNamespace(micro_batches=lambda ds, it: [mb, mb]), train_ds=None)
+    t.dist, t.dp_group = SimpleNamespace(all_reduce=lambda x, group=None: None, get_rank=lambda: 0), None
+    assert t.step(0) == pytest.approx(3.0) and seen == [2.0, 4.0]
