@@ -217,11 +217,16 @@ class ShapingSession:
             raise ValueError(f"{source}: saved shaper state covers other layers: missing {missing}, "
                              f"unexpected {extra} ({len(saved)} saved vs {len(mine)} configured groups)")
         new_states = []
-        for member, m, st in zip(self.shaper.shapers, sd["members"], self.state):
+        for i, (member, m, st) in enumerate(zip(self.shaper.shapers, sd["members"], self.state)):
             m_saved = list(m.get("groups", saved))
             m_mine = list(member.state_layout(self.layout).names)
             if set(m_saved) != set(m_mine):
-                raise ValueError(f"{source}: saved groups of chain member {m['type']} differ from the configured ones")
+                # (a member's own granularity is not in the file: its groups tell it)
+                raise ValueError(
+                    f"{source}: saved groups of chain member {i} ({m['type']}) differ from the configured ones "
+                    f"(granularity {self.shaper.granularities[i]!r}: {len(m_mine)} groups, saved {len(m_saved)}): "
+                    f"missing {sorted(set(m_mine) - set(m_saved))[:5]}, "
+                    f"unexpected {sorted(set(m_saved) - set(m_mine))[:5]}; was the member's granularity changed?")
             # Rows are remapped by name only when the order differs (a model whose parameters
             # were registered in another order); then every field with one row per group is.
             order = None

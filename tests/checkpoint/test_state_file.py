@@ -243,3 +243,18 @@ def test_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
     with pytest.raises(ShaperStateError, match="cannot be read.*PermissionError.*may be intact") as e:
         read_state_file(path)
     assert not isinstance(e.value, (ShaperStateCorrupt, ShaperStateMissing)) and path in str(e.value)
+
+
+def test_a_chain_members_changed_granularity_is_named(tmp_path):
+    # the session's granularity is 'tensor' either way, so only the member's groups differ: the
+    # error said "saved groups of chain member norm_clip differ" and nothing else
+    def spec(gran):
+        return {"type": "chain", "shapers": [{"type": "gradient_stabilizer"},
+                                             {"type": "norm_clip", "params": {"max_norm": 0.05}, "granularity": gran}]}
+    _, gs = trained(spec("global"))
+    path = str(tmp_path / STATE_FILE)
+    save_session(gs.session, path)
+    _, other = trained(spec("tensor"), steps=1)
+    with pytest.raises(ShaperStateMismatch, match=r"chain member 1 \(norm_clip\) .*granularity 'tensor': 4 groups, "
+                                                  r"saved 1\): missing \['a.bias', .*unexpected \['global'\]"):
+        load_session(other.session, path)
