@@ -52,6 +52,15 @@ def test_resume_reproduces_the_uninterrupted_run(first_run):
     assert r["start_iteration"] == 10
     assert r["final_val_loss"] == pytest.approx(full["final_val_loss"], abs=1e-4)
     assert r["final_train_loss"] == pytest.approx(full["final_train_loss"], abs=1e-4)
+    # the same resume with another --lr: stopped with the argument named (it went on with the
+    # old base LR under the new schedule's factor)
+    common = [a if a != "3e-3" else "1e-3" for a in COMMON]
+    proc = subprocess.run(deepspeed_cmd() + ["--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+                                             "--deepspeed_config", CONFIG, *common, "--train-iters", "20",
+                                             "--eval-interval", "10", "--load", str(save)],
+                          cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "--lr 0.003 -> 0.001" in out and "--override-resume-args" in out, out[-4000:]
 
 
 def test_two_nodes_on_one_machine_agree(tmp_path):
