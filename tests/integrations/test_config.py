@@ -65,6 +65,12 @@ def test_bad_key_in_a_chain_members_params_is_named_at_its_path():
      ["block_pattern", "no group", "first group"]),
     ({"type": "chain", "block_pattern": "(", "shapers": [{"type": "agc", "granularity": "block"}]},
      ["block_pattern", "'('", "not a valid regex"]),
+    # a string or number for a switch: pydantic's lax mode read "no" / 0 / "off" as false and
+    # turned shaping off without a word
+    ({"type": "spamp", "enabled": "no"}, ["gradient_shaping.enabled", "'no'"]),
+    ({"type": "spamp", "enabled": 0}, ["gradient_shaping.enabled", "0"]),
+    ({"type": "spamp", "allow_fresh_state": "yes"}, ["gradient_shaping.allow_fresh_state", "'yes'"]),
+    ({"type": "spamp", "skip": {"enabled": "off", "grad_norm_z": 6}}, ["gradient_shaping.skip.enabled", "'off'"]),
     # DeepSpeedConfigModel's own keyword as a key (raised a TypeError)
     ({"type": "spamp", "strict": False}, ["gradient_shaping.strict", "unknown key", "'type'"]),
     ({"type": "spamp", "skip": {"grad_norm_z": None}}, ["gradient_shaping.skip", "no rule", "loss_z", "max_grad_norm"]),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Literal, Optional
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from ...shapers import REGISTRY, build_shaper
 from ...stats.layout import check_block_pattern
@@ -59,7 +59,7 @@ class SpikeSkipConfig(DeepSpeedConfigModel):
     ``sigma_factor`` 6, active after ``max(20, window // 2)`` values)."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-    enabled: bool = True
+    enabled: StrictBool = True
     """Turn the rule off without deleting the sub-section."""
 
     grad_norm_z: Optional[float] = Field(6.0, gt=0)
@@ -97,7 +97,7 @@ class GradientShapingConfig(DeepSpeedConfigModel):
     """Sets parameters for gradient shaping (megatron-shaping)."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-    enabled: bool = True
+    enabled: StrictBool = True
     """Turn shaping off without deleting the section."""
 
     type: str
@@ -127,12 +127,12 @@ class GradientShapingConfig(DeepSpeedConfigModel):
     ``skip`` drops the step (no parameter update, shaper state untouched, counted in logs);
     ``error`` raises. fp16 steps with overflow are always skipped by DeepSpeed's loss scaler."""
 
-    allow_fresh_state: bool = False
+    allow_fresh_state: StrictBool = False
     """Loading a checkpoint without shaper state starts the shaper fresh (logged loudly)
     instead of stopping with an error."""
 
     # --- monitoring (integrations/deepspeed/monitor.py, docs/MONITORING.md) -----------------
-    log_per_layer: bool = True
+    log_per_layer: StrictBool = True
     """With ``log_interval > 0``: also write per-layer tags (6 per layer). False writes only the
     global summaries, for models with many layers or monitors that dislike many tags."""
 
@@ -150,7 +150,7 @@ class GradientShapingConfig(DeepSpeedConfigModel):
     "window": 128, "min_history": null, "max_grad_norm": null}``. A skipped step leaves
     parameters, optimizer state and shaper state untouched; see docs/MONITORING.md."""
 
-    log_update_size: bool = True
+    log_update_size: StrictBool = True
     """With ``log_interval > 0``: also write per-layer parameter norms and the update/parameter
     norm ratio of the logged steps (one copy of the local parameter shard and one extra small
     all-reduce on those steps only). Nothing at all with ``log_interval: 0``."""
