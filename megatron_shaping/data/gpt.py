@@ -8,6 +8,7 @@ of several datasets), so data behaves as in Megatron-LM. Each sample is
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -53,6 +54,7 @@ def build_gpt_datasets(data_path: Sequence[str], tokenizer, seq_length: int, see
     prefixes, weights = parse_data_path(data_path)
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     if cache_dir is not None:
+        cache_dir = str(Path(cache_dir) / _files_fingerprint(prefixes))
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
@@ -66,6 +68,19 @@ def build_gpt_datasets(data_path: Sequence[str], tokenizer, seq_length: int, see
         raise ValueError(f"split {split!r} leaves no {'training' if train is None else 'validation'} "
                          f"data; give both a positive weight (e.g. '98,2,0')")
     return train, valid
+
+
+def _files_fingerprint(prefixes: Sequence[str]) -> str:
+    """A name for the index cache of these datasets as they are on disk: megatron-core keys its
+    cache by the path, so a prefix preprocessed again (other documents) reused the old indices
+    (reads past the data, or silently other samples)."""
+    import hashlib
+    h = hashlib.sha256()
+    for prefix in prefixes:
+        for ext in (".idx", ".bin"):
+            st = os.stat(prefix + ext)
+            h.update(f"{os.path.abspath(prefix)}{ext}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return "data-" + h.hexdigest()[:16]
 
 
 def _check_splits(prefixes: Sequence[str], split_matrix, sizes: Sequence[int], split: str) -> None:

@@ -69,6 +69,21 @@ def test_a_split_without_documents_is_an_error_not_a_hang(tiny_corpus, tmp_path)
         signal.signal(signal.SIGALRM, old)
 
 
+def test_index_cache_follows_the_data_not_the_path(tiny_corpus, tmp_path):
+    # megatron-core keys its index cache by the prefix: the same prefix preprocessed again from
+    # fewer documents reused the old indices and read past the new data
+    from megatron_shaping.data import write_indexed_dataset
+    tok = SentencePieceTokenizer(tiny_corpus["model"])
+    texts = tiny_corpus["texts"]
+    prefix, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    write_indexed_dataset(texts, tok, prefix)
+    first, _ = build_gpt_datasets([prefix], tok, 64, 5, 100, 10, "70,30,0", cache)
+    write_indexed_dataset(texts[:3], tok, prefix)
+    again, _ = build_gpt_datasets([prefix], tok, 64, 5, 100, 10, "70,30,0", cache)
+    assert int(again.document_index.max()) < 3 <= int(first.document_index.max())
+    assert all(again[i]["tokens"].shape == (64,) for i in range(len(again)))
+
+
 def test_batch_schedule(datasets):
     train, _ = datasets
     scheds = [BatchSchedule(global_batch=8, micro_batch=2, dp_rank=r, dp_size=2) for r in range(2)]
