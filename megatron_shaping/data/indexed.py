@@ -147,4 +147,21 @@ def check_indexed_prefix(prefix: Union[str, Path]) -> str:
     if head != IDX_MAGIC:
         raise DataFormatError(f"{prefix}.idx is not a megatron-core index file (header {head!r}, "
                               f"expected {IDX_MAGIC!r})")
+    _check_bin_size(prefix)
     return prefix
+
+
+def _check_bin_size(prefix: str) -> None:
+    """The .bin holds every token the .idx points to (a truncated copy failed later, deep in
+    numpy, naming no file)."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+    try:
+        index = _IndexReader(prefix + ".idx", multimodal=False)
+    except Exception as e:
+        raise DataFormatError(f"{prefix}.idx cannot be read as a megatron-core index: {type(e).__name__}: {e}") from None
+    if len(index.sequence_lengths):
+        need = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+        have = Path(prefix + ".bin").stat().st_size
+        if have < need:
+            raise DataFormatError(f"{prefix}.bin has {have} bytes, its .idx points to {need}: truncated or from "
+                                  f"another preprocessing run; preprocess again or copy it completely")

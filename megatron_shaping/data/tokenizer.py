@@ -31,12 +31,24 @@ def llama_trainer_options(vocab_size: int, num_threads: int = 2) -> dict:
                 num_threads=num_threads, minloglevel=2)
 
 
+#: characters per piece of a long line: at most 4 UTF-8 bytes each, below sentencepiece's
+#: max_sentence_length (4192 bytes), beyond which it drops a line without a word
+LONG_LINE_CHARS = 1024
+
+
 def sentences(texts: Iterable[str]) -> Iterator[str]:
-    """SentencePiece trains on lines; blank lines carry nothing to learn."""
+    """SentencePiece trains on lines; blank lines carry nothing to learn. A line longer than
+    sentencepiece takes (one-line jsonl documents, minified text) is cut into pieces of
+    :data:`LONG_LINE_CHARS` characters instead of being dropped."""
     for text in texts:
         for line in text.split("\n"):
-            if line.strip():
+            if not line.strip():
+                continue
+            if len(line) <= LONG_LINE_CHARS:
                 yield line
+                continue
+            for i in range(0, len(line), LONG_LINE_CHARS):
+                yield line[i:i + LONG_LINE_CHARS]
 
 
 def train_tokenizer(texts: Iterable[str], model_path: Union[str, Path], vocab_size: int = 4096,
@@ -72,6 +84,10 @@ class SentencePieceTokenizer:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
             raise ValueError(f"tokenizer model {path} is not a SentencePiece model: {e}") from None
+        if self.sp.eos_id() < 0:
+            # eod -1 would be written as 65535 into a uint16 .bin (or mask real tokens)
+            raise ValueError(f"tokenizer model {path} has no end-of-sequence piece (eos_id -1): documents could "
+                             f"not be separated; train it with an eos piece (tools/train_tokenizer.py does)")
         # megatron-core hashes this into its dataset cache key: the content, not the path,
         # identifies the tokenizer.
         self.unique_identifiers = {"class": type(self).__name__,

@@ -62,3 +62,30 @@ def test_bad_tokenizer_model(tmp_path):
     (tmp_path / "junk.model").write_text("not a model")
     with pytest.raises(ValueError, match="junk.model is not a SentencePiece model"):
         SentencePieceTokenizer(tmp_path / "junk.model")
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path, small_texts):
+    # eod = -1 was written as 65535 into the uint16 .bin (an out-of-vocabulary id at training)
+    import io
+    import sentencepiece as spm
+    from megatron_shaping.data.tokenizer import llama_trainer_options, sentences
+    opts = dict(llama_trainer_options(600), eos_id=-1)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=sentences(small_texts), model_writer=model, **opts)
+    (tmp_path / "noeos.model").write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match=r"noeos.model has no end-of-sequence piece \(eos_id -1\)"):
+        SentencePieceTokenizer(tmp_path / "noeos.model")
+
+
+def test_truncated_bin_is_named(tmp_path, tiny_corpus):
+    import shutil
+    src = str(tiny_corpus["prefix"])
+    prefix = str(tmp_path / "copy")
+    shutil.copy(src + ".idx", prefix + ".idx")
+    data = open(src + ".bin", "rb").read()
+    open(prefix + ".bin", "wb").write(data[: len(data) // 2])
+    with pytest.raises(DataFormatError, match=re.escape(prefix) + rf"\.bin has {len(data) // 2} bytes, its \.idx "
+                                              rf"points to {len(data)}: truncated"):
+        check_indexed_prefix(prefix)
+    open(prefix + ".bin", "wb").write(data)
+    assert check_indexed_prefix(prefix) == prefix

@@ -37,3 +37,15 @@ def test_training_is_deterministic(tmp_path, small_texts):
 def test_vocab_too_large_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="could not train a 5000-piece tokenizer"):
         train_tokenizer(["just a few words"] * 3, tmp_path / "t.model", 5000)
+
+
+def test_one_line_documents_are_learned_not_dropped(tmp_path, small_texts):
+    # jsonl documents of one long line each: sentencepiece dropped every line over 4192 bytes,
+    # and training failed with a misleading "Vocabulary size too high"
+    from megatron_shaping.data.tokenizer import sentences, train_tokenizer
+    one_line = [t.replace("\n", " ") for t in small_texts if len(t.encode()) > 4192]
+    assert len(one_line) >= 4
+    pieces = list(sentences(one_line))
+    assert max(len(p.encode()) for p in pieces) <= 4192 and "".join(pieces) == "".join(one_line)
+    tok = SentencePieceTokenizer(train_tokenizer(one_line, tmp_path / "long.model", vocab_size=600))
+    assert tok.vocab_size == 600 and tok.detokenize(tok.tokenize(one_line[0][:500])) == one_line[0][:500]
