@@ -24,12 +24,33 @@ def local_shape(param: torch.Tensor) -> Tuple[int, ...]:
     return tuple(param.shape if ds_shape is None else ds_shape)
 
 
+#: where DeepSpeed AutoTP layers describe a parameter's split (deepspeed.checkpoint.constants
+#: DS_AUTOTP_UC_META); they set ``tensor_model_parallel`` but no ``partition_dim``
+AUTOTP_META = "ds_autotp_universal_checkpoint_meta"
+
+
+def partition_dim(param: torch.Tensor) -> int:
+    """The dimension a TP shard is split along: megatron-core's ``partition_dim``, else the one
+    DeepSpeed AutoTP records in its metadata (row-parallel ``LinearAllreduce``: 1). A shard that
+    says neither is refused: taking 0 for a row-parallel weight made each rank's partial rows
+    units of their own (AGC's row norms then differ from the single-GPU run)."""
+    pd = getattr(param, "partition_dim", None)
+    if pd is None:
+        meta = getattr(param, AUTOTP_META, None)
+        pd = meta.get("partition_dim") if isinstance(meta, dict) else None
+    if pd is None:
+        raise ValueError(f"a tensor-parallel parameter of local shape {tuple(local_shape(param))} does not say which "
+                         f"dimension it is split along (no partition_dim attribute, no DeepSpeed AutoTP metadata "
+                         f"with one); set param.partition_dim")
+    return int(pd)
+
+
 def full_shape(param: torch.Tensor, tp_world_size: int) -> Tuple[int, ...]:
-    """Whole-model shape: the local shape with ``partition_dim`` multiplied by the TP world size
-    for a TP shard."""
+    """Whole-model shape: the local shape with :func:`partition_dim` multiplied by the TP world
+    size for a TP shard."""
     shape = list(local_shape(param))
     if tp_world_size > 1 and is_tp_sharded(param):
-        shape[int(getattr(param, "partition_dim", 0))] *= tp_world_size
+        shape[partition_dim(param)] *= tp_world_size
     return tuple(shape)
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from megatron_shaping.model.tp_utils import full_shape, is_tp_duplicate, param_seed, seeded_normal_init
@@ -56,6 +57,18 @@ def test_one_copy_of_the_tp_attribute_readers():
     zero3.ds_shape = torch.Size((32, 64))
     assert tp.local_shape(zero3) == (32, 64) and full_shape(zero3, tp_world_size=2) == (64, 64)
     assert full_shape(_sharded((32, 64), 0)) == (32, 64)       # no parallel state: TP size 1
+    # DeepSpeed AutoTP (LinearAllreduce: row-parallel) sets tensor_model_parallel but keeps the
+    # split dimension in its universal-checkpoint metadata: read there (0 was assumed)
+    autotp = torch.nn.Parameter(torch.zeros(8, 3))
+    autotp.tensor_model_parallel = True
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    assert tp.AUTOTP_META == DS_AUTOTP_UC_META
+    setattr(autotp, tp.AUTOTP_META, {"partition_type": "row", "partition_dim": 1})
+    assert tp.partition_dim(autotp) == 1 and full_shape(autotp, tp_world_size=2) == (8, 6)
+    unknown = torch.nn.Parameter(torch.zeros(8, 3))
+    unknown.tensor_model_parallel = True
+    with pytest.raises(ValueError, match=r"local shape \(8, 3\) does not say which dimension"):
+        full_shape(unknown, tp_world_size=2)
     scalar = torch.nn.Parameter(torch.tensor(2.0))
     scalar.data = torch.empty(0)                # a 0-d parameter partitioned by ZeRO-3: ds_shape ()
     scalar.ds_shape = torch.Size(())

@@ -20,6 +20,7 @@ from ...stats.slices import GradSlice, SliceCache, SliceSet
 from ...stats.tp import full_shape as _full_shape
 from ...stats.tp import is_tp_sharded as _is_tp_sharded
 from ...stats.tp import local_shape as _local_shape
+from ...stats.tp import partition_dim as _partition_dim
 from .adapters import Adapter, UnsupportedPath, config_dict, select_adapter
 from .config import GRADIENT_SHAPING, GradientShapingConfig, get_gradient_shaping_config
 from ...monitoring import shaped_fraction as _shaped_fraction
@@ -172,7 +173,7 @@ class DeepSpeedShaping:
             numel *= d
         row_len = numel // rows if len(shape) >= 2 else 0
         unit_base = g.unit_base[name]
-        if row_len and self.tp_world > 1 and _is_tp_sharded(p) and int(getattr(p, "partition_dim", 0)) == 0:
+        if row_len and self.tp_world > 1 and _is_tp_sharded(p) and _partition_dim(p) == 0:
             unit_base += self.tp_rank * rows     # column-parallel: this rank holds a block of rows
         return g.group(name), self._counted(p), row_len, unit_base
 
