@@ -12,7 +12,8 @@ optimizer step s is written at ``engine.global_samples`` *after* that step, like
     P/global_norm_after      ... after shaping (before DeepSpeed's own gradient_clipping)
     P/shaped_fraction        fraction of layers whose factor differs from 1 by more than 1e-6
     P/max_ratio              largest norm_before / stat over the layers (absent without a stat)
-    P/spikes                 spike events so far (norm_before > spike_threshold * stat)
+    P/spikes                 spike events so far in this process (norm_before > spike_threshold * stat;
+                             not restored on resume, unlike the two skip counts)
     P/skipped_steps          steps skipped so far (non-finite gradient, or the spike rule)
     P/spike_skips            ... of which by the spike rule (only with gradient_shaping.skip)
     P/loss_scale             loss scale the step's backward used (1 without fp16)
