@@ -46,6 +46,20 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
+        # types and ranges first (a preset is hand-edited JSON): "64" for a size raised an
+        # unrelated TypeError, 0 a ZeroDivisionError, fp8 "false" (a non-empty string) enabled FP8
+        for k in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
+                  "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"model config: {k} must be an integer >= 1, got {v!r}")
+        for k in ("rope_theta", "norm_eps", "init_std"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ValueError(f"model config: {k} must be a finite number > 0, got {v!r}")
+        for k in ("tie_embeddings", "fp8"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"model config: {k} must be true or false, got {getattr(self, k)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -111,5 +125,8 @@ def load_preset(name_or_path: str, **overrides) -> LlamaConfig:
         raise ValueError(f"model preset {path} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
     data.setdefault("name", path.stem)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return LlamaConfig(**data)
+    try:
+        return LlamaConfig(**data)
+    except ValueError as e:
+        raise ValueError(f"model preset {path}: {e}") from None
 

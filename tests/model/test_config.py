@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -33,3 +34,16 @@ def test_overrides_and_errors(tmp_path):
         load_preset(str(bad))
     with pytest.raises(ValueError, match="not divisible by 4"):
         load_preset("llama-tiny").check_tensor_parallel(4)
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", "64"), ("num_query_groups", 0), ("num_layers", 2.0),
+                                       ("make_vocab_size_divisible_by", 0), ("norm_eps", -1e-5),
+                                       ("init_std", float("nan")), ("fp8", "false"), ("tie_embeddings", 1)])
+def test_bad_preset_values_name_the_file_and_key(tmp_path, key, value):
+    # a string size raised "not all arguments converted", 0 a ZeroDivisionError, fp8 "false"
+    # (a non-empty string) turned FP8 on, negative eps was accepted
+    base = json.loads((PRESET_DIR / "llama-tiny.json").read_text())
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({**base, key: value}))
+    with pytest.raises(ValueError, match=rf"model preset {re.escape(str(bad))}: model config: {key} must be"):
+        load_preset(str(bad))
