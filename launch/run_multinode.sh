@@ -11,7 +11,8 @@
 #   NO_SSH=1 NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=launch/hostfile bash launch/run_multinode.sh ...
 #
 # Every argument goes to launch/pretrain.py. The data cache ($MEGATRON_SHAPING_CACHE, default
-# ./cache) should be on a shared filesystem, or prepared on every node before the run. With pdsh
+# ./cache) and --data-cache-path must be on a filesystem every node shares: megatron-core builds
+# the dataset indices on global rank 0 only and the other nodes read them there. With pdsh
 # the deepspeed launcher forwards only some variables (PYTHON*, NCCL*, UCX*, ...) to the other
 # nodes: put MEGATRON_SHAPING_CACHE=... and any other the nodes need in .deepspeed_env (in the
 # current or home directory); with NO_SSH=1 set them on every node.
