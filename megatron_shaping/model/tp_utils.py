@@ -2,7 +2,9 @@
 
 Megatron-core marks a TP-partitioned parameter with ``tensor_model_parallel=True``,
 ``partition_dim`` and ``partition_stride``; everything here reads those attributes only, so it
-works for any megatron-core layer, not just ours. The attribute readers themselves live in
+works for megatron-core layers other than ours, with one limit: :func:`gather_full_tensor`
+concatenates contiguous shards (``partition_stride`` 1, as in every layer of this model) and
+refuses strided ones. The attribute readers themselves live in
 :mod:`megatron_shaping.stats.tp` (shared with the DeepSpeed integration); here they default the
 TP rank and size to megatron's ``parallel_state``.
 """
@@ -16,6 +18,7 @@ import torch
 from ..stats.tp import full_shape as _full_shape
 from ..stats.tp import is_tp_duplicate as _is_tp_duplicate
 from ..stats.tp import is_tp_sharded
+from ..stats.tp import partition_dim as _partition_dim
 
 __all__ = ["full_shape", "gather_full_tensor", "is_tp_duplicate", "is_tp_sharded", "mark_tp_replicated",
            "param_seed", "seeded_normal_init"]
@@ -84,6 +87,9 @@ def gather_full_tensor(t: torch.Tensor, param: torch.Tensor, group=None) -> torc
         return t
     from megatron.core import parallel_state
     group = group or parallel_state.get_tensor_model_parallel_group()
+    if int(getattr(param, "partition_stride", 1)) != 1:
+        raise ValueError(f"gather_full_tensor: partition_stride {param.partition_stride} (strided shards) is not "
+                         f"supported; only contiguous shards (stride 1) are concatenated")
     parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=param.partition_dim)
+    return torch.cat(parts, dim=_partition_dim(param))
