@@ -162,6 +162,7 @@ class ShapingCheckpointing:
             tag = self._agreed_latest(load_dir, universal)
             if tag is None:
                 return self._orig_load(load_dir, None, **call)     # DeepSpeed's own message / None
+        tag = str(tag)
         want = load_optimizer_states and not load_module_only
         if allow_fresh_state is None:
             allow_fresh_state = bool(self.shaping.config.allow_fresh_state)
