@@ -71,9 +71,7 @@ def test_every_numeric_parameter_rejects_a_non_number_naming_shaper_and_key(name
         build_shaper(name, {key: bad})
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if "eps" in shaper_class(n).hparams])
 def test_eps_must_be_finite(name):
-    if "eps" not in shaper_class(name).hparams:
-        pytest.skip(f"{name} has no eps")
     with pytest.raises(ValueError, match=rf"{name}: eps must be"):
         build_shaper(name, {"eps": float("inf")})
