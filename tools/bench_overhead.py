@@ -73,6 +73,8 @@ TARGETS = {"gradient_stabilizer": 1.00, "norm_clip": 1.00, "zclip": 1.00, "adagc
 ITERATION_TARGET = 1.01     # forward + backward + step, every method
 ACCELERATOR = ["cpu"]       # --accelerator (the launcher's DS_ACCELERATOR)
 _SYNC: List[Callable] = [lambda: None]   # torch.cuda.synchronize on CUDA, before reading a clock
+#: where the result reductions run: NCCL has no CPU backend, so on CUDA they go through the GPU
+_REDUCE_DEVICE: List[str] = ["cpu"]
 
 CLIP = "--clip"             # an override taking the value of --clip
 #: Method -> the parameters changed from its defaults so that it shapes on every step of this
@@ -518,6 +520,7 @@ def setup_process(args):
     if args.accelerator == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _SYNC[0] = torch.cuda.synchronize
+        _REDUCE_DEVICE[0] = f"cuda:{torch.cuda.current_device()}"
     _unlink_shm_buffer(dist, dist.get_rank())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -808,19 +811,20 @@ def gather_times(dist, configs: List[Config], world: int) -> Dict[str, Tuple[Any
     out = {}
     for k, fn in get.items():
         pairs = [[fn(r) for r in c.rounds] for c in configs]
-        wall = torch.tensor([[p[0] for p in row] for row in pairs], dtype=torch.float64)
-        cpu = torch.tensor([[p[1] for p in row] for row in pairs], dtype=torch.float64)
+        dev = _REDUCE_DEVICE[0]
+        wall = torch.tensor([[p[0] for p in row] for row in pairs], dtype=torch.float64, device=dev)
+        cpu = torch.tensor([[p[1] for p in row] for row in pairs], dtype=torch.float64, device=dev)
         dist.all_reduce(wall, op=dist.ReduceOp.MAX)
         dist.all_reduce(cpu, op=dist.ReduceOp.SUM)
-        out[k] = (wall, cpu / world)
+        out[k] = (wall.cpu(), cpu.cpu() / world)
     return out
 
 
 def gather_memory(dist, configs: List[Config]) -> List[Memory]:
     import torch
-    mem = torch.tensor([Memory.row(c) for c in configs], dtype=torch.float64)
+    mem = torch.tensor([Memory.row(c) for c in configs], dtype=torch.float64, device=_REDUCE_DEVICE[0])
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-    return [Memory(*(int(v) for v in row)) for row in mem.tolist()]
+    return [Memory(*(int(v) for v in row)) for row in mem.cpu().tolist()]
 
 
 def summarise(c: Config, i: int, bi: int, times, memory: Memory) -> Result:
@@ -1055,8 +1059,26 @@ def markdown_report(meta: Meta, results: List[Result]) -> str:
             f"ZeRO-{meta.stage}, {meta.dtype} (adapter `{meta.adapter}`), {meta.rounds} rounds after "
             f"{meta.warmup} warm-up, load average {meta.loadavg[0]:.1f} on {meta.cpus} CPUs"
             + (", DeepSpeed's norm pass off where nothing clips" if meta.ds_skip_norm else "") + ".")
-    out = [head, ""] + md_step_table(meta, results) + [""] + md_collectives(results) + [""] + md_memory(results)
+    wall = (md_step_table_wall(results) + [""]) if meta.accelerator != "cpu" else []
+    out = [head, ""] + wall + md_step_table(meta, results) + [""] + md_collectives(results) + [""] + md_memory(results)
     return "\n".join(out) + "\n"
+
+
+def md_step_table_wall(results: List[Result]) -> List[str]:
+    """On an accelerator the measure is wall time (the device's work does not show in the
+    host's CPU time; synchronising spins count in it): the step and iteration in wall time,
+    targets judged on the paired wall ratio. (Each timed region synchronises on entry and
+    exit: a few extra synchronisations per shaped step, which bias the ratio against the
+    shapers on a step of a millisecond or two.)"""
+    out = ["| config | wall ms | wall ratio [IQR] | target | iteration wall ms | iteration ratio [IQR] | hook wall ms "
+           "| stats | apply | DS norm |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        tgt = "-" if not r.target else f"{r.target:.2f}x {'ok' if r.step.ratio <= r.target else '**missed**'}"
+        sq, iq, x = r.step.ratio_iqr, r.iter.ratio_iqr, r.region_ms
+        out.append(f"| {r.name} | {r.step.ms:.2f} | {r.step.ratio:.3f} [{sq[0]:.2f}, {sq[1]:.2f}] | {tgt} | "
+                   f"{r.iter.ms:.1f} | {r.iter.ratio:.3f} [{iq[0]:.2f}, {iq[1]:.2f}] | {x[HOOK]:.2f} | "
+                   f"{x[STATS]:.2f} | {x[APPLY]:.2f} | {x[DSNORM]:.2f} |")
+    return out
 
 
 def md_step_table(meta: Meta, results: List[Result]) -> List[str]:

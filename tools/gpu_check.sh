@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # One command for a CUDA machine: the GPU-side checks of issue 11, figures into one file.
 #
-#   bash tools/gpu_check.sh [OUT_DIR]          (default: ./gpu_check_out; figures in OUT_DIR/figures.md)
+#   bash tools/gpu_wheels.sh                   (here, once: the wheels the device image lacks, into .whl/)
+#   bash tools/gpu_check.sh [OUT_DIR]          (there; default: $OUT, else ./gpu_check_out)
+#
+# With the device tool: run `bash tools/gpu_check.sh "$OUT"` with carry [".whl"] and a
+# timeout of about 560 s. OUT_DIR receives three files: figures.md (also printed at the end, so
+# the reply's output carries it), gpu_check.log and details.tar.gz (the per-step files). A
+# .whl/ folder in the checkout is installed first (pip --no-index --target, no network), and a
+# preflight lists any module still missing before a step needs it. Every step runs under its own
+# timeout (GPU_CHECK_STEP_TIMEOUT, default 150 s) so that a hang cannot eat the budget.
 #
 # 1. environment (GPUs, torch, DeepSpeed, Transformer Engine);
 # 2. the statistics pass on the device vs float64 sums of the same values (fp32/bf16 slices at
@@ -11,9 +19,10 @@
 #    NCCL on 1, 2, 4, ... up to all GPUs (tests/stats/ds_norm_worker.py, the assertions of
 #    tests/stats/test_stats_ds_norm.py);
 # 4. a subset of the sharded-vs-unsharded equivalence suite (tests/distributed: its workers run
-#    on the CPU accelerator with gloo whatever the machine, so this is the CPU check, repeated);
-# 5. the benchmark (tools/bench_overhead.py) on the GPUs (wall time; CPU time is not the measure
-#    there), fp32 and bf16, ZeRO-2 and ZeRO-3;
+#    on the CPU accelerator with gloo whatever the machine, so this is the CPU check: skipped on
+#    a CUDA machine, where it would spend device time on what CI already runs);
+# 5. the benchmark (tools/bench_overhead.py) on the GPUs (its wall-time table: CPU time is not
+#    the measure there), bf16 on ZeRO-2 and ZeRO-3 (on CPU: fp32 and bf16, ZeRO-2 and ZeRO-3);
 # 6. FP8: the simulated path vs Transformer Engine on the same model and data, where TE is
 #    installed (otherwise the simulated path alone, as a smoke test).
 #
@@ -28,13 +37,40 @@ PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3)"; fi
 fi
-OUT="${1:-$ROOT/gpu_check_out}"
+OUT="${1:-${OUT:-$ROOT/gpu_check_out}}"
 mkdir -p "$OUT"
 FIG="$OUT/figures.md"
 LOG="$OUT/gpu_check.log"
+WORK="$(mktemp -d)"                     # per-step files, packed into OUT/details.tar.gz at the end
 : > "$LOG"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+STEP_TIMEOUT="${GPU_CHECK_STEP_TIMEOUT:-150}"
+T() { timeout -k 15 "$STEP_TIMEOUT" "$@"; }      # every step: a hang costs at most this
 FAILED=0
+
+# Wheels carried for an image without DeepSpeed, pydantic, megatron-core (tools/gpu_wheels.sh).
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+            "$ROOT"/.whl/*.whl >>"$LOG" 2>&1; then
+        export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+        export PATH="/tmp/gpu_check_site/bin:$PATH"
+    else
+        echo "installing .whl/ failed (see $LOG)" >&2
+    fi
+fi
+MISSING="$("$PY" - 2>>"$LOG" <<'PY'
+import importlib
+need = ["torch", "deepspeed", "pydantic", "hjson", "megatron.core", "sentencepiece", "numpy"]
+missing = []
+for m in need:
+    try:
+        importlib.import_module(m)
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"{m} ({type(e).__name__}: {str(e)[:80]})")
+print("; ".join(missing))
+PY
+)"
 
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>>"$LOG" | tail -1)"
 NGPU="${NGPU:-0}"
@@ -52,11 +88,25 @@ status() {  # status NAME RC
     if [[ "$2" -eq 0 ]]; then echo "- $1: ok" >> "$FIG"; else echo "- $1: **FAILED** (rc $2, see $LOG)" >> "$FIG"; FAILED=1; fi
 }
 
+finish() {
+    tar -czf "$OUT/details.tar.gz" -C "$WORK" . 2>>"$LOG"
+    echo
+    cat "$FIG"
+    echo
+    echo "figures: $FIG (log: $LOG, per-step files: $OUT/details.tar.gz)"
+    exit "$FAILED"
+}
+
 {
     echo "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
     echo "accelerator: $ACC, backend: $BACKEND, GPUs: $NGPU, worlds:$WORLDS, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    [[ -n "$MISSING" ]] && echo && echo "**missing modules**: $MISSING (carry them: bash tools/gpu_wheels.sh here, then carry .whl)"
 } > "$FIG"
+if [[ -n "$MISSING" ]]; then
+    FAILED=1
+    "$PY" -c "import torch" 2>>"$LOG" || finish          # nothing below runs without torch
+fi
 
 # ---------------------------------------------------------------------------------- 1. environment
 section "1. Environment"
@@ -86,7 +136,7 @@ PY
 
 # ---------------------------------------------------------------------------------- 2. statistics on the device
 section "2. Statistics pass on $ACC vs float64"
-"$PY" - "$ACC" >> "$FIG" 2>>"$LOG" <<'PY'
+T "$PY" - "$ACC" >> "$FIG" 2>>"$LOG" <<'PY'
 import sys
 import torch
 from megatron_shaping.shapers import make_layout
@@ -137,15 +187,15 @@ status "statistics on $ACC" $?
 # ---------------------------------------------------------------------------------- 3. norm replacement
 section "3. DeepSpeed's global norm replaced by the statistics ($BACKEND)"
 for W in $WORLDS; do
-    SC="$OUT/ds_norm_scenarios.json"
-    RES="$OUT/ds_norm_w$W.jsonl"
+    SC="$WORK/ds_norm_scenarios.json"
+    RES="$WORK/ds_norm_w$W.jsonl"
     "$PY" -c "import json; from tests.stats.test_stats_ds_norm import SCENARIOS; json.dump(SCENARIOS, open('$SC', 'w'))" 2>>"$LOG"
     DS_ACCELERATOR="$ACC" MS_DIST_BACKEND="$BACKEND" OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" \
-        "$(dirname "$PY")/deepspeed" --num_gpus "$W" --master_port $((29500 + W)) \
+        T "$PY" -m deepspeed.launcher.runner --num_gpus "$W" --master_port $((29500 + W)) \
         tests/stats/ds_norm_worker.py --scenarios "$SC" --out "$RES" >>"$LOG" 2>&1
     rc=$?
     if [[ $rc -eq 0 ]]; then
-        "$PY" - "$RES" >> "$FIG" 2>>"$LOG" <<'PY'
+        T "$PY" - "$RES" >> "$FIG" 2>>"$LOG" <<'PY'
 import json, sys
 from tests.stats import test_stats_ds_norm as T
 res = {r["name"]: r for r in map(json.loads, open(sys.argv[1]))}
@@ -171,7 +221,10 @@ done
 
 # ---------------------------------------------------------------------------------- 4. equivalence subset
 section "4. Equivalence suite subset (tests/distributed, CPU accelerator, gloo)"
-DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 "$PY" - >> "$FIG" 2>>"$LOG" <<'PY'
+if [[ "$ACC" == cuda ]]; then
+    echo "- skipped on a CUDA machine: its workers run on the CPU with gloo (what CI runs)" >> "$FIG"
+else
+DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 T "$PY" - >> "$FIG" 2>>"$LOG" <<'PY'
 import re, sys, tempfile
 from tests.distributed import scenarios as S
 from tests.distributed import test_deepspeed_equivalence as T
@@ -193,29 +246,33 @@ print(f"{total - bad}/{total} scenarios equal the unsharded reference")
 sys.exit(1 if bad else 0)
 PY
 status "equivalence subset" $?
+fi
 
 # ---------------------------------------------------------------------------------- 5. benchmark
 section "5. Benchmark (tools/bench_overhead.py, $ACC)"
 if [[ "$ACC" == cuda ]]; then
     BW=$(( NGPU < 8 ? NGPU : 8 ))
-    BENCH_ARGS=(--accelerator cuda --world "$BW" --width 2048 --layers 24 --steps 20 --warmup 5)
+    # one configuration of each kind, 12 rounds, bf16 on ZeRO-2 and ZeRO-3 (what GPUs train in):
+    # the whole script then fits one 10-minute device command
+    BENCH_ARGS=(--accelerator cuda --world "$BW" --width 2048 --layers 24 --steps 12 --warmup 3
+                --configs ds_clip,norm_clip,gradient_stabilizer,spamp,agc,entrywise_shrink)
 else
     BENCH_ARGS=(--world 2 --layers 8 --steps 4 --warmup 1 --configs ds_clip,norm_clip,spamp,agc)
 fi
-for dt in fp32 bf16; do
-    for st in 2 3; do
-        MD="$OUT/bench_${dt}_z${st}.md"
-        "$PY" tools/bench_overhead.py "${BENCH_ARGS[@]}" --dtype "$dt" --stage "$st" --markdown "$MD" \
-            --json "$OUT/bench_${dt}_z${st}.json" >>"$LOG" 2>&1
+if [[ "$ACC" == cuda ]]; then RUNS="bf16:2 bf16:3"; else RUNS="fp32:2 fp32:3 bf16:2 bf16:3"; fi
+for run in $RUNS; do
+        dt="${run%%:*}"; st="${run##*:}"
+        MD="$WORK/bench_${dt}_z${st}.md"
+        T "$PY" tools/bench_overhead.py "${BENCH_ARGS[@]}" --dtype "$dt" --stage "$st" --markdown "$MD" \
+            --json "$WORK/bench_${dt}_z${st}.json" >>"$LOG" 2>&1
         rc=$?
         if [[ $rc -eq 0 ]]; then { echo "### $dt, ZeRO-$st"; echo; cat "$MD"; echo; } >> "$FIG"; fi
         status "benchmark $dt ZeRO-$st" $rc
-    done
 done
 
 # ---------------------------------------------------------------------------------- 6. FP8
 section "6. FP8: simulated vs Transformer Engine"
-"$PY" - >> "$FIG" 2>>"$LOG" <<'PY'
+T "$PY" - >> "$FIG" 2>>"$LOG" <<'PY'
 import os, socket, sys
 import torch
 import torch.distributed as dist
@@ -274,10 +331,10 @@ if "FP8 Transformer Engine" in runs:
     print(f"\nmax relative difference of the first 5 gradient norms, TE vs simulated: {d:.2e} "
           "(TE uses delayed scaling, the simulation current scaling: a few percent is expected)")
     ok = ok and te[0][-1] < te[0][0] and d < 0.2
+if dist.is_initialized():
+    dist.destroy_process_group()
 sys.exit(0 if ok else 1)
 PY
 status "FP8" $?
 
-echo
-echo "figures: $FIG (log: $LOG)"
-exit "$FAILED"
+finish
