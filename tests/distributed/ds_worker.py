@@ -29,6 +29,7 @@ fp16 loss-scaler code paths run; the arithmetic is CPU fp16.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
@@ -46,8 +47,16 @@ MANTISSA = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}   # signifi
 
 
 def rel(a, b):
+    """Largest relative difference; inf where only one side is non-finite or either is NaN
+    alone (a NaN difference fed to max() was silently dropped: a NaN result passed)."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max()) if a.numel() else 0.0
+    if a.shape != b.shape:
+        return math.inf
+    if not a.numel():
+        return 0.0
+    r = (a - b).abs() / b.abs().clamp_min(1e-12)
+    same = (a == b) | (a.isnan() & b.isnan())
+    return float(torch.where(same, torch.zeros_like(r), r).nan_to_num(nan=math.inf).max())
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -417,8 +426,9 @@ def run_scenario(sc, world, rank):
     dsp = full_params(engine)
     for n, p in ref.named_parameters():
         d = (dsp[n].double() - p.detach().double()).abs().max() / p.detach().double().abs().max().clamp_min(1e-12)
-        res["params"] = max(res["params"], float(d))
-    res["state_equal"] = _state_rel(shaping.state_dict(), ref_shaper.state_dict())
+        res["params"] = max(res["params"], float(d) if torch.isfinite(d) else math.inf)
+    res["state_equal"] = _state_rel(shaping.state_dict(), ref_shaper.state_dict(),
+                                    extra=1 if sc.get("clip", 0.0) > 0 else 0)
     res["global_steps"] = engine.global_steps
     res["skipped_steps"] = engine.skipped_steps
     res["deferred_steps"] = shaping.deferred_steps
@@ -426,9 +436,17 @@ def run_scenario(sc, world, rank):
     return res
 
 
-def _state_rel(a, b):
+def _state_rel(a, b, extra: int = 0):
+    """Largest relative state difference; inf when the two states do not have the same groups,
+    members and fields (zip and one side's keys would compare a subset as equal). ``extra``:
+    members ``b`` has beyond ``a``'s, at its end (the reference's stand-in for DeepSpeed's
+    clipping, which DeepSpeed applies after the hook and keeps no state for)."""
+    if a["groups"] != b["groups"] or len(a["members"]) + extra != len(b["members"]):
+        return math.inf
     worst = 0.0
     for ma, mb_ in zip(a["members"], b["members"]):
+        if ma["type"] != mb_["type"] or set(ma["fields"]) != set(mb_["fields"]):
+            return math.inf
         for k in ma["fields"]:
             worst = max(worst, rel(ma["fields"][k], mb_["fields"][k]))
     return worst

@@ -138,7 +138,8 @@ def _larger(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ratio(err: torch.Tensor, tol: torch.Tensor) -> float:
-    return float((err / tol).max()) if err.numel() else 0.0
+    # a NaN error is an infinite one (max() and Worst would drop it)
+    return float((err / tol).nan_to_num(nan=math.inf).max()) if err.numel() else 0.0
 
 
 def rel_ratio(a, b, rtol: float, atol: float = 1e-300) -> float:
@@ -306,6 +307,7 @@ class Worst:
         self.value, self.rank, self.step, self.where = 0.0, None, None, None
 
     def add(self, value, rank, step, where=None):
+        value = math.inf if value != value else value      # NaN: worse than anything (a > NaN is False)
         if value > self.value or self.rank is None:
             self.value, self.rank, self.step, self.where = float(value), rank, step, where
 

@@ -33,7 +33,8 @@ def _scenarios():
     def add(name, stage, dtype, shaping=CLIP, **kw):
         out.append(dict(name=name, stage=stage, dtype=dtype, shaping=shaping, steps=4, **kw))
 
-    add("z0/fp32/ds_clip", 0, "fp32", clip=0.3)
+    add("z0/fp32/ds_clip", 0, "fp32", clip=0.3)           # above the shaped norm: DeepSpeed does not clip
+    add("z0/fp32/ds_clip_acts", 0, "fp32", clip=0.03)     # below it: clipping by the replaced norm
     add("z0/fp16", 0, "fp16")
     add("z0/bf16/ds_clip", 0, "bf16", clip=0.03)
     for st in (1, 2, 3):
