@@ -50,7 +50,8 @@ T() { timeout -k 15 "$STEP_TIMEOUT" "$@"; }      # every step: a hang costs at m
 FAILED=0
 
 # Wheels carried for an image without DeepSpeed, pydantic, megatron-core (tools/gpu_wheels.sh).
-if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null && "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    # (the wheels are cp312, for the device image: another interpreter keeps its own packages)
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
             "$ROOT"/.whl/*.whl >>"$LOG" 2>&1; then
         export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
@@ -68,9 +69,10 @@ for m in need:
         importlib.import_module(m)
     except Exception as e:  # noqa: BLE001
         missing.append(f"{m} ({type(e).__name__}: {str(e)[:80]})")
-print("; ".join(missing))
+print("MISSING:" + "; ".join(missing))      # (DeepSpeed logs to stdout on import: the last line)
 PY
 )"
+MISSING="$(printf '%s\n' "$MISSING" | sed -n 's/^MISSING://p' | tail -1)"
 
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>>"$LOG" | tail -1)"
 NGPU="${NGPU:-0}"
