@@ -139,7 +139,10 @@ def worst(ranks, key):
 
 
 def effect(ranks):
-    return max((max(x["tight_effect"]) if x["tight_effect"] else 0.0) for x in ranks)
+    """The shaping effect the tight comparison saw, on the rank that saw the least: each rank's
+    own comparison must be able to tell shaped from unshaped (a maximum over ranks let one
+    rank's power stand for all)."""
+    return min((max(x["tight_effect"]) if x["tight_effect"] else 0.0) for x in ranks)
 
 
 def tight_ratios(ranks, sc):
