@@ -392,8 +392,7 @@ def run_scenario(sc, world, rank):
                     before = grads[name].reshape(-1)[p_off:p_off + n]
                     res["tight_grad"] = max(res["tight_grad"], ulps(ds_scaled, want, gdtype))
                     eff = max(eff, ulps(before, ds_scaled, gdtype))
-                    if step == 0:
-                        coverage[name][p_off:p_off + n] += 1
+                    coverage[name][p_off:p_off + n] += 1      # every compared step, not the first only
                 res["tight_effect"].append(eff)
 
         # ---- whole training: one process, the whole batch, fp32.
@@ -422,7 +421,8 @@ def run_scenario(sc, world, rank):
         flat = torch.cat([coverage[n] for n, _ in probe.named])
         if world > 1:
             dist.all_reduce(flat)
-        res["coverage"] = [float(flat.min()), float(flat.max())] if res["tight_effect"] else None
+        n = len(res["tight_effect"])        # steps compared: each must have covered every element
+        res["coverage"] = [float(flat.min()) / n, float(flat.max()) / n] if n else None
     dsp = full_params(engine)
     for n, p in ref.named_parameters():
         d = (dsp[n].double() - p.detach().double()).abs().max() / p.detach().double().abs().max().clamp_min(1e-12)
