@@ -54,7 +54,7 @@ if compgen -G "$ROOT/.whl/*.whl" >/dev/null && "$PY" -c 'import sys; sys.exit(sy
     # (the wheels are cp312, for the device image: another interpreter keeps its own packages)
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
             "$ROOT"/.whl/*.whl >>"$LOG" 2>&1; then
-        export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+        export PYTHONPATH="$ROOT:/tmp/gpu_check_site:$PYTHONPATH"     # ahead of any older copy there
         export PATH="/tmp/gpu_check_site/bin:$PATH"
     else
         echo "installing .whl/ failed (see $LOG)" >&2
