@@ -31,20 +31,22 @@ def llama_trainer_options(vocab_size: int, num_threads: int = 2) -> dict:
                 num_threads=num_threads, minloglevel=2)
 
 
-#: characters per piece of a long line: at most 4 UTF-8 bytes each, below sentencepiece's
-#: max_sentence_length (4192 bytes), beyond which it drops a line without a word
+#: sentencepiece's max_sentence_length: it drops a longer line without a word
+MAX_SENTENCE_BYTES = 4192
+#: characters per piece of a line over that: at most 4 UTF-8 bytes each, so below it
 LONG_LINE_CHARS = 1024
 
 
 def sentences(texts: Iterable[str]) -> Iterator[str]:
     """SentencePiece trains on lines; blank lines carry nothing to learn. A line longer than
-    sentencepiece takes (one-line jsonl documents, minified text) is cut into pieces of
-    :data:`LONG_LINE_CHARS` characters instead of being dropped."""
+    sentencepiece takes (:data:`MAX_SENTENCE_BYTES`: one-line jsonl documents, minified text) is
+    cut into pieces of :data:`LONG_LINE_CHARS` characters instead of being dropped; every other
+    line is passed as it is."""
     for text in texts:
         for line in text.split("\n"):
             if not line.strip():
                 continue
-            if len(line) <= LONG_LINE_CHARS:
+            if len(line) <= LONG_LINE_CHARS or len(line.encode("utf-8")) <= MAX_SENTENCE_BYTES:
                 yield line
                 continue
             for i in range(0, len(line), LONG_LINE_CHARS):

@@ -45,6 +45,8 @@ def test_one_line_documents_are_learned_not_dropped(tmp_path, small_texts):
     from megatron_shaping.data.tokenizer import sentences, train_tokenizer
     one_line = [t.replace("\n", " ") for t in small_texts if len(t.encode()) > 4192]
     assert len(one_line) >= 4
+    mid = "x" * 2000                      # over LONG_LINE_CHARS, within sentencepiece's limit: whole
+    assert list(sentences([mid])) == [mid]
     pieces = list(sentences(one_line))
     assert max(len(p.encode()) for p in pieces) <= 4192 and "".join(pieces) == "".join(one_line)
     tok = SentencePieceTokenizer(train_tokenizer(one_line, tmp_path / "long.model", vocab_size=600))
