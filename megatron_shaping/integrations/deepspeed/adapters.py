@@ -46,7 +46,7 @@ class Adapter:
         # attribute exists when it wraps the optimizer, i.e. right after initialize: give
         # the optimizers that lack it (a plain torch optimizer on ZeRO-0) the flag DeepSpeed's
         # own optimizers carry.
-        if "overflow" not in self.opt.__dict__ and not hasattr(type(self.opt), "overflow"):
+        if not hasattr(self.opt, "overflow"):
             self.opt.overflow = False
         self._skip_flag_left = False
 
