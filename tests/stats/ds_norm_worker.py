@@ -210,7 +210,9 @@ def full_params_of(model):
 def main():
     # tools/gpu_check.sh runs this worker on GPUs with NCCL (MS_DIST_BACKEND, see runner.init_distributed)
     w = runner.start(fake_fp16=True, quiet=True)
-    w.write_lines([r for _, r in w.each(lambda sc: run(sc, w.rank))])
+    # every rank's figures: a replacement right on rank 0 only (a rank-local norm) must show
+    w.write_lines([{"name": sc["name"], "ranks": w.gather(dict(r, rank=w.rank))}
+                   for sc, r in w.each(lambda sc: run(sc, w.rank))])
 
 
 if __name__ == "__main__":
