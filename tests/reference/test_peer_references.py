@@ -16,7 +16,10 @@ keep fp32 (or Python floats), so factors differ by fp32 rounding (~1e-7) and the
 its accumulation over 40 steps. TOL = 1e-4 relative bounds that with margin (observed worst:
 see the ``worst`` printed by each test, ~1e-6). Power: per method, the shaping effect (shaped
 vs raw gradient) exceeds 100 x TOL, and a deliberately wrong peer (a hyperparameter off by a
-few percent, or AdaGC's pre-issue-10 rule) misses by more than 100 x TOL.
+few percent, or AdaGC's pre-issue-10 rule) misses by more than 100 x TOL, and so does our code
+with a bug planted in the statistics / application code (``SliceSet``) that the DeepSpeed
+equivalence suite's tight reference shares with the sharded hook (``SHARED_MUTANTS``: a bug
+there passes that comparison on both sides alike; here it must not).
 """
 from __future__ import annotations
 
@@ -205,3 +208,60 @@ def test_the_peer_module_is_independent_of_the_code_under_test():
             "bad = [m for m in sys.modules if m.startswith('megatron_shaping')]; "
             "assert not bad, bad" % str(HERE))
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------ shared-code mutants
+# The DeepSpeed equivalence suite's tight reference (GradientShaper on the same gradient) runs
+# the same statistics and application code (``SliceSet``) as the sharded hook, so a bug there
+# would pass that comparison on both sides alike. These mutants break that shared code for the
+# whole process (both the sharded path and GradientShaper would carry them) and must be caught
+# here, against the peers, which share none of it. Each is paired with the methods whose result
+# it can change (a tensor-wise rolled statistic is invisible to a global-norm method, a stale
+# loss scale to the scale-free rules: GradientStabilizer's m_hat / sqrt(v_hat), ZClip's z-score).
+def _roll_stats(orig):
+    def compute(self, *args, **kwargs):
+        st = orig(self, *args, **kwargs)
+        return st._replace(**{k: v.roll(1) for k, v in st._asdict().items() if v is not None and v.numel() > 1})
+    return compute
+
+
+def _roll_factors(orig):
+    def apply(self, scale, unit_scale, *args, **kwargs):
+        return orig(self, scale.roll(1) if scale.numel() > 1 else scale,
+                    None if unit_scale is None else unit_scale.roll(1), *args, **kwargs)
+    return apply
+
+
+def _stale_loss_scale(orig):
+    def compute(self, *args, **kwargs):
+        saved = self.loss_scale
+        self.loss_scale = 2.0 * float(saved)     # the statistics divided by a scale the gradient does not carry
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            self.loss_scale = saved
+    return compute
+
+
+SHARED_MUTANTS = {
+    # the local partials added into the neighbouring group (or unit): an index table off by one
+    "stats_to_neighbour_group": ("compute", _roll_stats, ("gradient_stabilizer", "adagc", "agc")),
+    # each slice multiplied by the neighbouring group's (or unit's) factor
+    "factors_to_neighbour_group": ("apply", _roll_factors, ("gradient_stabilizer", "adagc", "agc")),
+    # statistics of grad / (2 s): a loss scale applied twice
+    "stale_loss_scale": ("compute", _stale_loss_scale, ("norm_clip", "adagc", "agc")),
+}
+
+
+@pytest.mark.parametrize("mutant,method", [(m, meth) for m, (_, _, methods) in SHARED_MUTANTS.items()
+                                           for meth in methods])
+def test_a_bug_in_the_shared_slice_code_is_caught_against_the_peer(mutant, method, monkeypatch):
+    from megatron_shaping.stats.slices import SliceSet
+    attr, make, _ = SHARED_MUTANTS[mutant]
+    spec, peer, _ = CASES[method]
+    theirs = run_peer(peer)
+    assert compare(run_shaper(spec), theirs) <= TOL          # the unbroken code agrees
+    monkeypatch.setattr(SliceSet, attr, make(getattr(SliceSet, attr)))
+    missed = compare(run_shaper(spec), theirs)
+    print(f"{mutant} / {method}: {missed:.2e} ({missed / TOL:.3g} x tol)")
+    assert missed >= POWER, f"{mutant} not caught for {method}: {missed:.3e} (tolerance {TOL})"
