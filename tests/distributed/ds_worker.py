@@ -305,8 +305,11 @@ def run_scenario(sc, world, rank):
     elif dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": sc.get("scale_power", 8),
                        "loss_scale_window": sc.get("scale_window", 1000), "hysteresis": 1, "min_loss_scale": 1}
-    # The dtype the hook's gradient is stored in (fp32 accumulators for BF16_Optimizer).
-    gdtype = torch.float32 if sc.get("grad_accum_fp32") else DTYPES[dtype]
+    # The dtype the hook's gradient is stored in: fp32 accumulators for BF16_Optimizer; with CPU
+    # offload DeepSpeed copies the reduced 16-bit gradient into its fp32 host buffer (ZeRO 1/2) or
+    # the fp32 partitions' gradients (ZeRO-3), which the hook then shapes (a clamp there stores
+    # the bound itself, not its 16-bit rounding).
+    gdtype = torch.float32 if sc.get("grad_accum_fp32") or sc.get("offload") else DTYPES[dtype]
 
     ref = make_model(hidden=sc.get("hidden", (11, 7)))
     model = copy.deepcopy(ref)

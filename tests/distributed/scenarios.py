@@ -56,6 +56,20 @@ def extras():
         for st in (1, 2, 3):
             out.append({"name": f"{sh}/z{st}/fp32/offload", "shaper": sh, "stage": st, "dtype": "fp32",
                         "offload": True, "steps": STEPS, "shaping": SHAPERS[sh]})
+    # 16-bit with CPU offload: the hook shapes DeepSpeed's fp32 gradient buffer on the host (ZeRO
+    # 1/2) or the fp32 partitions' gradients (ZeRO-3), where the fp16 loss scale is still in them.
+    for sh in ("gradient_stabilizer", "spamp", "value_clip"):
+        for st in (1, 2, 3):
+            for dt in ("bf16", "fp16"):
+                out.append({"name": f"{sh}/z{st}/{dt}/offload", "shaper": sh, "stage": st, "dtype": dt,
+                            "offload": True, "steps": STEPS, "shaping": SHAPERS[sh]})
+    for st in (1, 2, 3):
+        out.append({"name": f"gradient_stabilizer/z{st}/fp16/offload/overflow", "shaper": "gradient_stabilizer",
+                    "stage": st, "dtype": "fp16", "offload": True, "steps": 5, "spike": {"2": 1e39},
+                    "shaping": gs, "trap": "overflow"})
+        out.append({"name": f"gradient_stabilizer/z{st}/fp16/offload/growth", "shaper": "gradient_stabilizer",
+                    "stage": st, "dtype": "fp16", "offload": True, "scale_window": 1, "steps": 5, "shaping": gs,
+                    "trap": "growth"})
     for st in STAGES:
         out.append({"name": f"gradient_stabilizer/z{st}/fp32/gas2", "shaper": "gradient_stabilizer", "stage": st,
                     "dtype": "fp32", "gas": 2, "steps": STEPS, "shaping": gs})
@@ -107,7 +121,7 @@ def extras():
 #: application shows everywhere; the map mutant needs an elementwise method: value_clip).
 def _mutant_cells():
     both = [(dt, st, {}) for dt in ("fp32", "bf16") for st in STAGES]
-    fp16_scaled = [("fp16", st, {}) for st in (1, 2, 3)]
+    fp16_scaled = [("fp16", st, {}) for st in (1, 2, 3)] + [("fp16", st, {"offload": True}) for st in (2, 3)]
     return {
         "local_stats": ("gradient_stabilizer", both),
         "replicas_counted": ("gradient_stabilizer", [("fp32", 0, {}), ("bf16", 0, {}),
@@ -123,7 +137,7 @@ def mutant_matrix():
     out = []
     for mutant, (sh, cells) in _mutant_cells().items():
         for dt, st, extra in cells:
-            tag = "/bf16_optimizer" if extra.get("grad_accum_fp32") else ""
+            tag = "/bf16_optimizer" if extra.get("grad_accum_fp32") else "/offload" if extra.get("offload") else ""
             out.append(dict({"name": f"mutant:{mutant}/{sh}/z{st}/{dt}{tag}", "shaper": sh, "stage": st, "dtype": dt,
                              "steps": STEPS, "shaping": SHAPERS[sh], "mutant": mutant}, **extra))
     return out
