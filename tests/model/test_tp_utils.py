@@ -73,3 +73,31 @@ def test_one_copy_of_the_tp_attribute_readers():
     scalar.data = torch.empty(0)                # a 0-d parameter partitioned by ZeRO-3: ds_shape ()
     scalar.ds_shape = torch.Size(())
     assert tp.local_shape(scalar) == ()         # one element, not the empty stand-in's (0,)
+
+
+def test_gather_full_tensor_concatenates_contiguous_shards_and_refuses_strided_ones(monkeypatch):
+    """Two TP ranks simulated (the group size and all_gather stubbed): contiguous shards are
+    concatenated along partition_dim; a strided shard (partition_stride 2, whose rows interleave)
+    is refused by name instead of being concatenated into the wrong order."""
+    from megatron_shaping.model import tp_utils
+
+    monkeypatch.setattr(tp_utils, "_tp_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+
+    def all_gather(parts, t, group=None):         # rank r holds t + 10 r
+        for r, p in enumerate(parts):
+            p.copy_(t + 10 * r)
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
+
+    def shard(dim, stride):
+        p = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+        p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, stride
+        return p
+
+    for dim in (0, 1):
+        p = shard(dim, 1)
+        want = torch.cat([p.detach(), p.detach() + 10], dim=dim)
+        assert torch.equal(tp_utils.gather_full_tensor(p.detach(), p, group=object()), want)
+    p = shard(0, 2)
+    with pytest.raises(ValueError, match="partition_stride 2"):
+        tp_utils.gather_full_tensor(p.detach(), p, group=object())
