@@ -289,7 +289,8 @@ def build_data(corpus: Corpus, ctx, seq_length: int, seed: int, train_iters: int
                micro_batch: int, eval_iters: int, split: str = "98,2,0") -> Data:
     """Train and validation datasets sized for the run, and this data-parallel rank's batches."""
     from .data import BatchSchedule, build_gpt_datasets
-    schedule = BatchSchedule(global_batch, micro_batch, ctx.mpu.get_data_parallel_rank(), ctx.dp)
+    schedule = BatchSchedule(global_batch, micro_batch, ctx.mpu.get_data_parallel_rank(), ctx.dp,
+                             vocab_size=corpus.tokenizer.vocab_size, source=" ".join(map(str, corpus.data_path)))
     train_ds, valid_ds = build_gpt_datasets(
         corpus.data_path, corpus.tokenizer, seq_length, seed, train_samples=train_iters * global_batch,
         valid_samples=eval_iters * global_batch, split=split, cache_dir=corpus.cache_dir)

@@ -117,6 +117,11 @@ class BatchSchedule:
     micro_batch: int
     dp_rank: int
     dp_size: int
+    #: the tokenizer's vocabulary: every batch's token ids are checked against it (data
+    #: tokenized with another tokenizer would index past the embedding, or silently train on
+    #: the wrong pieces); ``source`` names the data in that error
+    vocab_size: Optional[int] = None
+    source: str = "the data"
 
     def __post_init__(self):
         per_rank = self.micro_batch * self.dp_size
@@ -136,4 +141,14 @@ class BatchSchedule:
         for k in range(self.accumulation_steps):
             idx = [(start + k * self.micro_batch + j) % n for j in range(self.micro_batch)]
             out.append(collate([dataset[i] for i in idx]))
+            if self.vocab_size is not None:
+                self._check_ids(out[-1]["tokens"], iteration)
         return out
+
+    def _check_ids(self, tokens: torch.Tensor, iteration: int) -> None:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = hi if hi >= self.vocab_size else lo
+            raise ValueError(f"{self.source}: token id {bad} in global batch {iteration} is outside the tokenizer's "
+                             f"vocabulary [0, {self.vocab_size}): the data was tokenized with another tokenizer; "
+                             "pass the --tokenizer-model it was preprocessed with (or preprocess it again)")

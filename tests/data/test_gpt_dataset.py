@@ -97,3 +97,17 @@ def test_batch_schedule(datasets):
     assert all(torch.equal(a, b) for a, b in zip(seen, expected))
     with pytest.raises(ValueError, match="not divisible"):
         BatchSchedule(global_batch=6, micro_batch=4, dp_rank=0, dp_size=1)
+
+
+def test_batch_schedule_refuses_token_ids_outside_the_vocabulary(datasets, tiny_corpus):
+    # data tokenized with a larger tokenizer than the one given to the run: the first batch
+    # with an id past the vocabulary is named (the embedding would otherwise index past its
+    # end, or a padded vocabulary train silently on the wrong pieces)
+    train, _ = datasets
+    top = max(int(train[i]["tokens"].max()) for i in range(8))
+    vocab = SentencePieceTokenizer(tiny_corpus["model"]).vocab_size
+    ok = BatchSchedule(global_batch=8, micro_batch=2, dp_rank=0, dp_size=1, vocab_size=vocab, source="corpus_x")
+    assert len(ok.micro_batches(train, iteration=0)) == 4           # the right tokenizer passes
+    small = BatchSchedule(global_batch=8, micro_batch=2, dp_rank=0, dp_size=1, vocab_size=top, source="corpus_x")
+    with pytest.raises(ValueError, match=rf"corpus_x: token id {top} in global batch 0 .* \[0, {top}\)"):
+        small.micro_batches(train, iteration=0)
