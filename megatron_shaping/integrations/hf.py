@@ -23,6 +23,8 @@ is the norm of the *shaped* gradient (DeepSpeed computes it in its clipping pass
     add_shaping_callback(trainer)
     trainer.train()
 
+:class:`ObserveLossMixin` feeds the training loss to the spike rule's ``loss_z`` test.
+
 Imports ``transformers`` (not deepspeed) at module import; nothing else in the package does.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 import math
 from typing import Any, Dict, Optional
 
+import torch
 from transformers import TrainerCallback
 
 logger = logging.getLogger("megatron_shaping")
@@ -89,6 +92,34 @@ class ShapingCallback(TrainerCallback):
             hist[-1].update(figures)
 
 
+class ObserveLossMixin:
+    """Feed the Trainer's training loss to the spike rule's ``loss_z`` test.
+
+    The Trainer computes the loss inside ``training_step`` and hands it to no callback, so the
+    rule (``gradient_shaping.skip.loss_z``) would see no loss (it warns once and tests the
+    gradient norm only). Mix this in ahead of the Trainer class::
+
+        class MyTrainer(ObserveLossMixin, Trainer):
+            ...
+
+    Every training micro-batch's loss (as ``compute_loss`` returns it, i.e. as backpropagated)
+    goes to ``engine.gradient_shaping.observe_loss`` (no host sync; the rule takes the step's
+    mean over micro-batches and data-parallel ranks). Losses computed for evaluation (model in
+    eval mode or no grad) are not fed; without a shaper attached nothing happens."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        if model.training and torch.is_grad_enabled():
+            shaping = _shaping_of(getattr(self, "model_wrapped", None))
+            if shaping is None:
+                from .deepspeed.patch import engine_for_module
+                shaping = _shaping_of(engine_for_module(model))
+            if shaping is not None:
+                loss = out[0] if isinstance(out, tuple) else out
+                shaping.observe_loss(loss.detach())
+        return out
+
+
 def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
@@ -106,4 +137,4 @@ def add_shaping_callback(trainer, engine=None, patch: bool = True) -> ShapingCal
     return cb
 
 
-__all__ = ["ShapingCallback", "add_shaping_callback"]
+__all__ = ["ObserveLossMixin", "ShapingCallback", "add_shaping_callback"]

@@ -40,7 +40,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallbac
                           TrainingArguments)
 
 from megatron_shaping.integrations.deepspeed.patch import engine_for_module  # noqa: E402
-from megatron_shaping.integrations.hf import add_shaping_callback  # noqa: E402
+from megatron_shaping.integrations.hf import ObserveLossMixin, add_shaping_callback  # noqa: E402
 from megatron_shaping.shutdown import exit_process  # noqa: E402
 
 SEED = 1234
@@ -54,6 +54,8 @@ CLIP = 1.0
 SAMPLES = 64
 SHAPING = {"type": "gradient_stabilizer", "params": {"beta1": 0.6, "beta2": 0.999}}
 OTHER = {"type": "gradient_stabilizer", "params": {"beta1": 0.9, "beta2": 0.999}}
+#: the spike rule on the loss only (a z no step reaches: nothing is skipped, the history is compared)
+LOSS_RULE = dict(SHAPING, skip={"grad_norm_z": None, "loss_z": 50.0, "window": 16, "min_history": 2})
 
 
 def rank() -> int:
@@ -155,6 +157,10 @@ class RecordingTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class ObservingTrainer(ObserveLossMixin, RecordingTrainer):
+    """The Trainer a user of the spike rule's loss_z test writes (docs/INTEGRATIONS.md)."""
+
+
 def full_params(engine, stage: int) -> dict:
     import deepspeed
     params = list(engine.module.parameters())
@@ -164,7 +170,9 @@ def full_params(engine, stage: int) -> dict:
     return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
-def hf_run(stage, shaping, out_dir, resume=None, save=False, batches=None, report=False):
+def hf_run(stage, shaping, out_dir, resume=None, save=False, batches=None, report=False,
+           trainer_cls=None, evaluate=False):
+    extra = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=MBS) if evaluate else {}
     args = TrainingArguments(
         output_dir=out_dir, use_cpu=True, ddp_backend="gloo", deepspeed=ds_config(stage, shaping),
         per_device_train_batch_size=MBS, gradient_accumulation_steps=1, max_steps=STEPS,
@@ -172,8 +180,9 @@ def hf_run(stage, shaping, out_dir, resume=None, save=False, batches=None, repor
         max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=1, save_strategy="steps" if save else "no", save_steps=SAVE,
         report_to=["tensorboard"] if report else "none", seed=SEED, data_seed=SEED,
-        disable_tqdm=True, dataloader_num_workers=0)
-    trainer = RecordingTrainer(model=make_model(), args=args, train_dataset=Tokens(), batches=batches)
+        disable_tqdm=True, dataloader_num_workers=0, **extra)
+    trainer = (trainer_cls or RecordingTrainer)(model=make_model(), args=args, train_dataset=Tokens(),
+                                                eval_dataset=Tokens() if evaluate else None, batches=batches)
     add_shaping_callback(trainer)
     rec = Recorder()
     trainer.add_callback(rec)
@@ -252,12 +261,32 @@ def scenario(stage: int, out: str) -> dict:
     fresh = hf_run(stage, dict(SHAPING, allow_fresh_state=True), os.path.join(base, "fresh"), resume=bare)
     res["fresh"] = {"steps": fresh["steps"], "param_diff_vs_hf": param_diff(fresh["params"], hf["params"]),
                     "last_load": dict(fresh["engine"].gradient_shaping.checkpointing.last_load or {}, meta=None)}
+    if stage == 2:
+        res["loss_rule"] = loss_rule_runs(base)
     try:
         hf_run(stage, SHAPING, os.path.join(base, "missing"), resume=bare)
         res["missing"] = {"error": None}
     except Exception as e:            # noqa: BLE001 - the class and message are what the test checks
         res["missing"] = {"error": type(e).__name__, "message": str(e)[:500]}
     return res
+
+
+def loss_rule_runs(base) -> dict:
+    """The spike rule's loss history after a Trainer run with evaluations every 2 steps: fed by
+    ObserveLossMixin (``mixin``), and by nothing with the plain Trainer (``plain``). ``expected``:
+    the mean over ranks of each step's training loss as the Trainer backpropagated it."""
+    out = {}
+    for name, cls in (("mixin", ObservingTrainer), ("plain", RecordingTrainer)):
+        batches = []
+        run = hf_run(2, LOSS_RULE, os.path.join(base, f"loss_{name}"), batches=batches, trainer_cls=cls,
+                     evaluate=True)
+        rule = run["engine"].gradient_shaping.skip
+        every = [None] * world()
+        torch.distributed.all_gather_object(every, [b["loss"] for b in batches])
+        out[name] = {"history": rule.losses.values().tolist(), "skips": rule.skips,
+                     "evals": sum(1 for e in run["log_history"] if "eval_loss" in e),
+                     "expected": [sum(r[i] for r in every) / len(every) for i in range(len(every[0]))]}
+    return out
 
 
 def main():

@@ -9,7 +9,8 @@ docstring); the tests below check its record:
 (b) a run resumed from a Trainer checkpoint continues bit-exactly, shaper state included, and
     the same resume without the shaper state does not (and stops unless allowed);
 (c) ShapingCallback puts the figures into ``trainer.state.log_history`` and the ``report_to``
-    loggers (TensorBoard here).
+    loggers (TensorBoard here);
+(d) ObserveLossMixin feeds the training losses (not the evaluation ones) to the spike rule.
 """
 import json
 import math
@@ -208,3 +209,16 @@ def test_callback_order_decides_what_the_loggers_see():
     add_shaping_callback(trainer, engine=_Engine(), patch=False)
     add_shaping_callback(trainer, engine=_Engine(), patch=False)
     assert sum(isinstance(c, ShapingCallback) for c in handler.callbacks) == 1
+
+
+def test_observe_loss_mixin_feeds_the_training_losses_to_the_loss_rule(record):
+    """(d) ``ObserveLossMixin``: the spike rule's loss history holds each step's training loss
+    (the mean over ranks of what the Trainer backpropagated), none of the evaluation losses
+    computed every 2 steps; the plain Trainer feeds it nothing (the rule then tests no loss)."""
+    r = record[2]["loss_rule"]
+    mixin, plain = r["mixin"], r["plain"]
+    assert mixin["evals"] >= 2 and plain["evals"] >= 2, "the evaluations the losses must not reach did not run"
+    assert len(mixin["expected"]) == STEPS
+    assert mixin["history"] == pytest.approx(mixin["expected"], rel=1e-6), (mixin["history"], mixin["expected"])
+    assert plain["history"] == [], plain["history"]
+    assert mixin["skips"] == 0 and plain["skips"] == 0
