@@ -1,6 +1,7 @@
 """Shaping under Megatron tensor parallelism and DeepSpeed pipeline parallelism, on every rank,
 in fp32 and bf16 (tp_pp_worker.py): every registered method and a chain, for TP2, PP2,
-TP2xPP2, DP2xTP2 and TP2xPP2xDP2 (8 processes), plus the mutants of tp_pp_mutants.py.
+TP2xPP2, DP2xTP2 and TP2xPP2xDP2 (8 processes), plus the mutants of tp_pp_mutants.py, and
+``FP8_METHODS`` with the model's linears in simulated FP8 (tight comparison).
 
 Per cell (layout x precision x case), from the worker's JSON line:
 
@@ -36,6 +37,8 @@ LAUNCHES = {2: ("tp2", "pp2"), 4: ("tp2pp2", "dp2tp2"), 8: ("tp2pp2dp2",)}
 SIZES = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "tp2pp2": (2, 2, 1), "dp2tp2": (2, 1, 2), "tp2pp2dp2": (2, 2, 2)}
 PRECISIONS = ("fp32", "bf16")
 METHODS = tuple(REGISTRY) + ("chain",)
+#: also run with the model's linears in simulated FP8 (tight comparison, every layout)
+FP8_METHODS = ("gradient_stabilizer", "spamp", "agc")
 TIGHT = ("grad", "stats", "state", "master", "weights")
 WHOLE = ("stats", "loss", "params", "state")
 POWER = 10.0
@@ -47,7 +50,8 @@ def results(world, tmp):
     if world not in _cache:
         out = os.path.join(tmp, f"tp_pp_{world}.jsonl")
         t0 = time.time()
-        run_deepspeed(world, WORKER, "--layouts", ",".join(LAUNCHES[world]), "--out", out, timeout=1200)
+        run_deepspeed(world, WORKER, "--layouts", ",".join(LAUNCHES[world]), "--fp8-cases", ",".join(FP8_METHODS),
+                      "--out", out, timeout=1200)
         _seconds[world] = time.time() - t0
         with open(out) as f:
             rows = [json.loads(line) for line in f]
@@ -62,6 +66,7 @@ def tmp(tmp_path_factory):
 
 CASES = [(w, layout, prec, m) for w, layouts in LAUNCHES.items() for layout in layouts
          for prec in PRECISIONS for m in METHODS]
+CASES += [(w, layout, "fp8", m) for w, layouts in LAUNCHES.items() for layout in layouts for m in FP8_METHODS]
 MUTANT_CASES = [(w, layout, prec, m) for w, layouts in LAUNCHES.items() for layout in layouts
                 for prec in PRECISIONS for m in MUTANTS if MUTANTS[m].applies(*SIZES[layout])]
 
@@ -74,6 +79,9 @@ def _fmt(part):
 def test_tp_pp_every_rank_equals_reference(world, layout, precision, method, tmp):
     r = results(world, tmp)[(layout, precision, method)]
     assert "error" not in r, r["error"]
+    if precision == "fp8":
+        # the layers' linears in FP8 (the output head stays in full precision, as in FP8 recipes)
+        assert {"SimFp8ColumnParallelLinear", "SimFp8RowParallelLinear"} <= set(r["linears"]), r["linears"]
     t = r["tight"]
     for k in TIGHT:
         assert t[k]["ratio"] <= 1.0, f"{k} outside tolerance: error/tolerance {_fmt(t[k])}"

@@ -28,7 +28,11 @@ the tied embedding on the first and last stage). Two comparisons:
 
 bf16: non-pipeline layouts run ZeRO-1 with bf16 gradients (DeepSpeedZeroOptimizer), pipelines
 run ZeRO-0 bf16, which DeepSpeed routes through BF16_Optimizer with bf16 gradient
-accumulation: both shape a 16-bit gradient. fp32: ZeRO-1 everywhere.
+accumulation: both shape a 16-bit gradient. fp32: ZeRO-1 everywhere. fp8 (``--fp8-cases``):
+the model's linears in simulated FP8 (``fp8_backend="sim"``: inputs and weights rounded to
+e4m3 with amax scales reduced over the TP group, gradients to e5m2), the engine and its
+gradient buffers fp32 as in fp32 (ZeRO-1); the tight comparison only, since FP8 rounding of
+activations summed in another order by TP can flip an e4m3 rounding and so a whole run.
 
 Rank 0 writes one JSON line per (layout, precision, case): every comparison as its worst
 error/tolerance ratio over steps and ranks, with the worst rank.
@@ -36,6 +40,7 @@ error/tolerance ratio over steps and ranks, with the worst rank.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -430,6 +435,8 @@ def run_case(cfg, ctx, precision, spec, mutant, steps, whole_ref, roundings=1, l
     tp_rank, dp_rank = ctx.mpu.get_tensor_model_parallel_rank(), ctx.mpu.get_data_parallel_rank()
     pipe = pp > 1
     stage = 0 if (precision == "bf16" and pipe) else 1
+    if precision == "fp8":
+        cfg = dataclasses.replace(cfg, fp8=True, fp8_backend="sim")
     config = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": GAS,
               "steps_per_print": 10 ** 9, "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
               "zero_allow_untested_optimizer": True, "gradient_shaping": spec}
@@ -492,6 +499,7 @@ def run_case(cfg, ctx, precision, spec, mutant, steps, whole_ref, roundings=1, l
         final = {"weights": model_weights(engine, tp, tp_rank), "state": state_fields(shaping),
                  "stats": stats_steps, "loss": losses}
         info = {"optimizer": type(engine.optimizer).__name__, "adapter": shaping.adapter.name,
+                "linears": sorted({type(m).__name__ for m in engine.module.modules() if "Linear" in type(m).__name__}),
                 "groups": shaping.session.layout.num_groups, "collectives": shaping.collectives}
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(final, gathered, dst=0)
@@ -563,6 +571,7 @@ def main():
                      ("--cases", dict(default="all", help="comma list of method cases, or 'all'")),
                      ("--mutants", dict(default="all", help="comma list of mutants, 'all' or 'none'")),
                      ("--precisions", dict(default="fp32,bf16")), ("--steps", dict(type=int, default=3)),
+                     ("--fp8-cases", dict(default="", help="comma list of method cases also run in fp8 (sim)")),
                      items=None, quiet=True)
     from megatron_shaping.model.parallel import init_parallel
     args, rank, world = w.args, w.rank, w.world
@@ -571,6 +580,7 @@ def main():
     cases = list(specs) if args.cases == "all" else args.cases.split(",")
     mutants = [] if args.mutants == "none" else (list(MUTANTS) if args.mutants == "all" else args.mutants.split(","))
     precisions = args.precisions.split(",")
+    fp8_cases = [c for c in args.fp8_cases.split(",") if c]
     layouts = [(l, *parse_layout(l, world)) for l in args.layouts.split(",")]
 
     # TP1 references for the fp32 whole-training check, one per (data-parallel size, case),
@@ -601,6 +611,7 @@ def main():
     for layout, tp, pp, dp in layouts:
         ctx = init_parallel(tp=tp, pp=pp)
         todo = [(p, c, specs[c], None) for p in precisions for c in cases]
+        todo += [("fp8", c, specs[c], None) for c in fp8_cases]
         todo += [(p, "mutant:" + m, MUTANTS[m].spec, MUTANTS[m]) for p in precisions for m in mutants
                  if MUTANTS[m].applies(tp, pp, dp)]
         for precision, name, spec, mutant in todo:
