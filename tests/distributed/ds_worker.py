@@ -328,6 +328,10 @@ def run_scenario(sc, world, rank):
         probe.wrap_hook(shaping)
 
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9)
+    # the same training without shaping (nor DeepSpeed's clip): how far shaping moves the
+    # parameters, the power of the whole-training comparison (a run that never shaped scores it)
+    plain = copy.deepcopy(ref)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=lr, momentum=0.9)
     spec = dict(sc["shaping"])
     members = spec["shapers"] if spec["type"] == "chain" else [{"type": spec["type"], "params": spec.get("params", {})}]
     if sc.get("clip", 0.0) > 0:
@@ -410,6 +414,13 @@ def run_scenario(sc, world, rank):
             res["ref_skipped"].append(step)
         else:
             ref_opt.step()
+        if not spike:
+            plain_opt.zero_grad()
+            for m in range(gas):
+                for r in range(world):
+                    i = (m * world + r) * mb
+                    (torch.nn.functional.mse_loss(plain(x[i:i + mb]), y[i:i + mb]) / (gas * world)).backward()
+            plain_opt.step()
         if ds_skipped:
             res["skipped"].append(step)
             continue
@@ -430,6 +441,9 @@ def run_scenario(sc, world, rank):
     for n, p in ref.named_parameters():
         d = (dsp[n].double() - p.detach().double()).abs().max() / p.detach().double().abs().max().clamp_min(1e-12)
         res["params"] = max(res["params"], float(d) if torch.isfinite(d) else math.inf)
+    res["whole_effect"] = None if spike else max(
+        float((p.detach().double() - q.detach().double()).abs().max() / p.detach().double().abs().max().clamp_min(1e-12))
+        for p, q in zip(ref.parameters(), plain.parameters()))
     res["state_equal"] = _state_rel(shaping.state_dict(), ref_shaper.state_dict(),
                                     extra=1 if sc.get("clip", 0.0) > 0 else 0)
     res["global_steps"] = engine.global_steps

@@ -7,8 +7,8 @@ in bf16 too, where a method that barely acts would be lost in one rounding (the 
 tests/shaper_specs.py, shared with the checkpoint suite).
 
 ``mutant_matrix()`` lists the mutation controls (mutants.py): each broken variant of the sharded
-path, in fp32 and bf16 over ZeRO 0-3 (fp16 for the loss-scale mutants), inside the domain where
-it can change a result.
+path, in fp32 and bf16 over ZeRO 0-3 (fp16 for the loss-scale mutants, also with CPU offload),
+inside the domain where it can change a result; at world 4 the rank-level mutants again in fp32.
 """
 from tests.shaper_specs import registered_specs
 
@@ -46,6 +46,8 @@ def matrix(world):
                             "shaping": SHAPERS[sh]})
     if world == 2:
         out += extras() + mutant_matrix()
+    elif world == 4:
+        out += mutant_matrix(world)
     return out
 
 
@@ -132,10 +134,19 @@ def _mutant_cells():
     }
 
 
-def mutant_matrix():
-    """Mutation controls, run at world 2 (each needs more than one rank)."""
+#: the rank-level mutants also run at world 4 (one rank's share of four dropped or left unshaped)
+WORLD4_MUTANTS = ("local_stats", "rank_skips_apply")
+
+
+def mutant_matrix(world=2):
+    """Mutation controls (each needs more than one rank): all at world 2, ``WORLD4_MUTANTS``
+    in fp32 at world 4."""
     out = []
     for mutant, (sh, cells) in _mutant_cells().items():
+        if world != 2:
+            if mutant not in WORLD4_MUTANTS:
+                continue
+            cells = [c for c in cells if c[0] == "fp32"]
         for dt, st, extra in cells:
             tag = "/bf16_optimizer" if extra.get("grad_accum_fp32") else "/offload" if extra.get("offload") else ""
             out.append(dict({"name": f"mutant:{mutant}/{sh}/z{st}/{dt}{tag}", "shaper": sh, "stage": st, "dtype": dt,

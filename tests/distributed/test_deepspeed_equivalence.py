@@ -46,10 +46,12 @@ rank. One ``deepspeed`` launch per world size runs all its scenarios.
    model computes forward and backward in 16-bit while the reference is fp32, so gradients
    differ by rounding, not by sharding: bf16 (8 significant bits, unit roundoff 2e-3) 6e-2,
    fp16 (2.4e-4) 1.5e-2; this check guards whole runs (skips, loss-scale handling, the update),
-   the tight check above guards the shaping itself.
+   the tight check above guards the shaping itself. Power (fp32 cells without a spike): the
+   reference's parameters differ from those of the same run without shaping by at least 10x
+   the tolerance (``whole_effect``), so a DeepSpeed run that never shaped could not pass.
 
-Mutation controls (mutants.py, world 2): broken variants of the sharded path must be reported
-by the same comparisons at least 10x outside their tolerance. ``test_report`` prints the table
+Mutation controls (mutants.py, world 2; the rank-level ones at world 4 too): broken variants of
+the sharded path must be reported by the same comparisons at least 10x outside their tolerance. ``test_report`` prints the table
 (and the smallest effect/tolerance ratio and the worst differences) for README "Tests"; set
 ``DS_EQUIVALENCE_REPORT=path`` to also write it to a file.
 """
@@ -216,6 +218,10 @@ def test_sharded_equals_unsharded(world, sc, tmp_root):
         assert v <= tol, f"shaping factors differ: {v} (rank {rk})"
     v, rk = worst(ranks, "params")
     assert v <= tol, f"parameters after {sc['steps']} steps differ: {v} (rank {rk})"
+    if sc["dtype"] == "fp32" and ranks[0]["whole_effect"] is not None:
+        # the power of that comparison: shaping moves the reference's parameters far outside it
+        e = min(x["whole_effect"] for x in ranks)
+        assert e >= POWER * tol, f"shaping moves the parameters by {e:.3g} only: tolerance {tol}"
     for x in ranks:
         # DeepSpeed skipped exactly the steps the worker saw skipped (a later step skipped
         # silently, e.g. on a norm our guard handed over, would get no comparison at all)
@@ -283,6 +289,13 @@ def build_report(results):
     ratios.sort()
     lines.append(f"Smallest effect/tolerance ratio over {len(ratios)} cells: {_fmt(ratios[0][0])} "
                  f"({ratios[0][1]})")
+    whole = sorted((min(x["whole_effect"] for x in results[w][sc["name"]]["ranks"]) / TOL["fp32"], f"w{w}:{sc['name']}")
+                   for w, sc in cells if sc["dtype"] == "fp32"
+                   and not any("error" in x for x in results[w][sc["name"]]["ranks"])
+                   and results[w][sc["name"]]["ranks"][0].get("whole_effect") is not None)
+    if whole:
+        lines.append(f"Smallest whole-training effect/tolerance over {len(whole)} fp32 cells: {_fmt(whole[0][0])} "
+                     f"({whole[0][1]})")
     lines.append("")
     lines.append("| precision | tight gradient, worst (ulps) | statistics/factors, worst (rel.) "
                  "| whole-training parameters vs fp32, worst (rel.) |")
@@ -294,7 +307,7 @@ def build_report(results):
     lines.append("")
     # mutation table: mutant x precision -> per stage
     rows = {}
-    for sc in S.matrix(2):
+    for w, sc in [(w, sc) for w in (2, 4) for sc in S.matrix(w)]:
         if sc.get("mutant"):
             name, label = sc["mutant"], sc["dtype"] + ("/BF16_Optimizer" if sc.get("grad_accum_fp32")
                                                        else "/offload" if sc.get("offload") else "")
@@ -302,7 +315,9 @@ def build_report(results):
             name, label = "unscale_fix_disabled", sc["dtype"]
         else:
             continue
-        ranks = results[2][sc["name"]]["ranks"]
+        if w != 2:
+            name += f" (world {w})"
+        ranks = results[w][sc["name"]]["ranks"]
         if any("error" in x for x in ranks):
             cell = "error"
         else:
@@ -312,7 +327,7 @@ def build_report(results):
             whole = max(x["params"] for x in ranks) / TOL[sc["dtype"]]
             cell = f"{verdict} {_fmt(ratio)}x ({key.replace('tight_', '')}, rank {rk}; fp32-run {_fmt(whole)}x)"
         rows.setdefault((name, label, sc["shaper"]), {})[sc["stage"]] = cell
-    lines.append("| mutant (world 2) | precision | method | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |")
+    lines.append("| mutant (world 2 unless named) | precision | method | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 |")
     lines.append("|---|---|---|---|---|---|---|")
     for (name, label, sh), by_stage in rows.items():
         lines.append(f"| {name} | {label} | {sh} | " + " | ".join(by_stage.get(s, "n/a") for s in S.STAGES) + " |")
