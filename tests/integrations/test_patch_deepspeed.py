@@ -7,6 +7,7 @@ DeepSpeed's comm op is built).
 import argparse
 import base64
 import json
+import logging
 import os
 import sys
 import types
@@ -242,3 +243,17 @@ def test_an_engine_without_an_optimizer_is_built_and_left_unshaped(patched, zero
     # asked for explicitly, it says why
     with pytest.raises(RuntimeError, match="built without an optimizer"):
         attach(engine, {"gradient_shaping": SHAPING})
+
+
+@pytest.mark.parametrize("clipping,warned", [(None, True), (1.0, False), (0.0, False)])
+def test_deepspeeds_implicit_default_clipping_is_named(patched, caplog, clipping, warned):
+    """Without a gradient_clipping key DeepSpeed clips at its default 1.0 after shaping: said
+    (a user replacing clipping with a shaper rarely means both); an explicit value is not."""
+    extra = {} if clipping is None else {"gradient_clipping": clipping}
+    with caplog.at_level(logging.WARNING, logger="megatron_shaping"):
+        engine, *_ = patched.initialize(model=model(), config=config(**extra))
+    assert engine.gradient_shaping.clip == (1.0 if clipping is None else clipping)
+    said = [r.getMessage() for r in caplog.records if "sets no gradient_clipping" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert 'set "gradient_clipping": 0.0' in said[0] and "default 1 " in said[0]

@@ -118,7 +118,8 @@ def shaped_initialize(original: Callable, args: tuple, kwargs: dict):
         from .adapters import has_optimizer
         if has_optimizer(engine):
             from .engine import attach
-            attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
+            gs = attach(engine, {GRADIENT_SHAPING: config[GRADIENT_SHAPING]})
+            _warn_implicit_clipping(config, gs)
         else:
             # the same config also builds engines without an optimizer (evaluation, reference
             # and teacher models): nothing to shape there, and no reason to fail
@@ -126,6 +127,19 @@ def shaped_initialize(original: Callable, args: tuple, kwargs: dict):
                         "model): not attached")
     register_engine(engine)
     return out
+
+
+def _warn_implicit_clipping(config: dict, gs) -> None:
+    """DeepSpeed clips at its default (1.0 in 0.19.8) when the config has no
+    ``gradient_clipping``: the shaped gradient is then clipped too, which a user who added a
+    shaper in place of clipping rarely means. Said once per engine, on rank 0."""
+    if gs is None or "gradient_clipping" in config or not gs.clip > 0.0:
+        return
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning("gradient_shaping: the DeepSpeed config sets no gradient_clipping, so DeepSpeed clips the "
+                       "shaped gradient at its default %g after shaping; set \"gradient_clipping\": 0.0 for the "
+                       "method alone (or the clipping you want)", gs.clip)
 
 
 def _make_wrapper(original: Callable) -> Callable:
