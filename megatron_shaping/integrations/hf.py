@@ -13,7 +13,8 @@ state is saved with every Trainer checkpoint and restored by ``resume_from_check
 every ``report_to`` logger (TensorBoard, W&B, ...) when it is installed with
 :func:`add_shaping_callback`, which puts it ahead of the loggers. The figures are those of the
 last optimizer step before the log, like the Trainer's own ``grad_norm``, which under DeepSpeed
-is the norm of the *shaped* gradient (DeepSpeed computes it in its clipping pass, after shaping).
+is the norm of the *shaped* gradient (taken from the hook's statistics: DeepSpeed's own norm
+pass is replaced).
 
     import megatron_shaping
     from megatron_shaping.integrations.hf import add_shaping_callback

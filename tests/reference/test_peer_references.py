@@ -248,7 +248,7 @@ SHARED_MUTANTS = {
     "stats_to_neighbour_group": ("compute", _roll_stats, ("gradient_stabilizer", "adagc", "agc")),
     # each slice multiplied by the neighbouring group's (or unit's) factor
     "factors_to_neighbour_group": ("apply", _roll_factors, ("gradient_stabilizer", "adagc", "agc")),
-    # statistics of grad / (2 s): a loss scale applied twice
+    # statistics of grad / (2 s): the loss scale taken for twice what backward applied
     "stale_loss_scale": ("compute", _stale_loss_scale, ("norm_clip", "adagc", "agc")),
 }
 

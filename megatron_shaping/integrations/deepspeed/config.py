@@ -133,13 +133,15 @@ class GradientShapingConfig(DeepSpeedConfigModel):
 
     # --- monitoring (integrations/deepspeed/monitor.py, docs/MONITORING.md) -----------------
     log_per_layer: StrictBool = True
-    """With ``log_interval > 0``: also write per-layer tags (6 per layer). False writes only the
+    """With ``log_interval > 0``: also write per-layer tags (6 per layer, 8 with
+    ``log_update_size``). False writes only the
     global summaries, for models with many layers or monitors that dislike many tags."""
 
     spike_log: Optional[str] = None
     """Path of a JSONL file (appended, written by global rank 0) with one line per spike event:
-    a layer whose gradient norm exceeded ``spike_threshold`` times its running statistic, or a
-    step skipped for a non-finite gradient. Default: no spike log."""
+    a layer whose gradient norm exceeded ``spike_threshold`` times its running statistic, a
+    step skipped for a non-finite gradient or by the spike rule (``skip``), plus ``start`` and
+    ``summary`` lines. Default: no spike log."""
 
     spike_threshold: float = Field(5.0, ge=1.0)
     """k: a layer's step is a spike when norm_before > k * running statistic (SPAMP's tau,
