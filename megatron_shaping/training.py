@@ -294,7 +294,8 @@ def build_data(corpus: Corpus, ctx, seq_length: int, seed: int, train_iters: int
     train_ds, valid_ds = build_gpt_datasets(
         corpus.data_path, corpus.tokenizer, seq_length, seed, train_samples=train_iters * global_batch,
         valid_samples=eval_iters * global_batch, split=split, cache_dir=corpus.cache_dir)
-    return Data(schedule, train_ds, valid_ds, [schedule.micro_batches(valid_ds, i) for i in range(eval_iters)])
+    return Data(schedule, train_ds, valid_ds,
+                [schedule.micro_batches(valid_ds, i, "validation batch") for i in range(eval_iters)])
 
 
 def build_model(model_cfg, ctx, seed: int):

@@ -133,7 +133,9 @@ class BatchSchedule:
     def accumulation_steps(self) -> int:
         return self.global_batch // (self.micro_batch * self.dp_size)
 
-    def micro_batches(self, dataset, iteration: int) -> List[Dict[str, torch.Tensor]]:
+    def micro_batches(self, dataset, iteration: int, what: str = "global batch") -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``iteration``; ``what`` names it in the vocabulary error
+        (e.g. "validation batch")."""
         per_rank = self.global_batch // self.dp_size
         start = iteration * self.global_batch + self.dp_rank * per_rank
         n = len(dataset)
@@ -142,13 +144,16 @@ class BatchSchedule:
             idx = [(start + k * self.micro_batch + j) % n for j in range(self.micro_batch)]
             out.append(collate([dataset[i] for i in idx]))
             if self.vocab_size is not None:
-                self._check_ids(out[-1]["tokens"], iteration)
+                self._check_ids(out[-1], f"{what} {iteration}")
         return out
 
-    def _check_ids(self, tokens: torch.Tensor, iteration: int) -> None:
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = hi if hi >= self.vocab_size else lo
-            raise ValueError(f"{self.source}: token id {bad} in global batch {iteration} is outside the tokenizer's "
-                             f"vocabulary [0, {self.vocab_size}): the data was tokenized with another tokenizer; "
-                             "pass the --tokenizer-model it was preprocessed with (or preprocess it again)")
+    def _check_ids(self, batch: Dict[str, torch.Tensor], where: str) -> None:
+        # tokens and labels: each sample's last id is in its labels only
+        for key in ("tokens", "labels"):
+            lo, hi = int(batch[key].min()), int(batch[key].max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = hi if hi >= self.vocab_size else lo
+                # raised on this rank only: the launcher (deepspeed, torchrun) stops the others
+                raise ValueError(f"{self.source}: token id {bad} in {where} is outside the tokenizer's vocabulary "
+                                 f"[0, {self.vocab_size}): the data was tokenized with another tokenizer; pass the "
+                                 "--tokenizer-model it was preprocessed with (or preprocess it again)")

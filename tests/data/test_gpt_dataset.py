@@ -103,7 +103,7 @@ def test_batch_schedule_refuses_token_ids_outside_the_vocabulary(datasets, tiny_
     # data tokenized with a larger tokenizer than the one given to the run: the first batch
     # with an id past the vocabulary is named (the embedding would otherwise index past its
     # end, or a padded vocabulary train silently on the wrong pieces)
-    train, _ = datasets
+    train, valid = datasets
     top = max(int(train[i]["tokens"].max()) for i in range(8))
     vocab = SentencePieceTokenizer(tiny_corpus["model"]).vocab_size
     ok = BatchSchedule(global_batch=8, micro_batch=2, dp_rank=0, dp_size=1, vocab_size=vocab, source="corpus_x")
@@ -111,3 +111,10 @@ def test_batch_schedule_refuses_token_ids_outside_the_vocabulary(datasets, tiny_
     small = BatchSchedule(global_batch=8, micro_batch=2, dp_rank=0, dp_size=1, vocab_size=top, source="corpus_x")
     with pytest.raises(ValueError, match=rf"corpus_x: token id {top} in global batch 0 .* \[0, {top}\)"):
         small.micro_batches(train, iteration=0)
+    with pytest.raises(ValueError, match="in validation batch 0 "):
+        small.micro_batches(valid, 0, "validation batch")
+    # an id past the vocabulary only in a sample's last label (the id after its last token)
+    sample = {"tokens": torch.tensor([1, 2, 3]), "labels": torch.tensor([2, 3, 9]), "loss_mask": torch.ones(3)}
+    one = BatchSchedule(global_batch=1, micro_batch=1, dp_rank=0, dp_size=1, vocab_size=5, source="corpus_x")
+    with pytest.raises(ValueError, match="token id 9 in global batch 0 "):
+        one.micro_batches([sample], iteration=0)
