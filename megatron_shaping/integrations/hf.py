@@ -105,12 +105,16 @@ class ObserveLossMixin:
 
     Every training micro-batch's loss (as ``compute_loss`` returns it, i.e. as backpropagated)
     goes to ``engine.gradient_shaping.observe_loss`` (no host sync; the rule takes the step's
-    mean over micro-batches and data-parallel ranks). Losses computed for evaluation (model in
+    mean over micro-batches and data-parallel ranks). With gradient accumulation and the
+    Trainer's token-count normalisation each micro-batch's loss is its share of the step's, so
+    the rule sees the step's loss divided by the accumulation steps: a constant factor, which
+    its z-score does not see. Losses computed for evaluation (model in
     eval mode or no grad) are not fed; without a shaper attached nothing happens."""
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         out = super().compute_loss(model, inputs, *args, **kwargs)
-        if model.training and torch.is_grad_enabled():
+        # (a DeepSpeed engine's train()/eval() switch its module only: read the module's mode)
+        if getattr(model, "module", model).training and torch.is_grad_enabled():
             shaping = _shaping_of(getattr(self, "model_wrapped", None))
             if shaping is None:
                 from .deepspeed.patch import engine_for_module

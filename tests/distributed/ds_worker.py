@@ -328,10 +328,13 @@ def run_scenario(sc, world, rank):
         probe.wrap_hook(shaping)
 
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=0.9)
-    # the same training without shaping (nor DeepSpeed's clip): how far shaping moves the
-    # parameters, the power of the whole-training comparison (a run that never shaped scores it)
+    # the same training without shaping (with DeepSpeed's clip where the cell has one): how far
+    # shaping moves the parameters, the power of the whole-training comparison (a DeepSpeed run
+    # that never shaped would score it)
     plain = copy.deepcopy(ref)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=lr, momentum=0.9)
+    plain_clip = (GradientShaper(plain.named_parameters(), {"type": "norm_clip", "params": {"max_norm": sc["clip"]}},
+                                 granularity="global") if sc.get("clip", 0.0) > 0 else None)
     spec = dict(sc["shaping"])
     members = spec["shapers"] if spec["type"] == "chain" else [{"type": spec["type"], "params": spec.get("params", {})}]
     if sc.get("clip", 0.0) > 0:
@@ -420,6 +423,8 @@ def run_scenario(sc, world, rank):
                 for r in range(world):
                     i = (m * world + r) * mb
                     (torch.nn.functional.mse_loss(plain(x[i:i + mb]), y[i:i + mb]) / (gas * world)).backward()
+            if plain_clip is not None:
+                plain_clip.apply_()
             plain_opt.step()
         if ds_skipped:
             res["skipped"].append(step)

@@ -211,7 +211,7 @@ def main():
     # tools/gpu_check.sh runs this worker on GPUs with NCCL (MS_DIST_BACKEND, see runner.init_distributed)
     w = runner.start(fake_fp16=True, quiet=True)
     # every rank's figures: a replacement right on rank 0 only (a rank-local norm) must show
-    w.write_lines([{"name": sc["name"], "ranks": w.gather(dict(r, rank=w.rank))}
+    w.write_lines([{"name": sc["name"], "world": w.world, "ranks": w.gather(dict(r, rank=w.rank))}
                    for sc, r in w.each(lambda sc: run(sc, w.rank))])
 
 
