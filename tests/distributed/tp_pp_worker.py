@@ -499,7 +499,7 @@ def run_case(cfg, ctx, precision, spec, mutant, steps, whole_ref, roundings=1, l
         final = {"weights": model_weights(engine, tp, tp_rank), "state": state_fields(shaping),
                  "stats": stats_steps, "loss": losses}
         info = {"optimizer": type(engine.optimizer).__name__, "adapter": shaping.adapter.name,
-                "linears": sorted({type(m).__name__ for m in engine.module.modules() if "Linear" in type(m).__name__}),
+                "linears": _linears_everywhere(engine),
                 "groups": shaping.session.layout.num_groups, "collectives": shaping.collectives}
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(final, gathered, dst=0)
@@ -512,6 +512,14 @@ def run_case(cfg, ctx, precision, spec, mutant, steps, whole_ref, roundings=1, l
     if precision == "fp32" and whole_ref is not None:
         res["whole"] = compare_whole(whole_ref, gathered, tp)
     return res
+
+
+def _linears_everywhere(engine) -> list:
+    """The linear classes of every rank's part of the model (a pipeline stage holds its own)."""
+    mine = sorted({type(m).__name__ for m in engine.module.modules() if "Linear" in type(m).__name__})
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def compare_whole(ref, per_rank, tp):
