@@ -335,6 +335,15 @@ def run_scenario(sc, world, rank):
     plain_opt = torch.optim.SGD(plain.parameters(), lr=lr, momentum=0.9)
     plain_clip = (GradientShaper(plain.named_parameters(), {"type": "norm_clip", "params": {"max_norm": sc["clip"]}},
                                  granularity="global") if sc.get("clip", 0.0) > 0 else None)
+
+    def whole_batch_backward(net, opt, x, y):
+        """One process, the whole batch: every rank's micro-batches, DeepSpeed's averaging."""
+        opt.zero_grad()
+        for m in range(gas):
+            for r in range(world):
+                i = (m * world + r) * mb
+                (torch.nn.functional.mse_loss(net(x[i:i + mb]), y[i:i + mb]) / (gas * world)).backward()
+
     spec = dict(sc["shaping"])
     members = spec["shapers"] if spec["type"] == "chain" else [{"type": spec["type"], "params": spec.get("params", {})}]
     if sc.get("clip", 0.0) > 0:
@@ -406,23 +415,14 @@ def run_scenario(sc, world, rank):
                 res["tight_effect"].append(eff)
 
         # ---- whole training: one process, the whole batch, fp32.
-        ref_opt.zero_grad()
-        for m in range(gas):
-            for r in range(world):
-                i = (m * world + r) * mb
-                l = torch.nn.functional.mse_loss(ref(x[i:i + mb]), y[i:i + mb]) / (gas * world)
-                l.backward()
+        whole_batch_backward(ref, ref_opt, x, y)
         rec = ref_shaper.apply_()
         if rec is None:
             res["ref_skipped"].append(step)
         else:
             ref_opt.step()
         if not spike:
-            plain_opt.zero_grad()
-            for m in range(gas):
-                for r in range(world):
-                    i = (m * world + r) * mb
-                    (torch.nn.functional.mse_loss(plain(x[i:i + mb]), y[i:i + mb]) / (gas * world)).backward()
+            whole_batch_backward(plain, plain_opt, x, y)
             if plain_clip is not None:
                 plain_clip.apply_()
             plain_opt.step()

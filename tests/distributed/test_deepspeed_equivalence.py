@@ -51,9 +51,9 @@ rank. One ``deepspeed`` launch per world size runs all its scenarios.
    the tolerance (``whole_effect``), so a DeepSpeed run that never shaped could not pass.
 
 Mutation controls (mutants.py, world 2; the rank-level ones at world 4 too): broken variants of
-the sharded path must be reported by the same comparisons at least 10x outside their tolerance. ``test_report`` prints the table
-(and the smallest effect/tolerance ratio and the worst differences) for README "Tests"; set
-``DS_EQUIVALENCE_REPORT=path`` to also write it to a file.
+the sharded path must be reported by the same comparisons at least 10x outside their tolerance.
+``test_report`` prints the table (and the smallest effect/tolerance ratio and the worst
+differences) for README "Tests"; set ``DS_EQUIVALENCE_REPORT=path`` to also write it to a file.
 """
 import os
 
@@ -158,6 +158,14 @@ def effect(ranks):
     return min((max(x["tight_effect"]) if x["tight_effect"] else 0.0) for x in ranks)
 
 
+def whole_effect(ranks):
+    """How far shaping moved the fp32 reference's parameters (vs the same run unshaped), on the
+    rank that saw the least; None for a cell without that comparison (a spike)."""
+    if ranks[0].get("whole_effect") is None:
+        return None
+    return min(x["whole_effect"] for x in ranks)
+
+
 def tight_ratios(ranks, sc):
     """Each tight comparison's worst value over its tolerance: {name: (ratio, rank)}."""
     out = {}
@@ -223,9 +231,9 @@ def test_sharded_equals_unsharded(world, sc, tmp_root):
         assert v <= tol, f"shaping factors differ: {v} (rank {rk})"
     v, rk = worst(ranks, "params")
     assert v <= tol, f"parameters after {sc['steps']} steps differ: {v} (rank {rk})"
-    if sc["dtype"] == "fp32" and ranks[0]["whole_effect"] is not None:
+    e = whole_effect(ranks)
+    if sc["dtype"] == "fp32" and e is not None:
         # the power of that comparison: shaping moves the reference's parameters far outside it
-        e = min(x["whole_effect"] for x in ranks)
         assert e >= POWER * tol, f"shaping moves the parameters by {e:.3g} only: tolerance {tol}"
     for x in ranks:
         # DeepSpeed skipped exactly the steps the worker saw skipped (a later step skipped
@@ -271,7 +279,7 @@ def build_report(results):
     lines = []
     cells = [(w, sc) for w in WORLDS for sc in S.matrix(w)
              if not sc.get("mutant") and sc.get("trap") != "control" and sc.get("tight", True)]
-    ratios = []
+    ratios, whole = [], []
     worst_grad, worst_stats, worst_params = {}, {}, {}
     for w, sc in cells:
         ranks = results[w][sc["name"]]["ranks"]
@@ -279,6 +287,9 @@ def build_report(results):
             continue
         gt = tight_tols(ranks, sc)["tight_grad"]
         ratios.append((effect(ranks) / gt, f"w{w}:{sc['name']}"))
+        e = whole_effect(ranks)
+        if sc["dtype"] == "fp32" and e is not None:
+            whole.append((e / TOL["fp32"], f"w{w}:{sc['name']}"))
         key = sc["dtype"] + ("" if ranks[0]["grad_dtype"] == {"fp32": "float32", "bf16": "bfloat16",
                                                                   "fp16": "float16"}[sc["dtype"]]
                              else " (fp32 grads)")
@@ -294,10 +305,7 @@ def build_report(results):
     ratios.sort()
     lines.append(f"Smallest effect/tolerance ratio over {len(ratios)} cells: {_fmt(ratios[0][0])} "
                  f"({ratios[0][1]})")
-    whole = sorted((min(x["whole_effect"] for x in results[w][sc["name"]]["ranks"]) / TOL["fp32"], f"w{w}:{sc['name']}")
-                   for w, sc in cells if sc["dtype"] == "fp32"
-                   and not any("error" in x for x in results[w][sc["name"]]["ranks"])
-                   and results[w][sc["name"]]["ranks"][0].get("whole_effect") is not None)
+    whole.sort()
     if whole:
         lines.append(f"Smallest whole-training effect/tolerance over {len(whole)} fp32 cells: {_fmt(whole[0][0])} "
                      f"({whole[0][1]})")
