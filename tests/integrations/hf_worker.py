@@ -10,6 +10,10 @@
 * ``manual_other`` / ``manual_off``: the same with another shaper parameter / without shaping
                (shows how far the statistics move when the shaping differs: the power of the
                comparison);
+* ``accelerate_gas1`` / ``accelerate_gas2``: Accelerate without the Trainer (``Accelerator`` with
+               a ``DeepSpeedPlugin``, ``prepare``, ``accumulate``, ``backward``) over the same
+               micro batches, one optimizer step per micro batch and one per GAS of them, each
+               with the ``manual`` loop of the same config as its reference;
 * ``resumed``  a new Trainer resumed from ``checkpoint-SAVE`` of ``hf`` (``resume_from_checkpoint``);
 * ``fresh``    the same from a copy of that checkpoint without the shaper state and with
                ``allow_fresh_state`` (what a resume without the shaper state does);
@@ -52,6 +56,7 @@ VOCAB = 96
 LR = 3e-3
 CLIP = 1.0
 SAMPLES = 64
+GAS = 2                    # accumulation steps of the Accelerate-with-accumulation run
 SHAPING = {"type": "gradient_stabilizer", "params": {"beta1": 0.6, "beta2": 0.999}}
 OTHER = {"type": "gradient_stabilizer", "params": {"beta1": 0.9, "beta2": 0.999}}
 #: the spike rule on the loss only (a z no step reaches: nothing is skipped, the history is compared)
@@ -66,9 +71,9 @@ def world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def ds_config(stage: int, shaping) -> dict:
-    cfg = {"train_batch_size": MBS * world(), "train_micro_batch_size_per_gpu": MBS,
-           "gradient_accumulation_steps": 1, "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
+def ds_config(stage: int, shaping, gas: int = 1) -> dict:
+    cfg = {"train_batch_size": MBS * gas * world(), "train_micro_batch_size_per_gpu": MBS,
+           "gradient_accumulation_steps": gas, "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
            "zero_optimization": {"stage": stage},
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
                                                      "weight_decay": 0.0, "torch_adam": True}}}
@@ -192,25 +197,73 @@ def hf_run(stage, shaping, out_dir, resume=None, save=False, batches=None, repor
             "params": full_params(engine, stage), "engine": engine}
 
 
-def manual_run(stage, shaping, batches):
-    """megatron_shaping.initialize and the plain DeepSpeed loop over the Trainer's micro batches."""
-    model = make_model()
-    engine, _, _, _ = megatron_shaping.initialize(model=model, model_parameters=model.parameters(),
-                                                  config=ds_config(stage, shaping))
+def replay_loss(engine, b):
+    """The loss of the recorded micro batch ``b`` as the Trainer backpropagated it. transformers
+    multiplies the loss by the number of processes when it averages tokens across devices
+    (num_items_in_batch is the global token count): the same integer factor here (the runs with
+    other shaping have other weights after step 1, hence other losses)."""
+    out = engine(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=b["num_items_in_batch"])
+    ratio = b["loss"] / float(out.loss.detach())
+    assert abs(ratio - round(ratio)) < 0.1 and round(ratio) >= 1, f"loss factor {ratio}"
+    return out.loss * float(round(ratio))
+
+
+def recording(engine) -> list:
+    """The list every optimizer step's statistics of ``engine``'s shaper are appended to."""
     steps = []
     if getattr(engine, "gradient_shaping", None) is not None:
         engine.gradient_shaping.callbacks.append(lambda s, r: steps.append(step_stats(s, r)))
+    return steps
+
+
+def manual_run(stage, shaping, batches, gas=1):
+    """megatron_shaping.initialize and the plain DeepSpeed loop over the Trainer's micro batches
+    (with ``gas`` > 1, DeepSpeed's own accumulation boundary every ``gas`` micro batches)."""
+    model = make_model()
+    engine, _, _, _ = megatron_shaping.initialize(model=model, model_parameters=model.parameters(),
+                                                  config=ds_config(stage, shaping, gas))
+    steps = recording(engine)
     model.train()
     for b in batches:
-        out = engine(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=b["num_items_in_batch"])
-        # transformers multiplies the loss by the number of processes when it averages tokens
-        # across devices (num_items_in_batch is the global token count): the same integer factor
-        # here (the runs with other shaping have other weights after step 1, hence other losses).
-        ratio = b["loss"] / float(out.loss.detach())
-        assert abs(ratio - round(ratio)) < 0.1 and round(ratio) >= 1, f"loss factor {ratio}"
-        engine.backward(out.loss * float(round(ratio)))
+        engine.backward(replay_loss(engine, b))
         engine.step()
     return {"steps": steps, "params": full_params(engine, stage)}
+
+
+def accelerate_run(stage, shaping, batches, gas=1):
+    """Accelerate without the Trainer (docs/INTEGRATIONS.md): ``Accelerator(deepspeed_plugin=
+    DeepSpeedPlugin(hf_ds_config=...))``, ``accelerator.prepare(model, DummyOptim)`` through the
+    patched ``deepspeed.initialize``, the loop in ``accelerator.accumulate`` with
+    ``accelerator.backward`` (which sets DeepSpeed's accumulation boundary itself from
+    ``sync_gradients``), ``optimizer.step()`` and ``zero_grad()``, over the same micro batches."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DeepSpeedPlugin, DummyOptim
+
+    # the Trainer runs before left their Accelerator state behind (a process-wide singleton)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config(stage, shaping, gas), gradient_accumulation_steps=gas)
+    # (no cpu=True: Accelerate then leaves DeepSpeed out; the engine finds its 2 ranks itself)
+    acc = Accelerator(deepspeed_plugin=plugin)
+    model = make_model()
+    model, opt = acc.prepare(model, DummyOptim(model.parameters(), lr=LR))
+    engine = acc.deepspeed_engine_wrapped.engine
+    steps = recording(engine)
+    boundaries = []
+    model.train()
+    for b in batches:
+        with acc.accumulate(model):
+            acc.backward(replay_loss(model, b))
+            boundaries.append(bool(acc.sync_gradients))
+            opt.step()
+            opt.zero_grad()
+    res = {"steps": steps, "params": full_params(engine, stage), "attached": engine is model
+           and getattr(engine, "gradient_shaping", None) is not None, "boundaries": boundaries,
+           "dp_world": engine.dp_world_size}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return res
 
 
 def param_diff(a: dict, b: dict) -> float:
@@ -241,6 +294,14 @@ def scenario(stage: int, out: str) -> dict:
     res["manual_other"] = {"steps": manual_run(stage, OTHER, batches)["steps"]}
     off = manual_run(stage, None, batches)
     res["manual_off"] = {"param_diff_vs_hf": param_diff(off["params"], hf["params"])}
+    # Accelerate without the Trainer, one optimizer step per micro batch and one per GAS of them
+    for gas in (1, GAS):
+        a = accelerate_run(stage, SHAPING, batches, gas)
+        m = man if gas == 1 else manual_run(stage, SHAPING, batches, gas)
+        res[f"accelerate_gas{gas}"] = {"steps": a["steps"], "attached": a["attached"], "boundaries": a["boundaries"],
+                                       "manual_steps": m["steps"], "param_diff": param_diff(a["params"], m["params"]),
+                                       "param_diff_vs_gas1": param_diff(a["params"], man["params"]),
+                                       "dp_world": a["dp_world"]}
 
     ckpt = os.path.join(base, "hf", f"checkpoint-{SAVE}")
     res["ckpt_files"] = sorted(os.path.relpath(p, ckpt) for p in glob.glob(os.path.join(ckpt, "**"), recursive=True)

@@ -10,7 +10,10 @@ docstring); the tests below check its record:
     the same resume without the shaper state does not (and stops unless allowed);
 (c) ShapingCallback puts the figures into ``trainer.state.log_history`` and the ``report_to``
     loggers (TensorBoard here);
-(d) ObserveLossMixin feeds the training losses (not the evaluation ones) to the spike rule.
+(d) ObserveLossMixin feeds the training losses (not the evaluation ones) to the spike rule;
+(e) Accelerate without the Trainer (``Accelerator`` + ``DeepSpeedPlugin``, ``prepare``,
+    ``accumulate``, ``backward``) shapes as the hand-written loop does, with and without
+    gradient accumulation (where Accelerate, not DeepSpeed, sets the accumulation boundary).
 """
 import json
 import math
@@ -26,6 +29,7 @@ pytest.importorskip("accelerate")
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = (2, 3)
 STEPS, SAVE = 6, 3
+GAS = 2                    # hf_worker.GAS
 FIGURES = ("shaping/grad_norm_before", "shaping/grad_norm_after", "shaping/shaped_fraction", "shaping/skipped_steps")
 
 # Tolerance for (a). Both runs feed the same micro batches through the same model code and the same
@@ -147,6 +151,29 @@ def test_shaping_figures_reach_log_history_and_tensorboard(record, stage):
         assert [s for s, _ in tb[tag]] == list(range(1, STEPS + 1))
         for (_, v), e in zip(tb[tag], logs):
             assert v == pytest.approx(e[key], rel=1e-6)          # TensorBoard stores float32
+
+
+@pytest.mark.parametrize("gas", (1, GAS))
+@pytest.mark.parametrize("stage", STAGES)
+def test_accelerate_without_trainer_equals_the_manual_loop(record, stage, gas):
+    """(e) The engine ``accelerator.prepare`` builds has the shaper attached, Accelerate's
+    ``sync_gradients`` puts the boundary every ``gas`` micro batches, and the per-step statistics
+    and final parameters equal those of ``megatron_shaping.initialize`` with the same config and
+    DeepSpeed's own boundary (same tolerance as (a))."""
+    r = record[stage][f"accelerate_gas{gas}"]
+    assert r["attached"], "accelerator.prepare built an engine without the shaper"
+    assert r["dp_world"] == 2
+    assert r["boundaries"] == [(i + 1) % gas == 0 for i in range(STEPS)]
+    assert len(r["steps"]) == len(r["manual_steps"]) == STEPS // gas
+    diff = max_rel(r["steps"], r["manual_steps"])
+    assert diff <= TOL, f"ZeRO-{stage}, GAS {gas}: Accelerate vs manual loop statistics differ by {diff:.3g}"
+    assert r["param_diff"] <= TOL
+    # power: another beta1 moves the statistics of the same steps far outside TOL (the GAS 1
+    # run), and accumulating two micro batches per step ends with other parameters
+    if gas == 1:
+        assert max_rel(r["steps"], record[stage]["manual_other"]["steps"]) > POWER
+    else:
+        assert r["param_diff_vs_gas1"] > 1e-4
 
 
 # ---------------------------------------------------------------------------- in-process, no launch
