@@ -11,7 +11,13 @@ The file (:data:`STATE_FILE`) holds::
     {"kind": "megatron_shaping.shaper_state", "file_version": 1,
      "state": <ShapingSession.state_dict()>,      # its own format_version inside
      "digest": sha256 of the state's contents,    # catches a damaged file that still unpickles
-     "meta": {...}}                               # where and when it was written, for messages
+     "meta": {...},                               # where and when it was written, for messages
+     "payload_digest": sha256 of all the above}   # header and meta too (absent in files of 0.1.0 and before)
+
+``payload_digest`` covers every other key, so a damaged ``kind`` or version number is reported
+as damage, not as a file of another format (which ``allow_fresh_state`` would let through),
+and a damaged ``meta`` (the step the load checks) is caught. Files written without it (earlier
+versions) are read as before. Any later file version keeps this key and its definition.
 
 This module does file I/O and validation only: no torch.distributed, no deepspeed (the
 DeepSpeed wiring is :mod:`megatron_shaping.integrations.deepspeed.checkpointing`). Writes are
@@ -87,9 +93,16 @@ def state_digest(sd: Dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- files
+def payload_digest(payload: Dict[str, Any]) -> str:
+    """sha256 over every key of a packed file but ``payload_digest`` itself."""
+    return state_digest({k: v for k, v in payload.items() if k != "payload_digest"})
+
+
 def pack_state(sd: Dict[str, Any], meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    return {"kind": FILE_KIND, "file_version": FILE_VERSION, "state": sd, "digest": state_digest(sd),
-            "meta": dict(meta or {})}
+    payload = {"kind": FILE_KIND, "file_version": FILE_VERSION, "state": sd, "digest": state_digest(sd),
+               "meta": dict(meta or {})}
+    payload["payload_digest"] = payload_digest(payload)
+    return payload
 
 
 def _fsync_dir(path: str) -> None:
@@ -106,7 +119,16 @@ def _fsync_dir(path: str) -> None:
 
 
 def _created_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process umask."""
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process umask. Read from
+    /proc (Linux 4.7+) where it can be: ``os.umask`` can only read it by setting it, and a file
+    another thread creates in between would get mode 0o666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -169,6 +191,9 @@ def read_state_file(path: str) -> Dict[str, Any]:
     except Exception as e:  # zip/pickle errors of every kind: the file is damaged
         raise ShaperStateCorrupt(f"{path}: gradient shaping state file is truncated or corrupt "
                                  f"({type(e).__name__}: {e}). Load an earlier checkpoint.") from None
+    if isinstance(obj, dict) and "payload_digest" in obj and payload_digest(obj) != obj["payload_digest"]:
+        raise ShaperStateCorrupt(f"{path}: shaper state file does not match its payload digest (header, state or "
+                                 f"meta damaged): the file is corrupt. Load an earlier checkpoint.")
     if not isinstance(obj, dict) or obj.get("kind") != FILE_KIND:
         raise ShaperStateMissing(f"{path}: not a megatron-shaping shaper state file (kind "
                                  f"{obj.get('kind') if isinstance(obj, dict) else type(obj).__name__!r})")

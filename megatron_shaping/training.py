@@ -118,6 +118,12 @@ def check_inputs(args, prog: str = "pretrain.py") -> None:
             json.load(f)
     except (FileNotFoundError, DataFormatError, ValueError) as e:   # JSONDecodeError is a ValueError
         raise SystemExit(f"{prog}: error: {e}") from None
+    if args.load and not os.path.isdir(args.load) and \
+            not (args.save and os.path.abspath(args.save) == os.path.abspath(args.load)):
+        # --load = --save is the auto-resume pattern (nothing there on the first run); any other
+        # missing --load directory is a typo that would silently train from scratch
+        raise SystemExit(f"{prog}: error: --load {args.load}: no such directory (to start from scratch, leave "
+                         f"--load out, or give it the same directory as --save)")
 
 
 def log0(*a):
@@ -517,7 +523,13 @@ def _resume(engine, args) -> int:
     if path is None:
         log0(f"[checkpoint] no checkpoint in {args.load}: starting from scratch")
         return 0
-    start_iter = int(client.get("iteration", 0))
+    if "iteration" in client:
+        start_iter = int(client["iteration"])
+    else:
+        # a checkpoint saved by another script: continue from the engine's step it restored
+        start_iter = int(engine.global_steps)
+        log0(f"[checkpoint] WARNING: {path} has no 'iteration' in its client state (not saved by pretrain.py): "
+             f"continuing from the engine's global step {start_iter}")
     changed = resume_arg_changes(client.get("args"), args)
     if changed:
         listed = ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in changed)

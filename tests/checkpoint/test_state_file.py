@@ -7,9 +7,9 @@ import torch
 
 from megatron_shaping import GradientShaper
 from megatron_shaping.checkpoint import (STATE_FILE, ShaperStateCorrupt, ShaperStateError, ShaperStateMismatch,
-                                         ShaperStateMissing, hparam_changes, load_session, pack_state, read_state_file,
-                                         restored_session, save_session, state_digest, state_is_finite,
-                                         write_bytes_atomic, write_state_file)
+                                         ShaperStateMissing, hparam_changes, load_session, pack_state, payload_digest,
+                                         read_state_file, restored_session, save_session, state_digest,
+                                         state_is_finite, write_bytes_atomic, write_state_file)
 
 from .plans import SHAPERS
 
@@ -122,9 +122,35 @@ def test_other_files_and_formats_count_as_missing(tmp_path):
     torch.save(pack_state(dict(gs.state_dict(), format_version=0)), p)
     with pytest.raises(ShaperStateMissing, match="format_version 0 is not supported"):
         read_state_file(p)
-    torch.save(dict(pack_state(gs.state_dict()), file_version=99), p)
+    other = dict(pack_state(gs.state_dict()), file_version=99)
+    other["payload_digest"] = payload_digest(other)          # a consistent file of another version
+    torch.save(other, p)
     with pytest.raises(ShaperStateMissing, match="file version 99"):
         read_state_file(p)
+    legacy = pack_state(gs.state_dict())
+    del legacy["payload_digest"]                             # files written before the payload digest
+    torch.save(dict(legacy, file_version=99), p)
+    with pytest.raises(ShaperStateMissing, match="file version 99"):
+        read_state_file(p)
+    torch.save(legacy, p)
+    assert read_state_file(p)["digest"] == legacy["digest"]
+
+
+@pytest.mark.parametrize("key,value", [("kind", "megatron_shaping.shaper_statf"), ("file_version", 3),
+                                       ("meta", {"tag": "global_step3", "global_steps": 7})])
+def test_damaged_header_or_meta_is_corrupt_not_missing(tmp_path, key, value):
+    """A damaged ``kind`` or version number would read as a file of another format (which
+    ``allow_fresh_state`` lets through: a silent reset), a damaged meta as another step: the
+    payload digest reports both as damage (without it, this test's first two cases raise
+    ShaperStateMissing and the third loads)."""
+    _, gs = trained(SHAPERS["gradient_stabilizer"])
+    payload = pack_state(gs.state_dict(), {"tag": "global_step3", "global_steps": 3})
+    payload[key] = value
+    path = str(tmp_path / STATE_FILE)
+    torch.save(payload, path)
+    with pytest.raises(ShaperStateCorrupt, match="payload digest") as e:
+        read_state_file(path)
+    assert path in str(e.value)
 
 
 def test_file_cannot_run_code(tmp_path):
@@ -224,6 +250,24 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "latest").st_mode & 0o777 == 0o644
     assert os.stat(tmp_path / "private").st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+def test_the_umask_is_read_without_setting_it(tmp_path, monkeypatch):
+    """os.umask reads the umask only by setting it (to 0 for a moment: a file another thread
+    creates then gets mode 0666); on Linux it is read from /proc instead."""
+    from megatron_shaping.checkpoint import _created_mode
+    old = os.umask(0o027)
+    try:
+        def no_set(*a):
+            raise AssertionError("os.umask called: the process umask was changed to read it")
+        monkeypatch.setattr(os, "umask", no_set)
+        assert _created_mode() == 0o640
+        write_bytes_atomic(str(tmp_path / "latest"), b"global_step4")
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "latest").st_mode & 0o777 == 0o640
 
 
 def test_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):

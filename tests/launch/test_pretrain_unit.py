@@ -96,11 +96,34 @@ def test_bad_inputs_fail_fast_with_one_line(tmp_path):
         (["--data-path", str(ROOT / "configs/models/llama-tiny.json"), "--tokenizer-model", "t.model"],
          "llama-tiny.json is raw text.*preprocess_data.py"),
         (["--model-preset", "llama-99b"], "llama-99b"),
+        # a misspelt --load trained from scratch with one log line
+        (["--load", str(tmp_path / "ckpts-typo"), "--save", str(tmp_path / "ckpts")], "--load .*ckpts-typo: no such"),
     ]
     for extra, match in cases:
         with pytest.raises(SystemExit, match=match) as e:
             pretrain.pretrain(args_for(*extra))
         assert str(e.value).startswith("pretrain.py: error:")
+
+
+def test_missing_load_directory_is_fine_when_it_is_the_save_directory(tmp_path):
+    """--load X --save X: the auto-resume pattern, X does not exist on the first run."""
+    pretrain.check_inputs(args_for("--load", str(tmp_path / "ck"), "--save", str(tmp_path / "ck")))
+    pretrain.check_inputs(args_for("--load", str(tmp_path)))                      # exists
+
+
+def test_resume_without_an_iteration_continues_from_the_engines_step(monkeypatch, capsys):
+    """A checkpoint saved by another script (no 'iteration' in its client state) continued at
+    iteration 0 with the engine at step N; now at N, said in the log."""
+    from types import SimpleNamespace
+
+    from megatron_shaping.integrations.deepspeed import checkpointing
+    monkeypatch.setattr(checkpointing, "load_checkpoint", lambda engine, load, allow_fresh_state=None: ("ck/s7", {}))
+    args = args_for("--load", "ck")
+    assert pretrain._resume(SimpleNamespace(global_steps=7), args) == 7
+    assert "no 'iteration'" in capsys.readouterr().out
+    monkeypatch.setattr(checkpointing, "load_checkpoint",
+                        lambda engine, load, allow_fresh_state=None: ("ck/s7", {"iteration": 5, "args": None}))
+    assert pretrain._resume(SimpleNamespace(global_steps=7), args) == 5
 
 
 def test_default_block_pattern_groups_llama_layers():

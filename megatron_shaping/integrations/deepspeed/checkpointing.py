@@ -28,6 +28,7 @@ asynchronously, keep DeepSpeed's own ``latest`` handling.)
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -130,6 +131,10 @@ class ShapingCheckpointing:
         if self._writer():
             stale = os.path.join(save_dir, tag, STATE_FILE)
             if os.path.isfile(stale):
+                logger.warning("gradient_shaping: saving again under tag %s in %s: DeepSpeed overwrites its files in "
+                               "place and the previous save there is lost (its shaper state file is removed first, "
+                               "so a save that dies half-way leaves a tag that refuses to load); give each save its "
+                               "own tag to keep the previous one", tag, save_dir)
                 os.unlink(stale)
         self._barrier()
         ok = self._orig_save(save_dir, tag=tag, client_state=client_state,
@@ -172,7 +177,16 @@ class ShapingCheckpointing:
         if read.restored is not None:
             for change in hparam_changes(self.session, read.obj["state"]):
                 self._warn("gradient_shaping: hyperparameter changed since %s: %s", read.path, change)
-        result = self._orig_load(load_dir, tag, **call)
+        try:
+            result = self._orig_load(load_dir, tag, **call)
+        except AssertionError as e:
+            tag_dir = os.path.join(load_dir, tag)
+            if str(e) or glob.glob(os.path.join(glob.escape(tag_dir), "*model_states.pt")):
+                raise
+            # DeepSpeed 0.19.8 stops on a bare ``assert len(self.ckpt_list) > 0``
+            raise FileNotFoundError(f"{tag_dir}: holds no DeepSpeed model files (*model_states.pt): the save that "
+                                    f"wrote this tag did not complete, or it is not a DeepSpeed checkpoint "
+                                    f"(contents: {sorted(os.listdir(tag_dir))[:8]})") from e
         if result is None or result[0] is None:
             return result
         self._commit(read)
@@ -206,6 +220,10 @@ class ShapingCheckpointing:
         kind, value = outcomes[0]
         if kind == "error":
             raise ShaperStateError(f"{latest}: cannot be read ({value})")
+        if not value:
+            # DeepSpeed's own writes of latest / latest_universal are not atomic
+            raise ShaperStateError(f"{latest}: is empty (a write interrupted by a crash?); it should hold the tag "
+                                   f"of the checkpoint to resume: write it (e.g. global_step1000) or pass tag=")
         return value
 
     def _read(self, load_dir: str, tag: str, want: bool, universal: bool) -> "_Read":
@@ -332,26 +350,56 @@ def convert_to_universal(checkpoint_dir: str, tag: Optional[str] = None, output_
     """DeepSpeed's ``ds_to_universal`` for ``<checkpoint_dir>/<tag>`` (default: ``latest``) into
     ``output_dir`` (default ``<checkpoint_dir>/<tag>_universal``), with the shaper state copied
     along. ``ds_to_universal`` points ``latest_universal`` (beside ``output_dir``) at the result;
-    the shaper state is copied first so that it never names a directory without it.
+    the shaper state is copied first so that it never names a directory without it, and removed
+    again if the conversion fails. Refuses an ``output_dir`` that exists (FileExistsError) and a
+    tag that does not (FileNotFoundError), before writing anything.
     ``inject_missing_state``: DeepSpeed's flag, needed for models that do not record
     ``universal_checkpoint_info`` themselves (Megatron-DeepSpeed models do). Returns output_dir."""
     from deepspeed.checkpoint import ds_to_universal
     if tag is None:
-        with open(os.path.join(checkpoint_dir, "latest")) as f:
+        latest = os.path.join(checkpoint_dir, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"convert_to_universal: {latest} does not exist: pass tag= (the checkpoint's "
+                                    f"global_step<N> directory)")
+        with open(latest) as f:
             tag = f.read().strip()
+        if not tag:
+            raise ValueError(f"convert_to_universal: {latest} is empty: pass tag=")
     src = os.path.join(checkpoint_dir, tag)
+    if not os.path.isdir(src):
+        tags = sorted(d for d in os.listdir(checkpoint_dir) if os.path.isdir(os.path.join(checkpoint_dir, d))) \
+            if os.path.isdir(checkpoint_dir) else []
+        raise FileNotFoundError(f"convert_to_universal: checkpoint {src} does not exist (tags in {checkpoint_dir}: "
+                                f"{tags[:12]})")
     out = output_dir or os.path.join(checkpoint_dir, f"{tag}_universal")
+    if os.path.exists(out):
+        # ds_to_universal writes into it in place: a folder there (an earlier conversion, another
+        # checkpoint) would be overwritten or mixed with this one
+        raise FileExistsError(f"convert_to_universal: {out} already exists; remove it or choose another output_dir "
+                              f"(nothing was written)")
     state = os.path.join(src, STATE_FILE)
-    os.makedirs(out, exist_ok=True)
-    if os.path.isfile(state):
+    has_state = os.path.isfile(state)
+    if has_state:
         read_state_file(state)            # refuse to propagate a damaged file
-        with open(state, "rb") as f:
-            write_bytes_atomic(os.path.join(out, STATE_FILE), f.read())
     else:
         logger.warning("gradient_shaping: %s has no %s: the universal checkpoint will carry no shaper state",
                        src, STATE_FILE)
+    os.makedirs(out)
+    copied = os.path.join(out, STATE_FILE)
+    if has_state:
+        # copied before the conversion, which writes latest_universal last: it never names a
+        # folder without the state
+        with open(state, "rb") as f:
+            write_bytes_atomic(copied, f.read())
     args = argparse.Namespace(input_folder=src, output_folder=out, num_extract_workers=num_workers,
                               num_merge_workers=num_workers, keep_temp_folder=False, strict=strict,
                               inject_missing_state=inject_missing_state)
-    ds_to_universal.main(args)
+    try:
+        ds_to_universal.main(args)
+    except BaseException:
+        # a failed conversion leaves DeepSpeed's partial files; without the state file the
+        # folder is never taken for a complete universal checkpoint
+        if has_state and os.path.isfile(copied):
+            os.unlink(copied)
+        raise
     return out
