@@ -71,14 +71,10 @@ def test_latest_is_agreed_before_anything_branches_on_it(tmp_path):
         ck._agreed_latest(str(tmp_path), universal=False)
 
 
-def test_saving_again_under_a_tag_removes_the_old_state_file_first(one_rank, tmp_path, caplog):
-    """Accelerate's save_state(dir) saves under one tag ('pytorch_model') every time: a save that
-    died after DeepSpeed began rewriting the tag left the previous save's shaper state beside
-    half-written model files, and it passed validation. Now the old state file goes before
-    DeepSpeed writes; the tag then holds none (a load refuses it) until the save completes."""
+def _engine_with_a_save(tmp_path, tag="global_step2"):
+    """A one-rank ZeRO-1 engine with norm_clip after 2 steps, saved under ``tag``."""
     import torch
     import megatron_shaping
-    from megatron_shaping.checkpoint import STATE_FILE
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
@@ -88,7 +84,17 @@ def test_saving_again_under_a_tag_removes_the_old_state_file_first(one_rank, tmp
     for _ in range(2):
         engine.backward(engine(torch.ones(2, 4)).square().sum())
         engine.step()
-    engine.save_checkpoint(str(tmp_path), tag="pytorch_model")
+    engine.save_checkpoint(str(tmp_path), tag=tag)
+    return engine
+
+
+def test_saving_again_under_a_tag_removes_the_old_state_file_first(one_rank, tmp_path, caplog):
+    """Accelerate's save_state(dir) saves under one tag ('pytorch_model') every time: a save that
+    died after DeepSpeed began rewriting the tag left the previous save's shaper state beside
+    half-written model files, and it passed validation. Now the old state file goes before
+    DeepSpeed writes; the tag then holds none (a load refuses it) until the save completes."""
+    from megatron_shaping.checkpoint import STATE_FILE
+    engine = _engine_with_a_save(tmp_path, tag="pytorch_model")
     state = tmp_path / "pytorch_model" / STATE_FILE
     assert state.is_file()
     ck = engine.gradient_shaping.checkpointing
@@ -116,22 +122,6 @@ def test_an_empty_latest_is_named_not_read_as_a_tag(tmp_path):
     made the load look for ``<dir>/gradient_shaping_state.pt`` and report it missing."""
     with pytest.raises(ShaperStateError, match=r"latest: is empty .*tag="):
         latest_of(tmp_path, [("tag", "")], content="")
-
-
-def _engine_with_a_save(tmp_path, tag="global_step2"):
-    import torch
-    import megatron_shaping
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10 ** 9,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-           "zero_optimization": {"stage": 1}, "gradient_shaping": {"type": "norm_clip"}}
-    engine = megatron_shaping.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
-    for _ in range(2):
-        engine.backward(engine(torch.ones(2, 4)).square().sum())
-        engine.step()
-    engine.save_checkpoint(str(tmp_path), tag=tag)
-    return engine
 
 
 def test_a_tag_without_deepspeed_model_files_is_named(one_rank, tmp_path):
