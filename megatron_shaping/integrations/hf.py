@@ -26,7 +26,8 @@ pass is replaced).
 
 :class:`ObserveLossMixin` feeds the training loss to the spike rule's ``loss_z`` test.
 
-Imports ``transformers`` (not deepspeed) at module import; nothing else in the package does.
+Imports ``transformers`` (not deepspeed) at module import; nothing else in the package does
+(``ShapingCallback(patch=True)``, the default, imports deepspeed to patch it).
 """
 from __future__ import annotations
 
@@ -103,13 +104,17 @@ class ObserveLossMixin:
         class MyTrainer(ObserveLossMixin, Trainer):
             ...
 
-    Every training micro-batch's loss (as ``compute_loss`` returns it, i.e. as backpropagated)
-    goes to ``engine.gradient_shaping.observe_loss`` (no host sync; the rule takes the step's
-    mean over micro-batches and data-parallel ranks). With gradient accumulation and the
-    Trainer's token-count normalisation each micro-batch's loss is its share of the step's, so
-    the rule sees the step's loss divided by the accumulation steps: a constant factor, which
-    its z-score does not see. Losses computed for evaluation (model in
-    eval mode or no grad) are not fed; without a shaper attached nothing happens."""
+    Every training micro-batch's loss goes to ``engine.gradient_shaping.observe_loss`` from
+    ``compute_loss``, before its backward (the optimizer step runs inside the boundary
+    micro-batch's backward, and the rule must judge it with its own loss). The rule takes the
+    mean over the step's micro-batches and the data-parallel ranks, so each is fed on the scale
+    of the step's loss: where ``compute_loss`` returns a micro-batch's *share* of the step's
+    loss (normalised by the step's token count ``num_items_in_batch``, the Trainer's
+    ``loss_is_scaled_for_ga`` rule), the share times the step's number of micro-batches
+    (``current_gradient_accumulation_steps``: fewer on the last step of an epoch when the
+    accumulation steps do not divide it); a micro-batch's own mean loss as it is. No host sync.
+    Losses computed for evaluation (model in eval mode or no grad) are not fed; without a shaper
+    attached nothing happens."""
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         out = super().compute_loss(model, inputs, *args, **kwargs)
@@ -120,9 +125,21 @@ class ObserveLossMixin:
                 from .deepspeed.patch import engine_for_module
                 shaping = _shaping_of(engine_for_module(model))
             if shaping is not None:
-                loss = out[0] if isinstance(out, tuple) else out
-                shaping.observe_loss(loss.detach())
+                loss = (out[0] if isinstance(out, tuple) else out).detach()
+                items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+                if self._loss_is_share(items):
+                    loss = loss * int(getattr(self, "current_gradient_accumulation_steps", None) or 1)
+                shaping.observe_loss(loss)
         return out
+
+    def _loss_is_share(self, num_items_in_batch) -> bool:
+        """transformers' own test (``Trainer.training_step``) of whether the loss is already
+        normalised over the whole step (it divides by the accumulation steps otherwise)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        return bool((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
 
 
 def _same(a, b) -> bool:

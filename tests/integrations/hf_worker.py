@@ -57,6 +57,7 @@ LR = 3e-3
 CLIP = 1.0
 SAMPLES = 64
 GAS = 2                    # accumulation steps of the Accelerate-with-accumulation run
+LOSS_GAS = 3               # ... of the loss-rule run (16 micro batches per epoch and rank: remainder 1)
 SHAPING = {"type": "gradient_stabilizer", "params": {"beta1": 0.6, "beta2": 0.999}}
 OTHER = {"type": "gradient_stabilizer", "params": {"beta1": 0.9, "beta2": 0.999}}
 #: the spike rule on the loss only (a z no step reaches: nothing is skipped, the history is compared)
@@ -158,12 +159,22 @@ class RecordingTrainer(Trainer):
             # tensor): keep the value it backpropagates; the replay derives the factor from it.
             nib = num_items_in_batch.clone() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
             self.batches.append({"input_ids": inputs["input_ids"].clone(), "labels": inputs["labels"].clone(),
-                                 "num_items_in_batch": nib, "loss": float(loss.detach())})
+                                 "num_items_in_batch": nib, "loss": float(loss.detach()),
+                                 "step": int(self.state.global_step)})
         return (loss, outputs) if return_outputs else loss
 
 
 class ObservingTrainer(ObserveLossMixin, RecordingTrainer):
     """The Trainer a user of the spike rule's loss_z test writes (docs/INTEGRATIONS.md)."""
+
+
+class MeanLossTrainer(ObservingTrainer):
+    """A model whose loss takes no ``num_items_in_batch``: each micro batch's loss is its own
+    mean (the Trainer divides it by the accumulation steps after compute_loss)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.model_accepts_loss_kwargs = False
 
 
 def full_params(engine, stage: int) -> dict:
@@ -176,11 +187,11 @@ def full_params(engine, stage: int) -> dict:
 
 
 def hf_run(stage, shaping, out_dir, resume=None, save=False, batches=None, report=False,
-           trainer_cls=None, evaluate=False):
+           trainer_cls=None, evaluate=False, gas=1):
     extra = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=MBS) if evaluate else {}
     args = TrainingArguments(
-        output_dir=out_dir, use_cpu=True, ddp_backend="gloo", deepspeed=ds_config(stage, shaping),
-        per_device_train_batch_size=MBS, gradient_accumulation_steps=1, max_steps=STEPS,
+        output_dir=out_dir, use_cpu=True, ddp_backend="gloo", deepspeed=ds_config(stage, shaping, gas),
+        per_device_train_batch_size=MBS, gradient_accumulation_steps=gas, max_steps=STEPS,
         learning_rate=LR, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.0,
         max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=1, save_strategy="steps" if save else "no", save_steps=SAVE,
@@ -334,18 +345,32 @@ def scenario(stage: int, out: str) -> dict:
 
 def loss_rule_runs(base) -> dict:
     """The spike rule's loss history after a Trainer run with evaluations every 2 steps: fed by
-    ObserveLossMixin (``mixin``), and by nothing with the plain Trainer (``plain``). ``expected``:
-    the mean over ranks of each step's training loss as the Trainer backpropagated it."""
+    ObserveLossMixin (``mixin``), and by nothing with the plain Trainer (``plain``); ``mixin_gas``:
+    LOSS_GAS accumulation steps, which do not divide the epoch's 16 micro batches per rank, so the
+    last of the 6 steps has 1 micro batch. ``expected``: each step's training loss, the sum of
+    its micro batches' losses as the Trainer backpropagated them (their shares of the step's
+    token count), averaged over the ranks; ``micro``: micro batches per step. ``mixin_gas_mean``:
+    the same where the model's loss takes no token count (each micro batch's loss its own
+    mean, so the step's loss is their mean)."""
     out = {}
-    for name, cls in (("mixin", ObservingTrainer), ("plain", RecordingTrainer)):
+    for name, cls, gas in (("mixin", ObservingTrainer, 1), ("plain", RecordingTrainer, 1),
+                           ("mixin_gas", ObservingTrainer, LOSS_GAS), ("mixin_gas_mean", MeanLossTrainer, LOSS_GAS)):
         batches = []
         run = hf_run(2, LOSS_RULE, os.path.join(base, f"loss_{name}"), batches=batches, trainer_cls=cls,
-                     evaluate=True)
+                     evaluate=True, gas=gas)
         rule = run["engine"].gradient_shaping.skip
+        per_step = {}
+        for b in batches:
+            per_step.setdefault(b["step"], []).append(b["loss"])
+        # shares of the step add up to its loss; a micro batch's own mean loss is averaged
+        agg = (lambda v: sum(v) / len(v)) if cls is MeanLossTrainer else sum
+        mine = [agg(per_step[k]) for k in sorted(per_step)]
         every = [None] * world()
-        torch.distributed.all_gather_object(every, [b["loss"] for b in batches])
+        torch.distributed.all_gather_object(every, mine)
         out[name] = {"history": rule.losses.values().tolist(), "skips": rule.skips,
                      "evals": sum(1 for e in run["log_history"] if "eval_loss" in e),
+                     "micro": [len(per_step[k]) for k in sorted(per_step)], "shaped_steps": len(run["steps"]),
+                     "global_steps": int(run["engine"].global_steps),
                      "expected": [sum(r[i] for r in every) / len(every) for i in range(len(every[0]))]}
     return out
 

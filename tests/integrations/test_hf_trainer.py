@@ -243,9 +243,20 @@ def test_observe_loss_mixin_feeds_the_training_losses_to_the_loss_rule(record):
     (the mean over ranks of what the Trainer backpropagated), none of the evaluation losses
     computed every 2 steps; the plain Trainer feeds it nothing (the rule then tests no loss)."""
     r = record[2]["loss_rule"]
-    mixin, plain = r["mixin"], r["plain"]
+    mixin, plain, gas = r["mixin"], r["plain"], r["mixin_gas"]
     assert mixin["evals"] >= 2 and plain["evals"] >= 2, "the evaluations the losses must not reach did not run"
     assert len(mixin["expected"]) == STEPS
     assert mixin["history"] == pytest.approx(mixin["expected"], rel=1e-6), (mixin["history"], mixin["expected"])
     assert plain["history"] == [], plain["history"]
-    assert mixin["skips"] == 0 and plain["skips"] == 0
+    assert mixin["skips"] == 0 and plain["skips"] == 0 and gas["skips"] == 0
+    # With accumulation, each micro batch's loss is its share of the step's: the rule must see
+    # the step's loss on every step, also on the epoch's short last step (3, 3, 3, 3, 3, 1 micro
+    # batches). Averaging the shares gave the step's loss / 3, then / 1 on the short step: a 3x
+    # jump the z-test reads as a spike.
+    assert gas["micro"] == [3, 3, 3, 3, 3, 1], gas["micro"]
+    assert gas["shaped_steps"] == gas["global_steps"] == STEPS, gas
+    assert gas["history"] == pytest.approx(gas["expected"], rel=1e-6), (gas["history"], gas["expected"])
+    # and where the loss takes no token count, each micro batch's loss is its own mean
+    mean = r["mixin_gas_mean"]
+    assert mean["micro"] == [3, 3, 3, 3, 3, 1] and mean["skips"] == 0
+    assert mean["history"] == pytest.approx(mean["expected"], rel=1e-6), (mean["history"], mean["expected"])
