@@ -365,6 +365,12 @@ class Trainer:
     def _to_pipe(self, batches):
         return iter([(b["tokens"], (b["labels"], b["loss_mask"])) for b in batches])
 
+    def _inputs(self, mb) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A micro-batch's tensors on the engine's device: the data loader gives CPU tensors and
+        DeepSpeed's plain engine does not move its inputs (its PipelineEngine does)."""
+        dev = self.engine.device
+        return tuple(mb[k].to(dev, non_blocking=True) for k in ("tokens", "labels", "loss_mask"))
+
     def step(self, it: int, loss_factor: float = 1.0) -> float:
         """One iteration (every micro-batch of global batch ``it``); the loss averaged over
         micro-batches and data-parallel ranks. ``loss_factor`` multiplies the loss that is
@@ -377,7 +383,7 @@ class Trainer:
         losses = []
         shaping = getattr(engine, "gradient_shaping", None)
         for mb in batches:
-            loss = engine(mb["tokens"], mb["labels"], mb["loss_mask"])
+            loss = engine(*self._inputs(mb))
             engine.backward(loss * loss_factor if loss_factor != 1.0 else loss)
             if shaping is not None:
                 shaping.observe_loss(loss)          # the spike rule's loss_z (a no-op without it)
@@ -398,8 +404,7 @@ class Trainer:
             return float(torch.stack(losses).mean())      # eval_batch averages over DP itself
         engine.eval()
         with torch.no_grad():
-            total = torch.stack([engine(mb["tokens"], mb["labels"], mb["loss_mask"]).float()
-                                 for b in valid for mb in b]).mean()
+            total = torch.stack([engine(*self._inputs(mb)).float() for b in valid for mb in b]).mean()
         engine.train()
         self.dist.all_reduce(total, group=self.dp_group)
         return float(total) / self.ctx.dp

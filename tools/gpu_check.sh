@@ -24,10 +24,11 @@
 # 5. the benchmark (tools/bench_overhead.py) on the GPUs (its wall-time table: CPU time is not
 #    the measure there), bf16 on ZeRO-2 and ZeRO-3 (on CPU: fp32 and bf16, ZeRO-2 and ZeRO-3);
 # 6. FP8: the simulated path vs Transformer Engine on the same model and data, where TE is
-#    installed (otherwise the simulated path alone, as a smoke test).
+#    installed (otherwise the simulated path alone, as a smoke test);
+# 7. launch/pretrain.py itself for 10 iterations on every GPU (bf16, ZeRO-2, GradientStabilizer).
 #
 # Without a CUDA device the script still runs what does not need one (2 on CPU, 3 with gloo on
-# 1-2 processes, 4, a short CPU benchmark, 6 simulated) so that it can be checked anywhere.
+# 1-2 processes, 4, a short CPU benchmark, 6 simulated, 7 on 2 CPU processes) so that it can be checked anywhere.
 # Every step's status is written to the figures file; the script exits non-zero if a check failed.
 set -u -o pipefail
 
@@ -340,5 +341,21 @@ if dist.is_initialized():
 sys.exit(0 if ok else 1)
 PY
 status "FP8" $?
+
+# ---------------------------------------------------------------------------------- 7. pretrain.py
+# The entry users run, on the device: batches from the (CPU) data loader must reach the engine's
+# device, the shaper must attach and train. A short llama-tiny run on the default corpus, ZeRO-2
+# bf16 GradientStabilizer, every GPU (2 CPU processes without one), one evaluation in between.
+section "7. launch/pretrain.py on the device ($ACC)"
+PW=$([[ "$ACC" == cuda ]] && echo "$NGPU" || echo 2)
+DS_ACCELERATOR="$ACC" OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" \
+    T "$PY" -m deepspeed.launcher.runner --num_gpus "$PW" --master_port 29650 launch/pretrain.py \
+    --deepspeed_config configs/deepspeed/zero2_bf16_gradient_stabilizer.json --model-preset llama-tiny \
+    --micro-batch-size 2 --global-batch-size $((2 * PW)) --train-iters 10 --lr-warmup-iters 2 \
+    --eval-interval 5 --eval-iters 2 --log-interval 5 > "$WORK/pretrain.log" 2>&1
+rc=$?
+cat "$WORK/pretrain.log" >> "$LOG"
+{ echo '```'; grep -E "^\[(model|train|eval|checkpoint|shaping)\]|iteration|val" "$WORK/pretrain.log" | tail -8; echo '```'; } >> "$FIG"
+status "pretrain.py, $PW process(es)" $rc
 
 finish

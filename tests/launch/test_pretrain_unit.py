@@ -210,6 +210,7 @@ def test_each_micro_batch_loss_reaches_the_spike_rule():
         gradient_shaping = SimpleNamespace(observe_loss=lambda loss: seen.append(float(loss)))
         monitor = SimpleNamespace(enabled=False)
         global_samples = 0
+        global_samples = 0
 
         def __call__(self, *batch):
             return torch.tensor(next(losses))
@@ -226,3 +227,47 @@ def test_each_micro_batch_loss_reaches_the_spike_rule():
     t.data = SimpleNamespace(schedule=SimpleNamespace(micro_batches=lambda ds, it: [mb, mb]), train_ds=None)
     t.dist, t.dp_group = SimpleNamespace(all_reduce=lambda x, group=None: None, get_rank=lambda: 0), None
     assert t.step(0) == pytest.approx(3.0) and seen == [2.0, 4.0]
+
+
+def test_batches_reach_the_engines_device():
+    """The data loader gives CPU tensors and DeepSpeed's plain engine does not move its inputs:
+    on a GPU, the first forward (the start-of-run evaluation) stopped on a device mismatch.
+    A stand-in engine on the ``meta`` device records where its inputs are."""
+    import torch
+    from types import SimpleNamespace
+
+    seen = []
+
+    class Engine:
+        device = torch.device("meta")
+        monitor = SimpleNamespace(enabled=False)
+        global_samples = 0
+
+        def __call__(self, *inputs):
+            seen.append({t.device.type for t in inputs})
+            return torch.tensor(2.0, requires_grad=True)
+
+        def backward(self, loss):
+            pass
+
+        def step(self):
+            pass
+
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+    mb = {"tokens": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long),
+          "loss_mask": torch.ones(2, 4)}
+    t = pretrain.Trainer.__new__(pretrain.Trainer)
+    t.engine = Engine()
+    t.ctx = SimpleNamespace(is_pipeline=False, dp=1)
+    t.data = SimpleNamespace(schedule=SimpleNamespace(micro_batches=lambda ds, it: [mb, mb]), train_ds=None,
+                             valid_batches=[[mb]])
+    t.dist = SimpleNamespace(all_reduce=lambda x, group=None: None, get_rank=lambda: 0)
+    t.dp_group = None
+    assert t.step(0) == 2.0
+    assert t.evaluate() == 2.0
+    assert seen == [{"meta"}] * 3, seen
