@@ -15,18 +15,21 @@
 # the dataset indices on global rank 0 only and the other nodes read them there. With pdsh
 # the deepspeed launcher forwards only some variables (PYTHON*, NCCL*, UCX*, ...) to the other
 # nodes: put MEGATRON_SHAPING_CACHE=... and any other the nodes need in .deepspeed_env (in the
-# current or home directory); with NO_SSH=1 set them on every node.
+# current or home directory); with NO_SSH=1 set them on every node. Relative paths in the
+# arguments (--save, --deepspeed_config, ...) are taken from the repository root.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 HOSTFILE=${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile}
+# Resolved against the caller's directory, before the cd below; a missing hostfile would make
+# the deepspeed launcher warn and train on this node alone
+[ -f "$HOSTFILE" ] || { echo "run_multinode: HOSTFILE $HOSTFILE: no such file (from $(pwd))" >&2; exit 2; }
+HOSTFILE="$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")"
+cd "$(dirname "$0")/.."
+source launch/_common.sh
 MASTER_PORT=${MASTER_PORT:-29500}
-if [ -z "${DS_ACCELERATOR:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
-    export DS_ACCELERATOR=cpu
-fi
 if [ "${NO_SSH:-0}" = "1" ]; then
-    exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:?set NODE_RANK}" \
+    exec "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:?set NODE_RANK}" \
         --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "$MASTER_PORT" \
         launch/pretrain.py "$@"
 fi
-exec deepspeed --hostfile "$HOSTFILE" --launcher pdsh ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
+exec "$DEEPSPEED" --hostfile "$HOSTFILE" --launcher pdsh ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
     --master_port "$MASTER_PORT" launch/pretrain.py "$@"

@@ -63,21 +63,28 @@ def test_resume_reproduces_the_uninterrupted_run(first_run):
     assert proc.returncode != 0 and "--lr 0.003 -> 0.001" in out and "--override-resume-args" in out, out[-4000:]
 
 
+def test_multinode_refuses_a_missing_hostfile(tmp_path):
+    """The deepspeed launcher only warns about a missing hostfile and trains on this node alone
+    (exit 0 after a one-node run): the script stops first, naming it."""
+    p = subprocess.run(["bash", str(ROOT / "launch/run_multinode.sh"), "--deepspeed_config", CONFIG], cwd=tmp_path,
+                       env=dict(launch_env(), HOSTFILE="hostfiel"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "HOSTFILE hostfiel: no such file" in p.stderr, p.stderr
+
+
 def test_two_nodes_on_one_machine_agree(tmp_path):
     """Hostfile of two 'nodes' (localhost, 127.0.0.1) with one slot each, one launcher per node
-    with --no_ssh --node_rank; pipeline-parallel across the nodes, so stage 0 and stage 1 live
-    on different nodes."""
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    through launch/run_multinode.sh with NO_SSH=1 (--no_ssh --node_rank), started from another
+    directory with a relative HOSTFILE; pipeline-parallel across the nodes, so stage 0 and stage
+    1 live on different nodes."""
+    (tmp_path / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     port = str(free_port())
-    cmds = [deepspeed_cmd() + ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
-                               "--master_addr", "127.0.0.1", "--master_port", port, "launch/pretrain.py",
-                               "--deepspeed_config", str(ROOT / "configs/deepspeed/zero1_bf16_spamp.json"),
-                               *COMMON, "--train-iters", "8", "--eval-interval", "8",
-                               "--pipeline-model-parallel-size", "2"]
-            for n in (0, 1)]
-    procs = [subprocess.Popen(c, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for c in cmds]
+    script = str(ROOT / "launch/run_multinode.sh")
+    args = ["--deepspeed_config", str(ROOT / "configs/deepspeed/zero1_bf16_spamp.json"), *COMMON,
+            "--train-iters", "8", "--eval-interval", "8", "--pipeline-model-parallel-size", "2"]
+    env = dict(launch_env(), NO_SSH="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, HOSTFILE="hostfile",
+               DEEPSPEED=" ".join(deepspeed_cmd()) if len(deepspeed_cmd()) == 1 else "deepspeed")
+    procs = [subprocess.Popen(["bash", script, *args], cwd=tmp_path, env=dict(env, NODE_RANK=str(n)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
     deadline = time.time() + 300
     outs = []
     try:
