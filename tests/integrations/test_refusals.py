@@ -1,5 +1,5 @@
-"""Start-up refusals (issue 10, item 9): NVMe offload, MoE layers, the Muon path and DeepSpeed's
-``torch_autocast`` each stop ``megatron_shaping.initialize`` / ``attach`` with a message that
+"""Start-up refusals (issue 10, item 9): NVMe offload, MoE layers, the Muon path, DeepSpeed's
+``torch_autocast``, SuperOffload, ZenFlow and ``gradient_allreduce_op: "sum"`` each stop ``megatron_shaping.initialize`` / ``attach`` with a message that
 names the feature, before any training step.
 
 In-process, one rank (gloo, world 1) on DeepSpeed's CPU accelerator: DeepSpeed builds these
@@ -102,4 +102,34 @@ def test_nvme_offload_is_refused(one_rank, attribute):
                  "use offload to 'cpu' or no offload"):
         megatron_shaping.attach(engine, SECTION)
     setattr(engine.optimizer, attribute, False)       # control: the same engine with CPU offload attaches
+    assert megatron_shaping.attach(engine, SECTION) is not None
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_summed_gradients_are_refused(one_rank, stage):
+    """``gradient_allreduce_op: "sum"`` leaves DeepSpeed's reduced gradient summed over the
+    data-parallel ranks (world-size times the mean one process sees): absolute thresholds would
+    act differently, silently."""
+    with refused('gradient_shaping does not support "gradient_allreduce_op": "sum" (the gradient is then the sum '
+                 'over data-parallel ranks, not their mean); use "mean" (the default)'):
+        start(two_linears(), config(stage, gradient_allreduce_op="sum"))
+    assert start(two_linears(), config(stage, gradient_allreduce_op="mean")).gradient_shaping is not None
+
+
+@pytest.mark.parametrize("name, stage", [("SuperOffloadOptimizer_Stage3", 3), ("ZenFlowZeroOptimizer", 2)])
+def test_optimizers_that_step_outside_the_hook_are_refused(one_rank, name, stage):
+    """SuperOffload (ZeRO-3) and ZenFlow (ZeRO-1/2) subclass the supported ZeRO optimizers but
+    update parameters outside the optimizer step the hook runs in. Their engines need CPU Adam
+    ops not built here: a real engine of the parent class gets a subclass of that name, which is
+    what the refusal reads (control: the parent class attaches)."""
+    cfg = config(stage, shaping=False)
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    engine = start(two_linears(), cfg)
+    parent = type(engine.optimizer)
+    engine.optimizer.__class__ = type(name, (parent,), {})
+    with refused(f"gradient_shaping does not support {name} (offload_optimizer.super_offload / "
+                 "zero_optimization.zenflow): it updates parameters from unshaped gradients outside the "
+                 "optimizer step the shaper runs in"):
+        megatron_shaping.attach(engine, SECTION)
+    engine.optimizer.__class__ = parent
     assert megatron_shaping.attach(engine, SECTION) is not None

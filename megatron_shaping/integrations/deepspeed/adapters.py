@@ -706,6 +706,19 @@ def select_adapter(engine) -> Adapter:
     inner = getattr(opt, "optimizer", opt)
     if getattr(opt, "use_muon", False) or "muon" in type(inner).__name__.lower():
         raise UnsupportedPath(f"gradient_shaping does not support the Muon optimizer path of {type(opt).__name__}")
+    if getattr(engine, "gradient_average", True) is False:
+        # gradient_allreduce_op "sum" (ZeRO 0-2): DeepSpeed leaves the reduced gradient summed,
+        # world-size times the mean a single process sees; absolute thresholds would act otherwise
+        raise UnsupportedPath("gradient_shaping does not support \"gradient_allreduce_op\": \"sum\" (the gradient is "
+                              "then the sum over data-parallel ranks, not their mean); use \"mean\" (the default)")
+    # Both subclass a supported ZeRO optimizer and update parameters outside the optimizer step
+    # the hook runs in: SuperOffload steps CPU sub-groups during backward, ZenFlow steps selected
+    # columns every iteration from unshaped gradients (test by name: they are optional modules).
+    for cls in type(opt).__mro__:
+        if cls.__name__.startswith(("SuperOffload", "ZenFlow")):
+            raise UnsupportedPath(f"gradient_shaping does not support {cls.__name__} (offload_optimizer.super_offload "
+                                  "/ zero_optimization.zenflow): it updates parameters from unshaped gradients "
+                                  "outside the optimizer step the shaper runs in")
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
         if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
             raise UnsupportedPath("gradient_shaping does not support ZeRO-3 NVMe offload (optimizer or parameters); "
