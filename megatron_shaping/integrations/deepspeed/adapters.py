@@ -365,6 +365,38 @@ class _ZeroAdapter(Adapter):
     def _offloaded(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # A parameter that gets no gradient on a step (an unused branch, a layer skipped): ZeRO-1/2
+    # with CPU offload and ZeRO-3 (with and without) leave the previous step's gradient of it in
+    # their persistent buffers, and the optimizer steps on that (already shaped) copy again;
+    # ZeRO-1/2 without offload hand a zero gradient, as one process would see it. So where the
+    # buffers persist, every parameter's gradient accumulation is watched (a set of ids: one
+    # Python call per parameter and backward) and the pieces of the unwatched are zeroed
+    # before the statistics: the shaper, DeepSpeed's norm and its update then see the zero.
+    def _stale_buffers(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _watch_gradients(self, groups) -> None:
+        self._grad_seen, self._fresh, self._watch_handles = set(), None, []
+        if not self._stale_buffers():
+            return
+        for group in groups:
+            for p in group:
+                if p.requires_grad:
+                    self._watch_handles.append(p.register_post_accumulate_grad_hook(self._saw_gradient))
+
+    def _saw_gradient(self, p) -> None:
+        self._grad_seen.add(id(p))
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        if self._watch_handles:
+            self._fresh, self._grad_seen = self._grad_seen, set()
+
+    def _zero_if_stale(self, piece: Piece) -> Piece:
+        if self._fresh is not None and id(piece.param) not in self._fresh:
+            piece.grad.zero_()
+        return piece
+
     def after_shaping(self, pieces):
         """With CPU offload DeepSpeed caches per-parameter norms of the (scaled) partition pieces
         in backward and reads them only for its global norm: refresh them unless that norm is
@@ -404,6 +436,10 @@ class Zero12Adapter(_ZeroAdapter):
         #: group -> (its params_in_partition list, partition id, [(p, src, dest, n)] of the
         #: parameters with elements in the partition, their indices in the gradient list or None)
         self._plans: Dict[int, list] = {}
+        self._watch_gradients(self.opt.bit16_groups if self._stale_buffers() else ())
+
+    def _stale_buffers(self) -> bool:
+        return bool(self.opt.cpu_offload)
 
     def _plan(self, i: int, partition_id: int, params) -> list:
         """Group i's parameter pieces in this rank's partition, kept: DeepSpeed fixes the
@@ -438,7 +474,7 @@ class Zero12Adapter(_ZeroAdapter):
             if opt.cpu_offload:
                 flat = fp32.grad.view(-1)
                 for p, src, dest, n in self._plan(i, partition_id, params)[2]:
-                    yield Piece(p, flat.narrow(0, dest, n), src, fp32.narrow(0, dest, n))
+                    yield self._zero_if_stale(Piece(p, flat.narrow(0, dest, n), src, fp32.narrow(0, dest, n)))
                 continue
             grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
                 else opt.averaged_gradients[i]
@@ -566,6 +602,10 @@ class Zero3Adapter(_ZeroAdapter):
     def __init__(self, engine):
         super().__init__(engine)
         self._extents: Dict[int, tuple] = {}      # id(param) -> (param, extent), see _extent
+        self._watch_gradients(self.opt.fp16_groups)
+
+    def _stale_buffers(self) -> bool:
+        return True
 
     def _rank(self, p):
         import deepspeed.comm as dist
@@ -592,7 +632,8 @@ class Zero3Adapter(_ZeroAdapter):
                 for p in group:
                     n, start, valid = self._extent(p)
                     if valid:
-                        yield Piece(p, flat_grad.narrow(0, off, valid), start, flat_param.narrow(0, off, valid))
+                        yield self._zero_if_stale(Piece(p, flat_grad.narrow(0, off, valid), start,
+                                                        flat_param.narrow(0, off, valid)))
                     off += n
                 continue
             grads = opt.averaged_gradients.get(i) if isinstance(opt.averaged_gradients, dict) \
@@ -605,8 +646,8 @@ class Zero3Adapter(_ZeroAdapter):
                 n, start, valid = self._extent(p)
                 if valid:
                     g = g.view(-1)
-                    yield Piece(p, g if valid == g.numel() else g[:valid], start,
-                                None if flat_param is None else flat_param.narrow(0, off, valid))
+                    yield self._zero_if_stale(Piece(p, g if valid == g.numel() else g[:valid], start,
+                                                    None if flat_param is None else flat_param.narrow(0, off, valid)))
                 off += n
 
     def _extent(self, p) -> Tuple[int, int, int]:
