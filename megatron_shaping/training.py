@@ -263,10 +263,13 @@ def on_cpu() -> bool:
 
 @dataclass
 class Corpus:
-    """Indexed data prefixes, their tokenizer, and where dataset indices are cached."""
+    """Indexed data prefixes, their tokenizer, and where dataset indices are cached; ``default``:
+    the default corpus's cache entry (its Python version, vocabulary size and file-list digest),
+    None for --data-path data."""
     data_path: List[str]
     tokenizer: object
     cache_dir: str
+    default: Optional[str] = None
 
 
 @dataclass
@@ -282,13 +285,15 @@ def open_corpus(data_path=None, tokenizer_model=None, vocab_size: int = 4096, ca
     interpreter's standard-library sources (tokenizer trained and corpus tokenised on first use)."""
     from .data import SentencePieceTokenizer, prepare_stdlib_corpus
     from .data.corpus import default_cache_dir
+    default = None
     if data_path is None:
         corpus = prepare_stdlib_corpus(vocab_size=vocab_size, log=log)
         data_path, tokenizer_model = [corpus.data_prefix], corpus.tokenizer_model
         cache = cache_dir or str(corpus.directory / "index-cache")
+        default = corpus.directory.name
     else:
         cache = cache_dir or str(default_cache_dir() / "index-cache")
-    return Corpus(list(data_path), SentencePieceTokenizer(tokenizer_model), cache)
+    return Corpus(list(data_path), SentencePieceTokenizer(tokenizer_model), cache, default)
 
 
 def build_data(corpus: Corpus, ctx, seq_length: int, seed: int, train_iters: int, global_batch: int,
@@ -503,6 +508,9 @@ def _setup(args):
          f"accelerator {get_accelerator().device_name()}")
     t0 = time.time()
     corpus = open_corpus(args.data_path, args.tokenizer_model, args.vocab_size, args.data_cache_path)
+    # saved with the arguments: a resume under another Python (other stdlib sources, another
+    # tokenizer of the same vocabulary size) is another corpus, which --data-path None hides
+    args.default_corpus = corpus.default
     model_cfg = load_preset(args.model_preset, vocab_size=corpus.tokenizer.vocab_size, seq_length=args.seq_length,
                             fp8=args.fp8 or None, fp8_backend=args.fp8_backend if args.fp8 else None)
     data = build_data(corpus, ctx, model_cfg.seq_length, args.seed, args.train_iters, args.global_batch_size,
@@ -537,7 +545,8 @@ def _resume(engine, args) -> int:
              f"continuing from the engine's global step {start_iter}")
     changed = resume_arg_changes(client.get("args"), args)
     if changed:
-        listed = ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, old, new in changed)
+        listed = ", ".join(("the default corpus (the standard library of another Python)" if k == "default_corpus"
+                            else f"--{k.replace('_', '-')}") + f" {old!r} -> {new!r}" for k, old, new in changed)
         if not args.override_resume_args:
             raise SystemExit(f"pretrain.py: error: --load {path}: the checkpoint was saved with other arguments "
                              f"that set the LR schedule or the data order: {listed}. Resume with the saved "
@@ -553,7 +562,7 @@ def _resume(engine, args) -> int:
 #: the same sample order (the order depends on the iteration, the global batch and the dataset
 #: megatron-core builds, whose size follows --train-iters)
 RESUME_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "train_iters", "global_batch_size", "seed",
-               "seq_length", "data_path", "split", "vocab_size", "tokenizer_model")
+               "seq_length", "data_path", "split", "vocab_size", "tokenizer_model", "default_corpus")
 
 
 def resume_arg_changes(saved: Optional[dict], args) -> list:

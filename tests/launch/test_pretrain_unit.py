@@ -170,6 +170,11 @@ def test_resume_with_other_schedule_arguments_is_refused_or_follows_the_new_lr()
     later = args_for("--lr", "3e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--train-iters", "40",
                      "--global-batch-size", "32")
     assert [k for k, _, _ in pretrain.resume_arg_changes(vars(old), later)] == ["train_iters", "global_batch_size"]
+    # the default corpus of another Python (its cache entry's name; data_path is None for both)
+    saved = dict(vars(old), default_corpus="stdlib-py3.11-v4096-0123456789ab")
+    assert pretrain.resume_arg_changes(saved, SimpleNamespace(**dict(vars(old), default_corpus=saved["default_corpus"]))) == []
+    assert pretrain.resume_arg_changes(saved, SimpleNamespace(**dict(vars(old), default_corpus="stdlib-py3.12-v4096-ba98"))) \
+        == [("default_corpus", "stdlib-py3.11-v4096-0123456789ab", "stdlib-py3.12-v4096-ba98")]
     # --override-resume-args: the restored LambdaLR kept the old base LR (3e-3) under the new
     # factor lr_at(it) / 1e-3, three times the new schedule's LR
     _, opt, sched = _trained_scheduler(3e-3, 5)
@@ -210,7 +215,7 @@ def test_each_micro_batch_loss_reaches_the_spike_rule():
         gradient_shaping = SimpleNamespace(observe_loss=lambda loss: seen.append(float(loss)))
         monitor = SimpleNamespace(enabled=False)
         global_samples = 0
-        global_samples = 0
+        device = torch.device("cpu")
 
         def __call__(self, *batch):
             return torch.tensor(next(losses))
@@ -223,7 +228,7 @@ def test_each_micro_batch_loss_reaches_the_spike_rule():
 
     t = pretrain.Trainer.__new__(pretrain.Trainer)
     t.engine, t.ctx = Engine(), SimpleNamespace(is_pipeline=False, dp=1)
-    mb = {"tokens": None, "labels": None, "loss_mask": None}
+    mb = {"tokens": torch.zeros(1), "labels": torch.zeros(1), "loss_mask": torch.ones(1)}
     t.data = SimpleNamespace(schedule=SimpleNamespace(micro_batches=lambda ds, it: [mb, mb]), train_ds=None)
     t.dist, t.dp_group = SimpleNamespace(all_reduce=lambda x, group=None: None, get_rank=lambda: 0), None
     assert t.step(0) == pytest.approx(3.0) and seen == [2.0, 4.0]
