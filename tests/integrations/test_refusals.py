@@ -1,5 +1,5 @@
 """Start-up refusals (issue 10, item 9): NVMe offload, MoE layers, the Muon path, DeepSpeed's
-``torch_autocast``, SuperOffload, ZenFlow and ``gradient_allreduce_op: "sum"`` each stop ``megatron_shaping.initialize`` / ``attach`` with a message that
+``torch_autocast``, SuperOffload, ZenFlow, ``gradient_allreduce_op: "sum"`` and sparse embeddings each stop ``megatron_shaping.initialize`` / ``attach`` with a message that
 names the feature, before any training step.
 
 In-process, one rank (gloo, world 1) on DeepSpeed's CPU accelerator: DeepSpeed builds these
@@ -133,3 +133,16 @@ def test_optimizers_that_step_outside_the_hook_are_refused(one_rank, name, stage
         megatron_shaping.attach(engine, SECTION)
     engine.optimizer.__class__ = parent
     assert megatron_shaping.attach(engine, SECTION) is not None
+
+
+def test_sparse_embeddings_are_refused(one_rank):
+    """nn.Embedding(sparse=True) hands a sparse gradient (ZeRO-0), which the statistics cannot
+    view: refused at start-up, not a NotImplementedError at the first step."""
+    def net(sparse):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Embedding(8, 4, sparse=sparse), torch.nn.Linear(4, 4))
+
+    with refused("gradient_shaping does not support sparse gradients (Embedding(sparse=True)): build the "
+                 "embedding with sparse=False"):
+        start(net(True), config(0))
+    assert start(net(False), config(0)).gradient_shaping is not None

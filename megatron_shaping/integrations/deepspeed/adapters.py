@@ -747,6 +747,12 @@ def select_adapter(engine) -> Adapter:
     inner = getattr(opt, "optimizer", opt)
     if getattr(opt, "use_muon", False) or "muon" in type(inner).__name__.lower():
         raise UnsupportedPath(f"gradient_shaping does not support the Muon optimizer path of {type(opt).__name__}")
+    module = getattr(engine, "module", None)
+    sparse = [type(m).__name__ for m in (module.modules() if isinstance(module, torch.nn.Module) else ())
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+    if sparse:
+        raise UnsupportedPath(f"gradient_shaping does not support sparse gradients ({sparse[0]}(sparse=True)): "
+                              "build the embedding with sparse=False")
     if getattr(engine, "gradient_average", True) is False:
         # gradient_allreduce_op "sum" (ZeRO 0-2): DeepSpeed leaves the reduced gradient summed,
         # world-size times the mean a single process sees; absolute thresholds would act otherwise
