@@ -146,3 +146,18 @@ def test_sparse_embeddings_are_refused(one_rank):
                  "embedding with sparse=False"):
         start(net(True), config(0))
     assert start(net(False), config(0)).gradient_shaping is not None
+
+
+def test_zero3_zenflow_flag_is_refused(one_rank):
+    """ZeRO-3 ZenFlow keeps the stage-3 class and sets ``optimizer.zenflow`` (and the engine's
+    ``zenflow``): refused by the flag (control: the flag off attaches)."""
+    cfg = config(3, shaping=False)
+    cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    engine = start(two_linears(), cfg)
+    engine.optimizer.zenflow = True
+    with refused("gradient_shaping does not support ZenFlow (DeepSpeedZeroOptimizer_Stage3) "
+                 "(offload_optimizer.super_offload / zero_optimization.zenflow): it updates parameters from "
+                 "unshaped gradients outside the optimizer step the shaper runs in"):
+        megatron_shaping.attach(engine, SECTION)
+    engine.optimizer.zenflow = False
+    assert megatron_shaping.attach(engine, SECTION) is not None

@@ -68,3 +68,31 @@ def test_unused_parameters_read_zero_on_every_path(runs, path):
             assert all(g[i] == 0.0 for i in unused), (path, step, g)
     # the layer has a gradient when it is used (the zeros above are not everywhere)
     assert min(ref[0][i] for i in unused) > 1.0 and min(got[3][i] for i in unused) > 1.0
+
+
+def test_the_watch_is_removed_with_the_engine_and_spares_z3_leaf_parameters(one_rank):
+    """engine.destroy() removes the gradient hooks (a rebuilt engine on the same model would
+    otherwise add a set per engine); ZeRO-3 leaf-module parameters (DeepSpeed writes their
+    gradient, zero where a rank routed nothing, every backward) are never zeroed."""
+    from megatron_shaping.integrations.deepspeed.adapters import Zero3Adapter
+    from megatron_shaping.stats.slices import Piece
+    torch.manual_seed(0)
+    model = Net()
+    model.b.weight.ds_z3_leaf_module = model.b        # what set_z3_leaf_modules marks
+    cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+           "steps_per_print": 10 ** 9, "zero_optimization": {"stage": 3},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+           "gradient_shaping": {"type": "norm_clip"}}
+    engine = megatron_shaping.initialize(model=model, model_parameters=model.parameters(), config=cfg)[0]
+    ad = engine.gradient_shaping.adapter
+    assert isinstance(ad, Zero3Adapter) and len(ad._watch_handles) == 3          # b.weight is not watched
+    engine.backward(engine(torch.ones(2, 4), False))
+    ad.begin_step()
+    g = torch.ones(3)
+    ad._zero_if_stale(Piece(model.b.weight, g, 0, None))
+    assert torch.equal(g, torch.ones(3))                                           # leaf: kept
+    ad._zero_if_stale(Piece(model.b.bias, g, 0, None))
+    assert torch.equal(g, torch.zeros(3))                                          # unused, watched: zeroed
+    engine.destroy()
+    assert ad._watch_handles == [] and ad._fresh is None
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())

@@ -53,6 +53,9 @@ class Adapter:
     def pieces(self, with_param: bool) -> Iterator[Piece]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Undo what the adapter installed on the model (engine.destroy())."""
+
     def partitioned_over_tp_peers(self, p) -> bool:
         """Whether each tensor-parallel peer holds a different part of ``p``'s gradient (so a
         TP-replicated parameter is counted on every TP rank, not on TP rank 0 alone)."""
@@ -376,26 +379,40 @@ class _ZeroAdapter(Adapter):
         raise NotImplementedError
 
     def _watch_gradients(self, groups) -> None:
-        self._grad_seen, self._fresh, self._watch_handles = set(), None, []
+        self._grad_seen, self._fresh, self._watch_handles, self._always_fresh = set(), None, [], set()
         if not self._stale_buffers():
             return
+        seen = self._grad_seen
+
+        def saw(p, seen=seen):          # holds the set only: no reference to the adapter or engine
+            seen.add(id(p))
+
         for group in groups:
             for p in group:
-                if p.requires_grad:
-                    self._watch_handles.append(p.register_post_accumulate_grad_hook(self._saw_gradient))
-
-    def _saw_gradient(self, p) -> None:
-        self._grad_seen.add(id(p))
+                # ZeRO-3 leaf modules (MoE experts, set_z3_leaf_modules): DeepSpeed assigns a
+                # zero .grad to the parameters a rank did not route to (no AccumulateGrad, so no
+                # hook) and reduces them every backward: their partitions are never stale
+                if p.requires_grad and not hasattr(p, "ds_z3_leaf_module"):
+                    self._watch_handles.append(p.register_post_accumulate_grad_hook(saw))
+                else:
+                    self._always_fresh.add(id(p))
 
     def begin_step(self) -> None:
         super().begin_step()
         if self._watch_handles:
-            self._fresh, self._grad_seen = self._grad_seen, set()
+            self._fresh = set(self._grad_seen) | self._always_fresh
+            self._grad_seen.clear()
 
     def _zero_if_stale(self, piece: Piece) -> Piece:
         if self._fresh is not None and id(piece.param) not in self._fresh:
             piece.grad.zero_()
         return piece
+
+    def close(self) -> None:
+        """Remove the gradient watch (engine.destroy(); a new engine on the same model adds its own)."""
+        for h in self._watch_handles:
+            h.remove()
+        self._watch_handles, self._fresh = [], None
 
     def after_shaping(self, pieces):
         """With CPU offload DeepSpeed caches per-parameter norms of the (scaled) partition pieces
@@ -761,11 +778,13 @@ def select_adapter(engine) -> Adapter:
     # Both subclass a supported ZeRO optimizer and update parameters outside the optimizer step
     # the hook runs in: SuperOffload steps CPU sub-groups during backward, ZenFlow steps selected
     # columns every iteration from unshaped gradients (test by name: they are optional modules).
-    for cls in type(opt).__mro__:
-        if cls.__name__.startswith(("SuperOffload", "ZenFlow")):
-            raise UnsupportedPath(f"gradient_shaping does not support {cls.__name__} (offload_optimizer.super_offload "
-                                  "/ zero_optimization.zenflow): it updates parameters from unshaped gradients "
-                                  "outside the optimizer step the shaper runs in")
+    named = next((c.__name__ for c in type(opt).__mro__ if c.__name__.startswith(("SuperOffload", "ZenFlow"))), None)
+    if named is None and (getattr(opt, "zenflow", False) is True or getattr(engine, "zenflow", False) is True):
+        named = f"ZenFlow ({type(opt).__name__})"     # ZeRO-3 ZenFlow: the stage-3 class with a flag
+    if named is not None:
+        raise UnsupportedPath(f"gradient_shaping does not support {named} (offload_optimizer.super_offload "
+                              "/ zero_optimization.zenflow): it updates parameters from unshaped gradients "
+                              "outside the optimizer step the shaper runs in")
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
         if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
             raise UnsupportedPath("gradient_shaping does not support ZeRO-3 NVMe offload (optimizer or parameters); "

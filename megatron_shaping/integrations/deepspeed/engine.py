@@ -106,6 +106,14 @@ class DeepSpeedShaping:
         self.callbacks: List[Any] = []
         self._orig_take_model_step = engine._take_model_step
         engine._take_model_step = self._take_model_step
+        inner_destroy = getattr(engine, "destroy", None)
+        if inner_destroy is not None:
+            adapter = self.adapter
+
+            def destroy(*a, **k):
+                adapter.close()             # hooks the adapter put on the model's parameters
+                return inner_destroy(*a, **k)
+            engine.destroy = destroy
         setattr(engine, ATTR, self)
         from .checkpointing import install_checkpoint_hooks
         install_checkpoint_hooks(self)      # shaper state in save_checkpoint / load_checkpoint
