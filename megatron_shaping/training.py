@@ -545,8 +545,8 @@ def _resume(engine, args) -> int:
              f"continuing from the engine's global step {start_iter}")
     changed = resume_arg_changes(client.get("args"), args)
     if changed:
-        listed = ", ".join(("the default corpus (the standard library of another Python)" if k == "default_corpus"
-                            else f"--{k.replace('_', '-')}") + f" {old!r} -> {new!r}" for k, old, new in changed)
+        listed = ", ".join(f"{RESUME_ARG_NAMES.get(k, '--' + k.replace('_', '-'))} {old!r} -> {new!r}"
+                           for k, old, new in changed)
         if not args.override_resume_args:
             raise SystemExit(f"pretrain.py: error: --load {path}: the checkpoint was saved with other arguments "
                              f"that set the LR schedule or the data order: {listed}. Resume with the saved "
@@ -563,6 +563,8 @@ def _resume(engine, args) -> int:
 #: megatron-core builds, whose size follows --train-iters)
 RESUME_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "train_iters", "global_batch_size", "seed",
                "seq_length", "data_path", "split", "vocab_size", "tokenizer_model", "default_corpus")
+#: how the resume error names the entries that are not command-line flags
+RESUME_ARG_NAMES = {"default_corpus": "the default corpus (the standard library of another Python)"}
 
 
 def resume_arg_changes(saved: Optional[dict], args) -> list:
